@@ -1,0 +1,1 @@
+"""hyper: the diffusion hypernetwork (DiT), its diffusion maths, trainer and sampler."""

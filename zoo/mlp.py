@@ -1,0 +1,270 @@
+"""The MLP family every zoo holds: its spec, the flat parameter layout, and batched evaluation.
+
+A checkpoint is one float32 vector θ of length ``spec.num_params``; the layout says where
+each tensor lives in it, in ``state_dict`` order (fc1.weight, fc1.bias, fc2.weight, fc2.bias),
+each flattened C-order with torch's ``(out_features, in_features)`` weight shape. Another
+project reads a zoo row back into ``nn.Linear`` layers with nothing but this convention.
+
+Batched evaluation treats a stack of M vectors as M models and runs them in one pass:
+``X @ W1ᵀ`` for all models is one (N × D) @ (D × M·H) matrix product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.errors import HyperForgetError
+
+ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu, "sigmoid": torch.sigmoid}
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """A two-layer MLP: input -> hidden (activation) -> class logits."""
+
+    input_size: int = 784  # pixels per image
+    hidden: int = 2  # hidden units (2 for MNIST-4, 7 for MNIST-10 in the paper)
+    num_classes: int = 4  # output logits
+    activation: str = "relu"  # one of ACTIVATIONS
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise HyperForgetError(
+                f"unknown activation {self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        if min(self.input_size, self.hidden, self.num_classes) < 1:
+            raise HyperForgetError(f"MLP sizes must be positive, got {self}")
+
+    @property
+    def layout(self) -> "ParamLayout":
+        return ParamLayout.for_spec(self)
+
+    @property
+    def num_params(self) -> int:
+        return self.layout.num_params
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MLPSpec":
+        return cls(**{k: d[k] for k in ("input_size", "hidden", "num_classes", "activation")})
+
+
+@dataclass(frozen=True)
+class LayerSlot:
+    name: str  # state_dict key, e.g. "fc1.weight"
+    shape: tuple[int, ...]  # torch shape
+    offset: int  # first index in the flat vector
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def stop(self) -> int:
+        return self.offset + self.size
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where each tensor of a model lives in its flat parameter vector."""
+
+    slots: tuple[LayerSlot, ...]
+
+    @classmethod
+    def for_spec(cls, spec: MLPSpec) -> "ParamLayout":
+        shapes = [("fc1.weight", (spec.hidden, spec.input_size)), ("fc1.bias", (spec.hidden,)),
+                  ("fc2.weight", (spec.num_classes, spec.hidden)), ("fc2.bias", (spec.num_classes,))]
+        slots, offset = [], 0
+        for name, shape in shapes:
+            slots.append(LayerSlot(name, shape, offset))
+            offset += int(np.prod(shape))
+        return cls(tuple(slots))
+
+    @property
+    def num_params(self) -> int:
+        return self.slots[-1].stop
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.slots]
+
+    def slot(self, name: str) -> LayerSlot:
+        for s in self.slots:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def flatten(self, state: dict) -> torch.Tensor:
+        """state_dict -> (P,) float32 vector."""
+        missing = [s.name for s in self.slots if s.name not in state]
+        if missing:
+            raise HyperForgetError(f"state_dict lacks {missing}; expected keys {self.names}")
+        parts = []
+        for s in self.slots:
+            t = torch.as_tensor(state[s.name])
+            if tuple(t.shape) != s.shape:
+                raise HyperForgetError(f"{s.name} has shape {tuple(t.shape)}, the spec expects {s.shape}")
+            parts.append(t.detach().reshape(-1).to(torch.float32))
+        return torch.cat(parts)
+
+    def unflatten(self, flat: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """(..., P) vector(s) -> state_dict of (..., *shape) tensors (views when possible)."""
+        flat = torch.as_tensor(flat)
+        self.check(flat)
+        lead = tuple(flat.shape[:-1])
+        return {s.name: flat[..., s.offset:s.stop].reshape(*lead, *s.shape) for s in self.slots}
+
+    def check(self, flat: torch.Tensor | np.ndarray) -> None:
+        if flat.shape[-1] != self.num_params:
+            raise HyperForgetError(
+                f"parameter vector has {flat.shape[-1]} values, the MLP spec needs {self.num_params}")
+
+
+class MLP(nn.Module):
+    """The main network F(x; θ): Linear -> activation -> Linear."""
+
+    def __init__(self, spec: MLPSpec):
+        super().__init__()
+        self.spec = spec
+        self.fc1 = nn.Linear(spec.input_size, spec.hidden)
+        self.fc2 = nn.Linear(spec.hidden, spec.num_classes)
+
+    def hidden_features(self, x: torch.Tensor) -> torch.Tensor:
+        return ACTIVATIONS[self.spec.activation](self.fc1(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.hidden_features(x))
+
+    def flat_params(self) -> torch.Tensor:
+        return self.spec.layout.flatten(self.state_dict())
+
+    @classmethod
+    def from_flat(cls, spec: MLPSpec, flat: torch.Tensor | np.ndarray) -> "MLP":
+        model = cls(spec)
+        model.load_state_dict({k: v.clone() for k, v in spec.layout.unflatten(flat).items()})
+        return model
+
+
+@dataclass(frozen=True)
+class TaskPreset:
+    """A paper setting: which MLP, which classes, which pivots, how much to collect."""
+
+    name: str
+    spec: MLPSpec
+    classes: tuple[int, ...]  # original dataset class ids used by the task
+    pivots: tuple[int, ...]  # task labels (indices into classes) kept high-performing
+    checkpoints_per_run: int  # maximum saved checkpoints per training run
+    epochs: int  # training epochs per run
+    forget_sets: tuple[tuple[int, ...], ...]  # forget sets the paper evaluates
+
+    def with_input_size(self, input_size: int) -> "TaskPreset":
+        """The same task on a dataset whose images have another size."""
+        spec = MLPSpec(input_size, self.spec.hidden, self.spec.num_classes, self.spec.activation)
+        return TaskPreset(self.name, spec, self.classes, self.pivots, self.checkpoints_per_run,
+                          self.epochs, self.forget_sets)
+
+
+TASK_PRESETS: dict[str, TaskPreset] = {
+    # MNIST-4: 784-2-4, classes 0-3, pivots {0,1}, 150 checkpoints per run, 25 epochs (Section 4).
+    "mnist4": TaskPreset("mnist4", MLPSpec(784, 2, 4), (0, 1, 2, 3), (0, 1), 150, 25, ((2,), (2, 3))),
+    # MNIST-10: 784-7-10, pivots {5..9}, 200 checkpoints per run (Section 4).
+    "mnist10": TaskPreset("mnist10", MLPSpec(784, 7, 10), tuple(range(10)), (5, 6, 7, 8, 9), 200, 25,
+                          ((2,), (2, 3, 4), (0, 1, 2, 3, 4))),
+}
+
+
+def get_preset(name: str) -> TaskPreset:
+    if name not in TASK_PRESETS:
+        raise HyperForgetError(f"unknown preset {name!r}: choose one of {', '.join(TASK_PRESETS)}")
+    return TASK_PRESETS[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched evaluation: M flat parameter vectors as M models, one pass over the data.
+
+
+def batched_hidden(spec: MLPSpec, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(M, P) params, (N, D) inputs -> (M, N, H) hidden activations."""
+    w = spec.layout.unflatten(params)
+    m = params.shape[0]
+    # One (N, D) @ (D, M*H) product serves every model.
+    pre = x @ w["fc1.weight"].reshape(m * spec.hidden, spec.input_size).T  # (N, M*H)
+    pre = pre.reshape(x.shape[0], m, spec.hidden).transpose(0, 1) + w["fc1.bias"][:, None, :]
+    return ACTIVATIONS[spec.activation](pre)  # (M, N, H)
+
+
+def batched_logits(spec: MLPSpec, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(M, P) params, (N, D) inputs -> (M, N, C) logits."""
+    w = spec.layout.unflatten(params)
+    h = batched_hidden(spec, params, x)
+    return torch.baddbmm(w["fc2.bias"][:, None, :], h, w["fc2.weight"].transpose(1, 2))  # (M, N, C)
+
+
+@dataclass
+class ClassMetrics:
+    """Per-class and overall test metrics of M models (numpy, float32)."""
+
+    loss: np.ndarray  # (M, C) mean cross-entropy over the examples of each class
+    acc: np.ndarray  # (M, C) accuracy on the examples of each class
+    total_loss: np.ndarray  # (M,) mean cross-entropy over all examples
+    total_acc: np.ndarray  # (M,) accuracy over all examples
+
+
+@torch.no_grad()
+def evaluate_per_class(spec: MLPSpec, params: torch.Tensor | np.ndarray, x: torch.Tensor | np.ndarray,
+                       y: torch.Tensor | np.ndarray, models_per_pass: int = 256,
+                       rows_per_pass: int = 16384) -> ClassMetrics:
+    """Per-class loss and accuracy for a batch of flat parameter vectors.
+
+    Args:
+        params: (M, P) parameter vectors.
+        x: (N, D) inputs; y: (N,) labels in [0, C).
+        models_per_pass, rows_per_pass: bound the (M, N, C) logits kept in memory at once.
+    Classes without any example get NaN.
+    """
+    params = torch.as_tensor(params, dtype=torch.float32)
+    if params.ndim == 1:
+        params = params[None]
+    spec.layout.check(params)
+    x = torch.as_tensor(x, dtype=torch.float32)
+    y = torch.as_tensor(y, dtype=torch.long)
+    if x.shape[1] != spec.input_size:
+        raise HyperForgetError(f"inputs have {x.shape[1]} features, the MLP spec expects {spec.input_size}")
+    c = spec.num_classes
+    counts = torch.bincount(y, minlength=c).to(torch.float64)  # (C,)
+    loss_sum = torch.zeros(params.shape[0], c, dtype=torch.float64)
+    correct = torch.zeros(params.shape[0], c, dtype=torch.float64)
+    for m0 in range(0, params.shape[0], models_per_pass):
+        p = params[m0:m0 + models_per_pass]
+        for n0 in range(0, x.shape[0], rows_per_pass):
+            xb, yb = x[n0:n0 + rows_per_pass], y[n0:n0 + rows_per_pass]
+            logits = batched_logits(spec, p, xb)  # (m, n, C)
+            nll = -torch.log_softmax(logits, dim=-1).gather(-1, yb.expand(p.shape[0], -1)[..., None])[..., 0]
+            hit = (logits.argmax(-1) == yb).to(torch.float64)  # (m, n)
+            onehot = F.one_hot(yb, c).to(torch.float64)  # (n, C)
+            loss_sum[m0:m0 + p.shape[0]] += nll.to(torch.float64) @ onehot
+            correct[m0:m0 + p.shape[0]] += hit @ onehot
+    with np.errstate(invalid="ignore", divide="ignore"):
+        loss = (loss_sum / counts).numpy().astype(np.float32)
+        acc = (correct / counts).numpy().astype(np.float32)
+    total = counts.sum()
+    return ClassMetrics(loss, acc, (loss_sum.sum(1) / total).numpy().astype(np.float32),
+                        (correct.sum(1) / total).numpy().astype(np.float32))
+
+
+def init_params(spec: MLPSpec, seeds: Sequence[int]) -> torch.Tensor:
+    """(len(seeds), P) vectors, each nn.Linear's default init under its own seed."""
+    out = torch.empty(len(seeds), spec.num_params)
+    for i, seed in enumerate(seeds):
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(int(seed))
+        out[i] = MLP(spec).flat_params()
+        torch.random.set_rng_state(gen_state)
+    return out
