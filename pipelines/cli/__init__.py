@@ -17,7 +17,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="HyperForget: checkpoint zoos, diffusion hypernetworks and class unlearning.")
 
 # Stage modules, upstream first. A module that is not there yet is skipped, not fatal.
-STAGES = ["zoo_cmds", "query_cmds", "hyper_cmds", "unlearn_cmds", "bench_cmds"]
+STAGES = ["zoo_cmds", "collect_cmds", "query_cmds", "hyper_cmds", "unlearn_cmds", "evaluate_cmds",
+          "bench_cmds"]
 for _stage in STAGES:
     try:
         _module = importlib.import_module(f"pipelines.cli.{_stage}")
