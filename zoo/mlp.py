@@ -268,3 +268,54 @@ def init_params(spec: MLPSpec, seeds: Sequence[int]) -> torch.Tensor:
         out[i] = MLP(spec).flat_params()
         torch.random.set_rng_state(gen_state)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# MLPs on disk: safetensors with the spec in its metadata, readable by any safetensors user.
+
+
+def save_mlps(path: str, spec: MLPSpec, params: torch.Tensor | np.ndarray, metadata: dict | None = None) -> None:
+    """Save (P,) or (K, P) flat parameter vectors as safetensors ("params" tensor + per-layer tensors of the first).
+
+    The file's metadata holds the MLP spec as JSON (key "mlp_spec") and any extra string fields.
+    Written to a temporary name and renamed, so a reader never sees half a file.
+    """
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    flat = torch.as_tensor(params, dtype=torch.float32).detach().cpu()
+    spec.layout.check(flat)
+    stacked = flat.reshape(-1, spec.num_params).contiguous()
+    tensors = {"params": stacked}
+    tensors.update({k: v.contiguous() for k, v in spec.layout.unflatten(stacked[0]).items()})
+    meta = {"mlp_spec": json.dumps(spec.to_dict()), "format": "hyperforget-mlp", "version": "1"}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_mlps(path: str) -> tuple[MLPSpec, torch.Tensor, dict]:
+    """Read a file written by save_mlps -> (spec, (K, P) params, metadata dict)."""
+    import json
+    import os
+
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        raise HyperForgetError(f"no MLP file at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            params = f.get_tensor("params")
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise HyperForgetError(f"cannot read MLP file {path}: {exc}") from None
+    if "mlp_spec" not in meta:
+        raise HyperForgetError(f"{path} has no mlp_spec metadata; was it written by hyperforget?")
+    spec = MLPSpec.from_dict(json.loads(meta["mlp_spec"]))
+    spec.layout.check(params)
+    if not torch.isfinite(params).all():
+        raise HyperForgetError(f"{path} holds NaN or infinite parameters")
+    return spec, params, meta
