@@ -289,7 +289,7 @@ def save_mlps(path: str, spec: MLPSpec, params: torch.Tensor | np.ndarray, metad
     spec.layout.check(flat)
     stacked = flat.reshape(-1, spec.num_params).contiguous()
     tensors = {"params": stacked}
-    tensors.update({k: v.contiguous() for k, v in spec.layout.unflatten(stacked[0]).items()})
+    tensors.update({k: v.clone().contiguous() for k, v in spec.layout.unflatten(stacked[0]).items()})
     meta = {"mlp_spec": json.dumps(spec.to_dict()), "format": "hyperforget-mlp", "version": "1"}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     tmp = f"{path}.tmp-{os.getpid()}"
