@@ -1,0 +1,775 @@
+"""Train a DiHyFo hypernetwork on a checkpoint zoo (or on in-memory checkpoints).
+
+The trainer follows G.pt's recipe scaled by a preset: AdamW with linear warm-up then cosine
+decay, no weight decay on biases / LayerNorm / positional embedding, gradient clipping, an EMA
+of the weights (the EMA weights are what gets saved for sampling), bf16 autocast on a GPU, and
+DDP when launched under ``torchrun`` (gloo on CPU, NCCL on GPU).
+
+Data: DiHyFo-2 reads single checkpoints (θ*, its class losses); DiHyFo-1 reads pairs from one
+run (θ earlier, θ* later, both with class losses), from the streaming loader over the zoo's
+training views. Tests and small experiments can use :class:`TensorStream` instead.
+
+Output directory MODEL/:
+    config.json      every config, the MLP spec, classes, normalization, dataset and loss statistics
+    model.safetensors  EMA weights (what hyper.sample loads)
+    curves.json / curves.png   train/test MSE, learning rate, prompt alignment R² and Pearson r
+    summary.json     final numbers and timings
+    checkpoints/     resumable state (step-N/ dirs + latest.json, written atomically)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from hyper.diffusion import DiffusionConfig, GaussianDiffusion
+from hyper.model import DiT, DiTConfig, get_preset
+from hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute_normalization
+from zoo.errors import HyperForgetError
+from zoo.mlp import MLPSpec
+
+CONFIG_FORMAT = "hyperforget-dihyfo"
+CONFIG_VERSION = 1
+LOSS_WEIGHTINGS = ("uniform", "layer")
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and bookkeeping of one training run (stored in config.json)."""
+
+    steps: int = 600  # optimizer steps
+    batch_size: int = 128  # global batch (split evenly across DDP ranks)
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.05  # cosine decays to lr · min_lr_ratio
+    warmup_steps: int = 50  # linear warm-up from 0 to lr
+    weight_decay: float = 0.1  # AdamW decay on matrices only (G.pt: 0.1)
+    beta1: float = 0.9  # AdamW β1
+    beta2: float = 0.999  # AdamW β2
+    grad_clip: float = 0.75  # max global gradient norm (G.pt: 0.75); 0 disables
+    ema_decay: float = 0.995  # EMA of weights; short CPU runs need a short horizon (G.pt: 0.9999)
+    loss_weighting: str = "layer"  # "layer": every layer weighs the same in the MSE; "uniform": every value
+    cond_dropout: float = 0.0  # probability of dropping the loss conditions (classifier-free guidance)
+    amp: str = "auto"  # "auto" (bf16 on CUDA), "bf16", "off"
+    seed: int = 0  # seeds model init, timesteps, noise and data order
+    log_every: int = 10  # steps between train-MSE log points
+    test_every: int = 100  # steps between test-MSE measurements (0: only at the end)
+    test_batches: int = 4  # batches of the test view per measurement
+    eval_every: int = 200  # steps between generation-quality evaluations (0: only at the end, -1: never)
+    eval_prompts: int = 20  # regularly spaced target losses per class (Appendix A.4: 20)
+    eval_networks: int = 2  # sampled networks per prompt, averaged
+    eval_method: str = "ddim"  # sampler used in evaluation
+    eval_steps: int = 20  # DDIM steps in evaluation
+    checkpoint_every: int = 200  # steps between resumable checkpoints (0: only at the end)
+    num_workers: int = 0  # DataLoader worker processes for the zoo stream
+
+    def __post_init__(self) -> None:
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise HyperForgetError(f"unknown loss weighting {self.loss_weighting!r}: choose uniform or layer")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise HyperForgetError(f"unknown amp mode {self.amp!r}: choose auto, bf16 or off")
+        if self.steps < 1 or self.batch_size < 1:
+            raise HyperForgetError(f"steps and batch_size must be ≥ 1, got {self.steps}, {self.batch_size}")
+        if not 0 <= self.cond_dropout < 1:
+            raise HyperForgetError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the zoo's streaming loader, or in-memory tensors with the same interface.
+
+
+class TensorStream:
+    """In-memory stand-in for queries.loader.CheckpointStream (single or pairs mode).
+
+    Batches: {"params" (B, P), "losses" (B, C), "ids" (B,)} and, with ``pairs`` (M, 2) index
+    pairs (θ row, θ* row), also "target_params", "target_losses", "target_ids". An epoch is a
+    seeded permutation split into full batches, dealt round-robin to ranks.
+    """
+
+    def __init__(self, params: torch.Tensor, losses: torch.Tensor, pairs: torch.Tensor | None = None, *,
+                 batch_size: int = 128, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.params = torch.as_tensor(params, dtype=torch.float32)
+        self.losses = torch.as_tensor(losses, dtype=torch.float32)
+        self.pairs = None if pairs is None else torch.as_tensor(pairs, dtype=torch.long)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.offset = 0, 0  # offset: batches of this epoch already yielded to this rank
+        n = len(self.pairs) if self.pairs is not None else len(self.params)
+        if n < batch_size * world_size:
+            raise HyperForgetError(f"{n} training examples cannot fill one batch of {batch_size} on "
+                                   f"{world_size} rank(s); lower --batch-size")
+        self.num_examples = n
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.offset = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+    def __len__(self) -> int:
+        return self.num_examples // (self.batch_size * self.world_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        n = self.num_examples
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+                 if self.shuffle else torch.arange(n))
+        batches = order[: len(self) * self.batch_size * self.world_size].view(-1, self.batch_size)
+        mine = batches[self.rank::self.world_size]
+        while self.offset < len(mine):
+            idx = mine[self.offset]
+            self.offset += 1
+            if self.pairs is None:
+                yield {"params": self.params[idx], "losses": self.losses[idx], "ids": idx}
+            else:
+                a, b = self.pairs[idx, 0], self.pairs[idx, 1]
+                yield {"params": self.params[a], "losses": self.losses[a], "ids": a,
+                       "target_params": self.params[b], "target_losses": self.losses[b], "target_ids": b}
+        self.epoch, self.offset = self.epoch + 1, 0
+
+
+def run_pairs(run_ids: np.ndarray, steps: np.ndarray, max_pairs: int | None = None, seed: int = 0) -> np.ndarray:
+    """(M, 2) row pairs (earlier, later) of the same run, as DiHyFo-1 trains on."""
+    run_ids, steps = np.asarray(run_ids), np.asarray(steps)
+    out = []
+    for r in np.unique(run_ids):
+        rows = np.flatnonzero(run_ids == r)
+        a, b = np.meshgrid(rows, rows, indexing="ij")
+        keep = steps[a] < steps[b]
+        out.append(np.stack([a[keep], b[keep]], 1))
+    pairs = np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
+    if max_pairs is not None and len(pairs) > max_pairs:
+        pairs = pairs[np.random.default_rng(seed).choice(len(pairs), max_pairs, replace=False)]
+    return pairs.astype(np.int64)
+
+
+@dataclass
+class HyperData:
+    """Everything the trainer needs to know about its checkpoints besides the streams."""
+
+    spec: MLPSpec  # the MLP family
+    classes: list[int]  # original class ids of the task
+    normalization: dict  # zoo statistics (global mean/std, gpt_coeff, per-layer mean/std)
+    loss_stats: dict  # per-class loss quantiles: {"min", "q05", "q10", "q50", "q95", "max"} → (C,) lists
+    train_stream: object  # iterable of dict batches (CheckpointStream or TensorStream)
+    test_stream: object | None  # the same over held-out runs, or None
+    dataset: dict | None = None  # {"name", "classes", "scaling"} for load_dataset, or None
+    eval_data: tuple[torch.Tensor, torch.Tensor] | None = None  # (x_test, y_test) when no dataset name
+    zoo: str | None = None  # zoo path
+    pivots: list[int] = field(default_factory=list)  # the zoo's pivot classes (task labels)
+
+    def test_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_test (N, D), y_test (N,)) of the task, for evaluating decoded MLPs."""
+        if self.eval_data is None:
+            if self.dataset is None:
+                raise HyperForgetError("no dataset to evaluate generated MLPs on; give the zoo's dataset")
+            self.eval_data = load_task_test_split(self.dataset)
+        return self.eval_data
+
+
+def load_task_test_split(dataset: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split of the dataset a zoo records (its name, original classes, pixel scaling)."""
+    from zoo.datasets import load_dataset
+
+    ds = load_dataset(dataset["name"], root=dataset.get("root"), classes=dataset.get("classes"),
+                      scaling=dataset.get("scaling", "unit"))
+    return torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test)
+
+
+def loss_statistics(losses: np.ndarray) -> dict:
+    """Per-class quantiles of the class losses (N, C) -> {name: (C,) list}."""
+    losses = np.asarray(losses, dtype=np.float64)
+    qs = {"min": 0.0, "q05": 0.05, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q95": 0.95, "max": 1.0}
+    return {k: np.nanquantile(losses, q, axis=0).astype(float).tolist() for k, q in qs.items()}
+
+
+def data_from_tensors(spec: MLPSpec, params: torch.Tensor, losses: torch.Tensor, *, variant: str,
+                      run_ids: np.ndarray | None = None, steps: np.ndarray | None = None,
+                      x_test: torch.Tensor, y_test: torch.Tensor, batch_size: int, seed: int = 0,
+                      test_fraction: float = 0.1, rank: int = 0, world_size: int = 1,
+                      classes: list[int] | None = None) -> HyperData:
+    """HyperData over in-memory checkpoints (N, P) with class losses (N, C); runs split train/test."""
+    params = torch.as_tensor(params, dtype=torch.float32)
+    losses = torch.as_tensor(losses, dtype=torch.float32)
+    n = len(params)
+    run_ids = np.arange(n) if run_ids is None else np.asarray(run_ids)
+    steps = np.zeros(n, dtype=np.int64) if steps is None else np.asarray(steps)
+    runs = np.unique(run_ids)
+    rng = np.random.default_rng(seed)
+    test_runs = set(rng.choice(runs, max(1, int(round(len(runs) * test_fraction))), replace=False).tolist())
+    is_test = np.isin(run_ids, list(test_runs))
+    train_rows, test_rows = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+    def stream(rows: np.ndarray, shuffle: bool, bs: int) -> TensorStream:
+        sub_p, sub_l = params[rows], losses[rows]
+        pairs = None
+        if variant == "dihyfo1":
+            pairs = torch.as_tensor(run_pairs(run_ids[rows], steps[rows], seed=seed))
+        return TensorStream(sub_p, sub_l, pairs, batch_size=bs, shuffle=shuffle, seed=seed, rank=rank,
+                            world_size=world_size)
+
+    per_rank = batch_size // world_size
+    return HyperData(spec=spec, classes=list(classes or range(spec.num_classes)),
+                     normalization=compute_normalization(spec, params[train_rows]),
+                     loss_stats=loss_statistics(losses[train_rows].numpy()),
+                     train_stream=stream(train_rows, True, per_rank),
+                     test_stream=stream(test_rows, True, min(per_rank, max(1, len(test_rows) // world_size))),
+                     eval_data=(torch.as_tensor(x_test), torch.as_tensor(y_test)))
+
+
+def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                  num_workers: int = 0) -> HyperData:
+    """HyperData over a zoo's training/test views (built on first use by queries.views)."""
+    from queries.loader import CheckpointStream
+    from queries.views import ensure_training_views
+    from zoo.store import open_zoo
+
+    reader = open_zoo(zoo)
+    cfg = reader.config
+    norm = getattr(cfg, "normalization", None)
+    if not norm:
+        raise HyperForgetError(f"zoo {zoo} has no normalization statistics; run `hyperforget zoo stats {zoo}` "
+                               "(or finish its collection) first")
+    train_view, test_view = ensure_training_views(zoo, variant, seed=seed)
+    per_rank = batch_size // world_size
+    train_stream = CheckpointStream(reader, train_view, batch_size=per_rank, shuffle=True, seed=seed,
+                                    rank=rank, world_size=world_size)
+    test_stream = CheckpointStream(reader, test_view, batch_size=per_rank, shuffle=True, seed=seed + 1,
+                                   rank=rank, world_size=world_size)
+    meta = reader.metadata()
+    c = cfg.spec.num_classes
+    losses = np.stack([meta.column(f"loss_{k}").to_numpy(zero_copy_only=False) for k in range(c)], 1)
+    dataset = _dataset_description(cfg)
+    return HyperData(spec=cfg.spec, classes=list(cfg.classes), normalization=dict(norm),
+                     loss_stats=loss_statistics(losses), train_stream=train_stream, test_stream=test_stream,
+                     dataset=dataset, zoo=str(zoo), pivots=list(getattr(cfg, "pivots", []) or []))
+
+
+def _dataset_description(cfg) -> dict:
+    ds = getattr(cfg, "dataset", None)
+    if isinstance(ds, str):
+        ds = {"name": ds}
+    ds = dict(ds or {})
+    if "name" not in ds:
+        raise HyperForgetError("the zoo's config names no dataset; it cannot be evaluated")
+    ds.setdefault("classes", list(cfg.classes))
+    return {k: ds[k] for k in ("name", "classes", "scaling", "root") if k in ds}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks shared with hyper.sample.
+
+
+def build(variant: str, spec: MLPSpec, normalization: dict, model_cfg: DiTConfig,
+          tok_cfg: TokenizerConfig) -> tuple[DiT, ParamTokenizer]:
+    tokenizer = ParamTokenizer(spec, tok_cfg, normalization)
+    model = DiT(replace(model_cfg, variant=variant), tokenizer.num_tokens, tok_cfg.token_size, spec.num_classes)
+    return model, tokenizer
+
+
+def make_model_fn(model: torch.nn.Module, tokenizer: ParamTokenizer, target_losses: torch.Tensor,
+                  current: torch.Tensor | None, current_losses: torch.Tensor | None,
+                  drop: torch.Tensor | None = None, guidance: float | None = None):
+    """Close over the conditions: normalized flat x_t (B, P), t (B,) -> normalized flat x0_hat (B, P).
+
+    current: normalized flat θ (B, P) or None. With ``guidance`` s (classifier-free):
+    x̂0 = x̂0_uncond + s · (x̂0_cond − x̂0_uncond).
+    """
+    cur_tok = tokenizer.to_tokens(current) if current is not None else None
+
+    def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x_tok = tokenizer.to_tokens(x_t)
+        if guidance is None or guidance == 1.0:
+            return tokenizer.from_tokens(model(x_tok, t, target_losses, cur_tok, current_losses, drop))
+        b = x_t.shape[0]
+        both = model(torch.cat([x_tok, x_tok]), torch.cat([t, t]), torch.cat([target_losses, target_losses]),
+                     None if cur_tok is None else torch.cat([cur_tok, cur_tok]),
+                     None if current_losses is None else torch.cat([current_losses, current_losses]),
+                     torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x_t.device))
+        cond, uncond = tokenizer.from_tokens(both[:b]), tokenizer.from_tokens(both[b:])
+        return uncond + guidance * (cond - uncond)
+
+    return fn
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point state (params and buffers).
+
+    The decay ramps up as min(decay, (1 + n) / (10 + n)) so early averages are not dominated
+    by the random initialization.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.num_updates = decay, 0
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for k, v in model.state_dict().items():
+            self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to cfg.lr, then cosine decay to cfg.lr · min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: DiT, cfg: TrainConfig) -> torch.optim.AdamW:
+    no_decay = model.no_decay_parameter_names()
+    decay_p = [p for n, p in model.named_parameters() if n not in no_decay]
+    plain_p = [p for n, p in model.named_parameters() if n in no_decay]
+    return torch.optim.AdamW([{"params": decay_p, "weight_decay": cfg.weight_decay},
+                              {"params": plain_p, "weight_decay": 0.0}], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable state: safetensors for tensors, JSON for the rest, committed by latest.json.
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors = {f"state.{pid}.{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+               for pid, st in sd["state"].items() for k, v in st.items()}
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        _, pid, k = key.split(".", 2)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(out: Path, step: int, model: DiT, ema: EMA, opt: torch.optim.Optimizer,
+                    gen: torch.Generator, stream, epoch: int, curves: dict, keep: int = 2) -> None:
+    root = out / "checkpoints"
+    d = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
+    opt_t, opt_meta = _optimizer_tensors(opt)
+    opt_t["rng.generator"] = gen.get_state()
+    save_file(opt_t, str(tmp / "optimizer.safetensors"))
+    state = {"step": step, "epoch": epoch, "ema_updates": ema.num_updates, "optimizer": opt_meta,
+             "loader": stream.state_dict() if hasattr(stream, "state_dict") else None, "curves": curves}
+    (tmp / "trainer.json").write_text(json.dumps(state, default=_json_default))
+    shutil.rmtree(d, ignore_errors=True)
+    os.replace(tmp, d)
+    _write_json_atomic(root / "latest.json", {"step": step, "dir": d.name})
+    for old in sorted(p for p in root.glob("step-*") if p.name != d.name)[:-max(0, keep - 1) or None]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if torch.is_tensor(o):
+        return o.tolist()
+    raise TypeError(f"not JSON serializable: {type(o)}")
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(out: Path) -> dict | None:
+    latest = out / "checkpoints" / "latest.json"
+    if not latest.exists():
+        return None
+    info = json.loads(latest.read_text())
+    d = out / "checkpoints" / info["dir"]
+    if not (d / "trainer.json").exists():
+        raise HyperForgetError(f"checkpoint {d} is incomplete; delete {out / 'checkpoints'} to start over")
+    return {"dir": d, "state": json.loads((d / "trainer.json").read_text()),
+            "model": load_file(str(d / "model.safetensors")), "ema": load_file(str(d / "ema.safetensors")),
+            "optimizer": load_file(str(d / "optimizer.safetensors"))}
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop.
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced."""
+
+    out: Path  # the model directory
+    steps: int  # steps done in total
+    train_mse: float  # mean train MSE over the last log window
+    test_mse: float | None  # last test MSE
+    alignment: dict | None  # last generation-quality evaluation
+    seconds: float  # wall time of this invocation
+    samples_per_second: float  # training throughput of this invocation (all ranks)
+
+
+def resolve_configs(preset: str, variant: str, overrides: dict | None = None
+                    ) -> tuple[DiTConfig, TokenizerConfig, DiffusionConfig, TrainConfig]:
+    """Preset -> configs, with overrides keyed by field name (model, tokenizer or train fields)."""
+    p = get_preset(preset)
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    model_kw = {**p["model"], "variant": variant}
+    tok_kw, train_kw, diff_kw = dict(p["tokenizer"]), dict(p["train"]), {}
+    for k, v in overrides.items():
+        if k in DiTConfig.__dataclass_fields__:
+            model_kw[k] = v
+        elif k in TokenizerConfig.__dataclass_fields__:
+            tok_kw[k] = v
+        elif k in TrainConfig.__dataclass_fields__:
+            train_kw[k] = v
+        elif k in DiffusionConfig.__dataclass_fields__:
+            diff_kw[k] = v
+        else:
+            raise HyperForgetError(f"unknown training option {k!r}")
+    return DiTConfig(**model_kw), TokenizerConfig(**tok_kw), DiffusionConfig(**diff_kw), TrainConfig(**train_kw)
+
+
+def _dist_info() -> tuple[int, int]:
+    """Initialize torch.distributed under torchrun (WORLD_SIZE > 1) and return (rank, world_size)."""
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zoo: str | None = None,
+          data: HyperData | None = None, overrides: dict | None = None, resume: bool = False,
+          progress: bool = True, device: str | None = None) -> TrainResult:
+    """Train a DiHyFo-1 or DiHyFo-2 hypernetwork and write MODEL/ (see module docstring).
+
+    Give either ``zoo`` (a zoo path; views are built on first use) or ``data`` (in memory).
+    ``overrides`` replaces preset fields by name (e.g. {"steps": 50, "hidden": 64}).
+    With ``resume`` the run continues from MODEL/checkpoints with the configs saved there.
+    """
+    # Set up: distributed context, configs, data, model.
+    rank, world = _dist_info()
+    out = Path(out)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(dev)
+    saved = None
+    if resume and (out / "config.json").exists():
+        saved = json.loads((out / "config.json").read_text())
+        _check_config_version(saved, out)
+        model_cfg, tok_cfg = DiTConfig.from_dict(saved["model"]), TokenizerConfig.from_dict(saved["tokenizer"])
+        diff_cfg, cfg = DiffusionConfig.from_dict(saved["diffusion"]), TrainConfig.from_dict(saved["train"])
+        if overrides and overrides.get("steps"):
+            cfg = replace(cfg, steps=int(overrides["steps"]))  # resuming may extend a run, nothing else
+        if saved["variant"] != variant:
+            raise HyperForgetError(f"{out} holds a {saved['variant']} model; resume it with --variant {saved['variant']}")
+        zoo = zoo or saved.get("zoo")
+    else:
+        if out.exists() and (out / "checkpoints" / "latest.json").exists() and not resume:
+            raise HyperForgetError(f"{out} already holds a training run; pass --resume or choose another --out")
+        model_cfg, tok_cfg, diff_cfg, cfg = resolve_configs(preset, variant, overrides)
+    if cfg.batch_size % world:
+        raise HyperForgetError(f"batch size {cfg.batch_size} is not divisible by {world} ranks")
+    if data is None:
+        if zoo is None:
+            raise HyperForgetError("give a zoo (--zoo ZOO) to train on")
+        data = data_from_zoo(zoo, variant, cfg.batch_size, cfg.seed, rank, world, cfg.num_workers)
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = build(variant, data.spec, data.normalization, model_cfg, tok_cfg)
+    model.to(dev)
+    diffusion = GaussianDiffusion(diff_cfg)
+    opt = make_optimizer(model, cfg)
+    ema = EMA(model, cfg.ema_decay)
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
+    weights = tokenizer.layer_weights().to(dev) if cfg.loss_weighting == "layer" else None
+    step, epoch, curves = 0, 0, {"train": [], "test": [], "eval": []}
+    config = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "variant": variant, "preset": preset,
+              "model": model_cfg.to_dict(), "tokenizer": tok_cfg.to_dict(), "diffusion": diff_cfg.to_dict(),
+              "train": cfg.to_dict(), "zoo": data.zoo, "mlp_spec": data.spec.to_dict(), "classes": data.classes,
+              "pivots": data.pivots, "normalization": data.normalization, "loss_stats": data.loss_stats,
+              "dataset": data.dataset, "tokens": tokenizer.describe(), "world_size": world,
+              "model_parameters": model.num_parameters()}
+    if resume:
+        ck = load_checkpoint(out)
+        if ck is not None:
+            model.load_state_dict(ck["model"])
+            ema.shadow = {k: v.to(dev) for k, v in ck["ema"].items()}
+            ema.num_updates = ck["state"]["ema_updates"]
+            gen.set_state(ck["optimizer"].pop("rng.generator"))
+            _load_optimizer(opt, ck["optimizer"], ck["state"]["optimizer"])
+            step, epoch, curves = ck["state"]["step"], ck["state"]["epoch"], ck["state"]["curves"]
+            if ck["state"].get("loader") is not None and hasattr(data.train_stream, "load_state_dict"):
+                data.train_stream.load_state_dict(ck["state"]["loader"])
+    ema.shadow = {k: v.to(dev) for k, v in ema.shadow.items()}
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(out / "config.json", config)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    amp = cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda")
+
+    # Train.
+    def batches() -> Iterator[dict]:
+        nonlocal epoch
+        while True:
+            if hasattr(data.train_stream, "set_epoch"):
+                data.train_stream.set_epoch(epoch)
+            n = 0
+            for b in _iterate(data.train_stream, cfg.num_workers):
+                n += 1
+                yield b
+            if n == 0:
+                raise HyperForgetError("the training view yields no batch; lower --batch-size or grow the zoo")
+            epoch += 1
+
+    test_state0 = (data.test_stream.state_dict()
+                   if data.test_stream is not None and hasattr(data.test_stream, "state_dict") else None)
+    start_step, t0, window = step, time.perf_counter(), []
+    last_test, last_eval = (curves["test"][-1]["mse"] if curves["test"] else None), \
+        (curves["eval"][-1] if curves["eval"] else None)
+    prog = _progress(progress and rank == 0)
+    task = prog.add_task(f"train {variant}", total=cfg.steps, completed=step, info="") if prog else None
+    it = batches()
+    try:
+        if prog:
+            prog.start()
+        while step < cfg.steps:
+            batch = _to_device(next(it), dev)
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            net.train()
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                terms = _loss_terms(net, tokenizer, diffusion, batch, variant, gen, dev, weights, cfg.cond_dropout)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema.update(model)
+            step += 1
+            window.append(float(terms["mse"]))
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                curves["train"].append({"step": step, "mse": float(np.mean(window)), "lr": lr})
+                window = []
+            if cfg.test_every > 0 and step % cfg.test_every == 0 or step == cfg.steps:
+                if data.test_stream is not None:
+                    last_test = _test_mse(model, ema, tokenizer, diffusion, data.test_stream, test_state0, variant, cfg,
+                                          dev, world)
+                    curves["test"].append({"step": step, "mse": last_test})
+            do_eval = (cfg.eval_every > 0 and step % cfg.eval_every == 0) or (cfg.eval_every >= 0 and step == cfg.steps)
+            if do_eval and rank == 0:
+                last_eval = {"step": step, **_evaluate(model, ema, tokenizer, diffusion, data, variant, cfg, dev)}
+                curves["eval"].append(last_eval)
+            if rank == 0 and (step == cfg.steps or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
+                save_checkpoint(out, step, model, ema, opt, gen, data.train_stream, epoch, curves)
+                _save_outputs(out, ema, curves)
+            if prog:
+                info = f"mse {curves['train'][-1]['mse']:.4f}" if curves["train"] else ""
+                if last_test is not None:
+                    info += f"  test {last_test:.4f}"
+                if last_eval is not None:
+                    info += f"  R² {last_eval['r2_mean']:.2f}  r {last_eval['pearson_mean']:.2f}"
+                prog.update(task, completed=step, info=info)
+    finally:
+        if prog:
+            prog.stop()
+    seconds = time.perf_counter() - t0
+    done = step - start_step
+    result = TrainResult(out, step, curves["train"][-1]["mse"] if curves["train"] else float("nan"), last_test,
+                         last_eval, seconds, done * cfg.batch_size / seconds if seconds > 0 else 0.0)
+    if rank == 0:
+        summary = {"variant": variant, "steps": step, "train_mse": result.train_mse, "test_mse": last_test,
+                   "alignment": last_eval, "seconds": seconds, "samples_per_second": result.samples_per_second,
+                   "world_size": world, "device": str(dev), "model_parameters": model.num_parameters()}
+        _write_json_atomic(out / "summary.json", summary)
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def _check_config_version(saved: dict, where) -> None:
+    if saved.get("format") != CONFIG_FORMAT:
+        raise HyperForgetError(f"{where} is not a hyperforget hypernetwork (format {saved.get('format')!r})")
+    if saved.get("version") != CONFIG_VERSION:
+        raise HyperForgetError(f"unsupported hypernetwork version in {where}: expected {CONFIG_VERSION}, "
+                               f"got {saved.get('version')}")
+
+
+def _iterate(stream, num_workers: int):
+    if num_workers > 0:
+        from queries.loader import make_loader
+
+        return make_loader(stream, num_workers=num_workers)
+    return stream
+
+
+def _to_device(batch: dict, dev: torch.device) -> dict:
+    return {k: torch.as_tensor(v).to(dev, non_blocking=True) for k, v in batch.items()}
+
+
+def _loss_terms(net, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, batch: dict, variant: str,
+                gen: torch.Generator, dev: torch.device, weights, cond_dropout: float) -> dict:
+    """One batch -> Equation 5 terms. DiHyFo-2 learns θ* from single checkpoints, DiHyFo-1 from pairs."""
+    if variant == "dihyfo1":
+        x0 = tokenizer.normalize(batch["target_params"].float())
+        target_losses = batch["target_losses"].float()
+        current = tokenizer.normalize(batch["params"].float())
+        current_losses = batch["losses"].float()
+    else:
+        x0 = tokenizer.normalize(batch["params"].float())
+        target_losses, current, current_losses = batch["losses"].float(), None, None
+    b = x0.shape[0]
+    t = diffusion.sample_timesteps(b, gen, dev)
+    noise = torch.randn(x0.shape, generator=gen).to(dev)
+    drop = (torch.rand(b, generator=gen) < cond_dropout).to(dev) if cond_dropout > 0 else None
+    fn = make_model_fn(net, tokenizer, target_losses, current, current_losses, drop)
+    return diffusion.training_losses(fn, x0, t, noise, weights)
+
+
+def _ema_model(model: DiT, ema: EMA) -> DiT:
+    import copy
+
+    m = copy.deepcopy(model)
+    m.load_state_dict(ema.shadow)
+    return m.eval()
+
+
+@torch.no_grad()
+def _test_mse(model, ema, tokenizer, diffusion, stream, state0, variant, cfg, dev, world) -> float:
+    """Mean Eq. 5 MSE of the EMA model over a few test batches (fixed timesteps and noise)."""
+    m = _ema_model(model, ema)
+    gen = torch.Generator().manual_seed(12345)
+    total, n = 0.0, 0
+    if state0 is not None:
+        stream.load_state_dict(state0)  # the same test batches every time, so the curve is comparable
+    for i, batch in enumerate(stream):
+        if i >= cfg.test_batches:
+            break
+        terms = _loss_terms(m, tokenizer, diffusion, _to_device(batch, dev), variant, gen, dev, None, 0.0)
+        total, n = total + float(terms["mse"]), n + 1
+    if world > 1:
+        t = torch.tensor([total, float(n)], dtype=torch.float64)
+        dist.all_reduce(t)
+        total, n = float(t[0]), int(t[1])
+    return total / max(n, 1)
+
+
+def _evaluate(model, ema, tokenizer, diffusion, data: HyperData, variant, cfg: TrainConfig, dev) -> dict:
+    """Prompt alignment R² and Pearson r per class (hyper.alignment) with the EMA weights."""
+    from hyper.alignment import evaluate_alignment
+
+    m = _ema_model(model, ema)
+    x_test, y_test = data.test_split()
+    stats = data.loss_stats
+    low, high, good = np.asarray(stats["q05"]), np.asarray(stats["q95"]), np.asarray(stats["q10"])
+
+    def sample(targets, current, current_losses, seed):
+        return sample_params(m, tokenizer, diffusion, targets, current, current_losses, method=cfg.eval_method,
+                             steps=cfg.eval_steps, seed=seed, device=dev)
+
+    res = evaluate_alignment(sample, data.spec, x_test, y_test, low, high, good, variant=variant,
+                             n_prompts=cfg.eval_prompts, n_networks=cfg.eval_networks, seed=cfg.seed)
+    return res.to_dict()
+
+
+@torch.no_grad()
+def sample_params(model: DiT, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, targets: torch.Tensor,
+                  current: torch.Tensor | None, current_losses: torch.Tensor | None, *, method: str = "ddim",
+                  steps: int = 50, eta: float = 0.0, seed: int = 0, guidance: float | None = None,
+                  device: torch.device | str = "cpu", progress=None) -> torch.Tensor:
+    """Sample raw MLP parameters (K, P) for raw target losses (K, C) (and raw θ (K, P) for DiHyFo-1)."""
+    model.eval()
+    dev = torch.device(device)
+    targets = torch.as_tensor(targets, dtype=torch.float32).to(dev)
+    cur = tokenizer.normalize(torch.as_tensor(current, dtype=torch.float32).to(dev)) if current is not None else None
+    cl = torch.as_tensor(current_losses, dtype=torch.float32).to(dev) if current_losses is not None else None
+    fn = make_model_fn(model, tokenizer, targets, cur, cl, None, guidance)
+    gen = torch.Generator().manual_seed(int(seed))
+    x = diffusion.sample(fn, (targets.shape[0], tokenizer.spec.num_params), method=method, steps=steps, eta=eta,
+                         generator=gen, device=dev, progress=progress)
+    return tokenizer.denormalize(x).float().cpu()
+
+
+def _save_outputs(out: Path, ema: EMA, curves: dict) -> None:
+    tmp = out / f".model.safetensors.tmp-{os.getpid()}"
+    save_file({k: v.detach().cpu().contiguous() for k, v in ema.shadow.items()}, str(tmp),
+              metadata={"format": CONFIG_FORMAT, "version": str(CONFIG_VERSION), "weights": "ema"})
+    os.replace(tmp, out / "model.safetensors")
+    _write_json_atomic(out / "curves.json", curves)
+    plot_curves(curves, out / "curves.png")
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    """Train/test MSE, learning rate and generation quality over steps -> PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    ax = axes[0]
+    if curves["train"]:
+        ax.plot([p["step"] for p in curves["train"]], [p["mse"] for p in curves["train"]], label="train")
+    if curves["test"]:
+        ax.plot([p["step"] for p in curves["test"]], [p["mse"] for p in curves["test"]], "o-", label="test (EMA)")
+    ax.set_yscale("log"), ax.set_xlabel("step"), ax.set_title("MSE (Eq. 5)"), ax.legend()
+    ax = axes[1]
+    if curves["train"]:
+        ax.plot([p["step"] for p in curves["train"]], [p["lr"] for p in curves["train"]])
+    ax.set_xlabel("step"), ax.set_title("learning rate")
+    ax = axes[2]
+    ev = curves["eval"]
+    if ev:
+        steps = [p["step"] for p in ev]
+        for c in range(len(ev[0]["r2"])):
+            ax.plot(steps, [p["r2"][c] for p in ev], "o-", label=f"R² class {c}")
+            ax.plot(steps, [p["pearson"][c] for p in ev], "x--", label=f"r class {c}")
+        ax.set_ylim(-1.05, 1.05)
+        ax.legend(fontsize=6, ncol=2)
+    ax.set_xlabel("step"), ax.set_title("prompt alignment / Pearson")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"))

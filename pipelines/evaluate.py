@@ -1,0 +1,790 @@
+"""Evaluation that unlearning researchers trust: every method against a population of retrained models.
+
+For each forget set of a run directory (docs/design.md, "Unlearning run directory") this:
+
+1. Trains ``n_retrained`` (default 128) MLPs from scratch without the forget classes, in lockstep
+   (zoo.lockstep.train_models, several data orders), from seeds in a range disjoint from the run's
+   and the zoo's seeds (checked against the zoo's metadata when the zoo is reachable). Half is the
+   *reference* population (per-example Gaussians, mean prediction, MIA reference), the other half
+   the *evaluation* population, split again: one quarter plays the negatives of every attack, the
+   other quarter is the retrain-vs-retrain floor.
+2. Builds the rows of every table: the floor (retrained quarter), the ceiling (the original model),
+   each method found in RUN/forget-X (DiHyFo candidates and selected model, baselines with their
+   repeats, topped up to ``baseline_seeds`` with pipelines.baselines.run_baseline), the logit-masking
+   control, and the "nearest training checkpoint" control (the zoo checkpoint closest to each
+   selected DiHyFo model, permutation-invariant L2).
+3. Scores each row (zoo.attacks, zoo.metrics): accuracies; calibrated-threshold and U-LiRA attacks
+   (AUC, TPR at 1% FPR); the challenge's ε score F and F·(RA_U/RA_R)·(TA_U/TA_R); entropy and loss
+   MIA minus the retrained value; batch-mean JSD to the retrained mean prediction on D_f,
+   retain-class test and forget-class test; a linear probe for the forget classes on the hidden
+   layer; relearn steps; cost against retrain time and the challenge's 20% rule.
+4. Writes RUN/evaluation/forget-X.{json,md}, eps_hist_forget-X.png, retain_vs_forget_forget-X.png.
+
+Data: D_r / D_f are the retain / forget examples of the run's fit split (what the models trained
+on); "test retain" / "test forget" split the dataset's test split by class.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from zoo import attacks as za
+from zoo.errors import HyperForgetError
+from zoo.mlp import MLPSpec, batched_hidden, batched_logits
+
+EVAL_FORMAT = "hyperforget-evaluation"
+EVAL_VERSION = 1
+SEED_BASE = 1_000_003_000  # first seed of the reference populations: far from run (0, 100..) and zoo seeds
+MASK_LOGIT = -math.inf  # what the logit-masking control puts on the forget logits
+
+
+@dataclass
+class EvalConfig:
+    """How `hyperforget evaluate` scores a run; saved in every forget-X.json."""
+
+    n_retrained: int = 128  # retrained models per forget set (½ reference, ¼ attack negatives, ¼ floor)
+    retrain_groups: int = 8  # lockstep groups, each with its own minibatch order (lockstep shares one per group)
+    seed_base: int = SEED_BASE  # first reference seed; shifted past any seed the run or its zoo used
+    baseline_seeds: int = 3  # models per baseline: saved repeats, topped up with run_baseline if fewer
+    delta: float = za.DEFAULT_DELTA  # δ of the challenge's per-example ε
+    target_fpr: float = 0.01  # FPR of the reported TPR
+    max_forget_examples: int = 1000  # D_f examples the attacks and ε use (deterministic subsample)
+    max_examples: int = 2000  # rows per other split for MIA / JSD (deterministic subsample)
+    mia_models: int = 16  # models per row whose MIA is computed (one logistic regression each)
+    probe_models: int = 8  # models per row whose hidden layer is probed
+    relearn_models: int = 8  # models per row that relearn
+    relearn_per_class: int = 16  # examples per class in the relearning subset (forget and retain classes)
+    relearn_level: float = 0.8  # relearned when forget-class test accuracy ≥ level × the original's
+    relearn_max_steps: int = 200  # full-batch SGD steps before giving up
+    relearn_lr: float = 0.05  # SGD learning rate (momentum 0.9) of relearning
+    nearest_checkpoint: bool = True  # search the zoo for the checkpoint nearest each selected DiHyFo model
+    max_zoo_rows: int | None = None  # cap on zoo rows scanned (None: all original, un-permuted rows)
+    progress: bool = True  # rich progress bars
+
+    def __post_init__(self) -> None:
+        if self.n_retrained < 8:
+            raise HyperForgetError(f"--retrained must be at least 8 (4 reference, 2+2 evaluation), got {self.n_retrained}")
+        if self.baseline_seeds < 0:
+            raise HyperForgetError(f"--baseline-seeds must be ≥ 0, got {self.baseline_seeds}")
+        if not 0 < self.delta < 1 or not 0 < self.target_fpr < 1:
+            raise HyperForgetError("delta and target_fpr must lie in (0, 1)")
+        if self.retrain_groups < 1:
+            raise HyperForgetError(f"retrain_groups must be ≥ 1, got {self.retrain_groups}")
+
+
+@dataclass
+class Population:
+    """One row of the tables: M models (flat parameters) and how they came about."""
+
+    name: str  # row label
+    kind: str  # "floor", "ceiling", "method", "control"
+    params: torch.Tensor  # (M, P) parameter vectors
+    masked: tuple[int, ...] = ()  # classes whose logits are set to −∞ (logit-masking control)
+    seconds_per_model: float | None = None  # wall time to produce one model
+    note: str = ""  # shown under the table
+    extra: dict = field(default_factory=dict)  # row-specific facts (distance to the zoo, ...)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model outputs
+
+
+@torch.no_grad()
+def population_logits(spec: MLPSpec, params: torch.Tensor, x: torch.Tensor, masked: Sequence[int] = (),
+                      models_per_pass: int = 64) -> np.ndarray:
+    """(M, P) params, (N, D) inputs -> (M, N, C) float32 logits, masked classes at −∞."""
+    out = []
+    for i in range(0, params.shape[0], models_per_pass):
+        out.append(batched_logits(spec, params[i:i + models_per_pass], x))
+    logits = torch.cat(out).numpy().astype(np.float32)
+    if masked:
+        logits[..., list(masked)] = MASK_LOGIT
+    return logits
+
+
+def _acc(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(M, N, C), (N,) -> (M,) accuracy (NaN without examples)."""
+    if len(y) == 0:
+        return np.full(logits.shape[0], np.nan)
+    return (logits.argmax(-1) == y[None]).mean(1)
+
+
+def _subsample(n: int, cap: int, seed: int) -> np.ndarray:
+    if n <= cap:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:cap])
+
+
+def _stat(values) -> dict:
+    v = np.asarray(values, np.float64).ravel()
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std()), "n": int(v.size)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Permutation-invariant distance to the zoo (the "nearest training checkpoint" control)
+
+
+def _units(spec: MLPSpec, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, P) -> hidden units (K, H, D + 1 + C) [incoming weights, bias, outgoing weights], fc2 bias (K, C)."""
+    w = spec.layout.unflatten(params)
+    units = torch.cat([w["fc1.weight"], w["fc1.bias"][..., None], w["fc2.weight"].transpose(-1, -2)], -1)
+    return units, w["fc2.bias"]
+
+
+def permutation_invariant_distance(spec: MLPSpec, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """min over hidden-unit permutations π of ‖a − π(b)‖₂, for one (P,) vector a and (K, P) vectors b.
+
+    Permuting hidden units moves each unit's incoming row, bias and outgoing column together and
+    leaves the function unchanged, so ‖a − π(b)‖² = Σ_h ‖unit_a(h) − unit_b(π(h))‖² + ‖b2_a − b2_b‖²:
+    a linear assignment over an H×H cost matrix, solved exactly (all H! permutations when H ≤ 4,
+    the Hungarian method otherwise). Sorting units into a canonical order would be cheaper but is
+    not a minimum: two nearby networks can sort differently.
+    """
+    ua, ba = _units(spec, a[None].double())
+    ub, bb = _units(spec, b.double())
+    cost = torch.cdist(ua.expand(ub.shape[0], -1, -1), ub) ** 2  # (K, H, H)
+    bias = ((bb - ba) ** 2).sum(-1)  # (K,)
+    h = spec.hidden
+    if math.factorial(h) <= 24:
+        perms = torch.tensor(list(itertools.permutations(range(h))))  # (h!, H)
+        rows = torch.arange(h)
+        total = cost[:, rows[None, :], perms].sum(-1)  # (K, h!)
+        best = total.min(1).values
+    else:
+        from scipy.optimize import linear_sum_assignment
+
+        c = cost.numpy()
+        best = torch.tensor([c[k][linear_sum_assignment(c[k])].sum() for k in range(len(c))])
+    return torch.sqrt((best + bias).clamp_min(0)).numpy()
+
+
+def nearest_zoo_checkpoint(zoo_path: str, spec: MLPSpec, target: torch.Tensor, *, max_rows: int | None = None,
+                           chunk_rows: int = 8192) -> dict:
+    """The zoo row nearest to target (P,) in permutation-invariant L2 -> {checkpoint_id, distance, params}.
+
+    Permuted copies (perm_index > 0) are skipped: the distance is already permutation-invariant.
+    """
+    from zoo.store import open_zoo
+
+    reader = open_zoo(zoo_path)
+    if reader.spec != spec:
+        raise HyperForgetError(f"zoo {zoo_path} holds {reader.spec} MLPs, the run's models are {spec}")
+    meta = reader.metadata()
+    ids = np.asarray(meta.column("checkpoint_id").to_numpy(), dtype=np.int64)
+    if "perm_index" in meta.column_names:
+        ids = ids[np.asarray(meta.column("perm_index").to_numpy()) == 0]
+    ids = np.sort(ids)
+    if max_rows is not None:
+        ids = ids[:max_rows]
+    if ids.size == 0:
+        raise HyperForgetError(f"zoo {zoo_path} has no committed checkpoints to compare with")
+    best_d, best_id = math.inf, -1
+    for i in range(0, ids.size, chunk_rows):
+        chunk = ids[i:i + chunk_rows]
+        rows = torch.as_tensor(reader.read(chunk), dtype=torch.float32)
+        d = permutation_invariant_distance(spec, target, rows)
+        j = int(np.argmin(d))
+        if d[j] < best_d:
+            best_d, best_id = float(d[j]), int(chunk[j])
+    params = torch.as_tensor(reader.read(np.array([best_id])), dtype=torch.float32)
+    return {"checkpoint_id": best_id, "distance": best_d, "params": params, "rows_scanned": int(ids.size)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Representation checks
+
+
+def probe_forget_accuracy(spec: MLPSpec, params: torch.Tensor, x_train: torch.Tensor, y_train: np.ndarray,
+                          x_test: torch.Tensor, y_test: np.ndarray, forget: Sequence[int]) -> np.ndarray:
+    """Linear probe on the hidden layer: (M,) accuracy on forget-class test examples.
+
+    A multinomial logistic regression per model is fitted on the hidden activations (H features,
+    standardized) of the training examples of every class, labels = task classes, and scored on
+    the test examples of the forget classes. A model whose forget class is only masked at the output
+    keeps features that separate it; a retrained model's features were never shaped by it.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    test_f = np.isin(y_test, list(forget))
+    with torch.no_grad():
+        h_tr = batched_hidden(spec, params, x_train).numpy()  # (M, N, H)
+        h_te = batched_hidden(spec, params, x_test[torch.as_tensor(test_f)]).numpy()
+    out = []
+    for m in range(params.shape[0]):
+        mu, sd = h_tr[m].mean(0), h_tr[m].std(0) + 1e-6
+        clf = LogisticRegression(max_iter=500)
+        clf.fit((h_tr[m] - mu) / sd, y_train)
+        out.append(float((clf.predict((h_te[m] - mu) / sd) == y_test[test_f]).mean()))
+    return np.array(out)
+
+
+def relearn_steps(spec: MLPSpec, params: torch.Tensor, x_sub: torch.Tensor, y_sub: torch.Tensor,
+                  x_eval: torch.Tensor, y_eval: torch.Tensor, level: float, *, max_steps: int, lr: float) -> np.ndarray:
+    """Full-batch SGD steps on a small subset until forget-class accuracy ≥ level, per model.
+
+    Args:
+        params: (M, P) start points (the weights, not any output mask: whoever holds the weights can
+            drop a mask). x_sub, y_sub: the relearning subset (forget and retain classes).
+        x_eval, y_eval: forget-class test examples.
+    Returns:
+        (M,) steps; 0 when already at the level, NaN when max_steps did not reach it.
+    """
+    from zoo.lockstep import LockstepSGD
+
+    opt = LockstepSGD(spec, params, lr, max_steps, momentum=0.9, nesterov=False, weight_decay=0.0,
+                      schedule="constant")
+    w = torch.ones(params.shape[0], len(y_sub))
+    steps = np.full(params.shape[0], np.nan)
+    for step in range(max_steps + 1):
+        with torch.no_grad():
+            acc = (batched_logits(spec, opt.params, x_eval).argmax(-1) == y_eval).float().mean(1).numpy()
+        newly = np.isnan(steps) & (acc >= level)
+        steps[newly] = step
+        if not np.isnan(steps).any() or step == max_steps:
+            break
+        opt.step(x_sub, y_sub, w)
+    return steps
+
+
+# ----------------------------------------------------------------------------------------------
+# The context of one forget set
+
+
+@dataclass
+class _Context:
+    spec: MLPSpec
+    forget: tuple[int, ...]
+    retain: tuple[int, ...]
+    x: dict  # split name -> (N, D) tensor: "df", "dr", "test", "test_r", "test_f", "fit"
+    y: dict  # split name -> (N,) int64 numpy
+    ref: torch.Tensor  # (R/2, P) reference retrained models
+    neg: torch.Tensor  # (R/4, P) retrained models that are the attacks' negatives
+    floor: torch.Tensor  # (R/4, P) retrained models scored as the floor row
+    conf_ref: np.ndarray  # (R/2, N_f) φ of the reference on D_f
+    conf_neg: np.ndarray  # (R/4, N_f) φ of the negatives on D_f
+    ref_logits: dict  # split -> (R/2, N, C) reference logits for JSD
+    retrained_acc: dict  # RA_R, TA_R and other accuracies of the evaluation half (means)
+    retrained_mia: dict  # "entropy", "loss": mean MIA of the evaluation half
+    original_forget_test_acc: float
+    relearn_subset: tuple[torch.Tensor, torch.Tensor]
+    retrain_seconds: float
+    config: EvalConfig
+
+
+def _mia(ctx: _Context, params: torch.Tensor, masked: Sequence[int]) -> dict:
+    from zoo import metrics as zm
+
+    k = min(params.shape[0], ctx.config.mia_models)
+    out = {"entropy": [], "loss": []}
+    lg = {s: population_logits(ctx.spec, params[:k], ctx.x[s], masked) for s in ("dr", "test", "df")}
+    for m in range(k):
+        p = {s: zm.softmax(lg[s][m]) for s in lg}
+        out["entropy"].append(zm.entropy_mia(p["dr"], p["test"], p["df"]))
+        out["loss"].append(zm.loss_mia(p["dr"], ctx.y["dr"], p["test"], ctx.y["test"], p["df"], ctx.y["df"]))
+    return {key: np.array(v) for key, v in out.items()}
+
+
+def _accuracies(ctx: _Context, params: torch.Tensor, masked: Sequence[int]) -> dict:
+    acc = {}
+    for split, key in (("dr", "retain_train"), ("df", "forget_train"), ("test_r", "test_retain"),
+                       ("test_f", "test_forget"), ("test", "test")):
+        acc[key] = _acc(population_logits(ctx.spec, params, ctx.x[split], masked), ctx.y[split])
+    return acc
+
+
+def score_population(ctx: _Context, pop: Population, *, negatives: torch.Tensor | None = None) -> dict:
+    """Every score of one row (see the module docstring). Returns a JSON-ready dict."""
+    cfg = ctx.config
+    params = pop.params
+    neg_conf = ctx.conf_neg if negatives is None else za.logit_scaled_confidence(
+        population_logits(ctx.spec, negatives, ctx.x["df"]), ctx.y["df"])
+    acc = _accuracies(ctx, params, pop.masked)
+    conf_u = za.logit_scaled_confidence(population_logits(ctx.spec, params, ctx.x["df"], pop.masked), ctx.y["df"])
+    thr = za.calibrated_threshold_attack(conf_u, neg_conf, ctx.conf_ref, cfg.target_fpr)
+    lira = za.ulira_attack(conf_u, neg_conf, ctx.conf_ref, cfg.target_fpr)
+    eps = za.per_example_epsilon(conf_u, neg_conf, cfg.delta)
+    f = za.forgetting_quality(eps)
+    ra_u, ta_u = float(np.nanmean(acc["retain_train"])), float(np.nanmean(acc["test_retain"]))
+    final = za.challenge_score(f, ra_u, ctx.retrained_acc["retain_train"], ta_u, ctx.retrained_acc["test_retain"])
+    mia = _mia(ctx, params, pop.masked)
+    jsd = {}
+    for split, key in (("df", "forget_train"), ("test_r", "test_retain"), ("test_f", "test_forget")):
+        lg = population_logits(ctx.spec, params, ctx.x[split], pop.masked)
+        jsd[key] = _stat(za.jsd_to_population(lg, ctx.ref_logits[split]))
+    kp, kr = min(params.shape[0], cfg.probe_models), min(params.shape[0], cfg.relearn_models)
+    probe = probe_forget_accuracy(ctx.spec, params[:kp], ctx.x["fit"], ctx.y["fit"], ctx.x["test"], ctx.y["test"],
+                                  ctx.forget)
+    level = cfg.relearn_level * ctx.original_forget_test_acc
+    relearn = relearn_steps(ctx.spec, params[:kr], *ctx.relearn_subset, ctx.x["test_f"],
+                            torch.as_tensor(ctx.y["test_f"]), level, max_steps=cfg.relearn_max_steps,
+                            lr=cfg.relearn_lr)
+    cost = None
+    if pop.seconds_per_model is not None:
+        frac = pop.seconds_per_model / ctx.retrain_seconds if ctx.retrain_seconds > 0 else math.nan
+        cost = {"seconds_per_model": pop.seconds_per_model, "fraction_of_retrain": frac,
+                "under_20pct": bool(frac < 0.2)}
+    return {
+        "name": pop.name, "kind": pop.kind, "num_models": int(params.shape[0]), "masked": list(pop.masked),
+        "note": pop.note, **pop.extra,
+        "accuracy": {k: _stat(v) for k, v in acc.items()},
+        "attacks": {"calibrated_threshold": thr.to_dict(), "ulira": lira.to_dict()},
+        "epsilon": {"F": f, "final_score": final, "median": float(np.median(eps)),
+                    "fraction_infinite": float(np.isinf(eps).mean()),
+                    "histogram": np.bincount(np.digitize(eps, np.arange(za.EPS_NUM_BINS) * za.EPS_BIN_WIDTH),
+                                             minlength=za.EPS_NUM_BINS + 1)[1:].tolist(),
+                    "ra_ratio": ra_u / ctx.retrained_acc["retain_train"],
+                    "ta_ratio": ta_u / ctx.retrained_acc["test_retain"]},
+        "mia": {key: {**_stat(v), "minus_retrained": (float(np.nanmean(v)) - ctx.retrained_mia[key])}
+                for key, v in mia.items()},
+        "jsd_to_retrained": jsd,
+        "probe_forget_acc": {**_stat(probe), "retrained": ctx.retrained_acc["probe"]},
+        "relearn": {"level": level, "steps": _stat(relearn), "reached": int(np.isfinite(relearn).sum()),
+                    "tried": int(kr), "max_steps": cfg.relearn_max_steps},
+        "cost": cost,
+        # Per-model accuracies for the retain-vs-forget plot (a few hundred at most).
+        "per_model": {k: np.asarray(acc[k][:256]).tolist() for k in ("test_retain", "test_forget")},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference populations and seeds
+
+
+def _used_seeds(run) -> tuple[set[int], str]:
+    """Seeds the run and its zoo used, and a sentence on how far the check reached."""
+    seeds = {int(run.config.seed), *[int(s) for s in run.config.retrain_seeds]}
+    zoo = run.config.zoo
+    if not zoo:
+        return seeds, "the run names no zoo, so only the run's own seeds were checked"
+    try:
+        from zoo.store import open_zoo
+
+        meta = open_zoo(zoo).metadata()
+        zoo_seeds = {int(s) for s in np.unique(np.asarray(meta.column("seed").to_numpy()))}
+    except HyperForgetError as exc:
+        return seeds, f"the zoo {zoo} could not be read ({exc}), so only the run's own seeds were checked"
+    except ImportError:
+        return seeds, "zoo.store is not available, so only the run's own seeds were checked"
+    return seeds | zoo_seeds, f"checked against the run's seeds and the {len(zoo_seeds)} run seeds of zoo {zoo}"
+
+
+def reference_seeds(n: int, used: set[int], base: int = SEED_BASE) -> list[int]:
+    """n consecutive seeds from base, moved up past any used seed (so none overlaps)."""
+    start = base
+    while True:
+        seeds = list(range(start, start + n))
+        clash = [s for s in seeds if s in used]
+        if not clash:
+            return seeds
+        start = max(clash) + 1
+
+
+def train_reference(run, forget: Sequence[int], seeds: Sequence[int], groups: int) -> tuple[torch.Tensor, float]:
+    """(R, P) models trained from scratch without the forget classes, and the wall seconds.
+
+    Lockstep groups share a minibatch order; each group gets its own (data_seed = its first seed),
+    so the population varies in data order as well as initialization.
+    """
+    from zoo.lockstep import train_models
+
+    d = run.data()
+    keep = ~torch.isin(d.y_fit, torch.as_tensor(list(forget)))
+    x, y = d.x_fit[keep], d.y_fit[keep]
+    c = run.config
+    out = []
+    t0 = time.perf_counter()
+    for chunk in np.array_split(np.asarray(seeds), min(groups, len(seeds))):
+        out.append(train_models(run.spec, x, y, [int(s) for s in chunk], epochs=int(c.epochs), lr=float(c.lr),
+                                batch_size=int(c.batch_size), data_seed=int(chunk[0])))
+    return torch.cat(out).float(), time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows from the run directory
+
+
+def _method_populations(run, forget, cfg: EvalConfig, log) -> tuple[list[Population], list[tuple[str, torch.Tensor]]]:
+    """Rows of the methods in RUN/forget-X, and the selected DiHyFo models (for the nearest-checkpoint control)."""
+    from pipelines.unlearn import DIHYFO_METHODS, load_method, method_dirs
+
+    pops, selected = [], []
+    for path in method_dirs(run, forget):
+        name = path.name
+        params, record = load_method(run, forget, name)
+        secs = record.get("wall_seconds")
+        if name in DIHYFO_METHODS or record.get("kind") == "dihyfo":
+            cand_path = path / "candidates.safetensors"
+            if cand_path.exists():
+                from zoo.mlp import load_mlps
+
+                _, cands, _ = load_mlps(str(cand_path))
+                finite = torch.isfinite(cands).all(1)
+                pops.append(Population(f"{name} (candidates)", "method", cands[finite], seconds_per_model=secs,
+                                       note=f"{name}: all {int(finite.sum())} sampled candidates"))
+            pops.append(Population(f"{name} (selected)", "method", params, seconds_per_model=secs,
+                                   note=f"{name}: the selected model(s), chosen on the validation split"))
+            selected.append((name, params[0]))
+            continue
+        if name == "logit_mask" or record.get("method") == "logit_mask":
+            continue  # the evaluation builds its own exact logit-masking control
+        params = _top_up_baseline(run, forget, name, params, record, cfg, log)
+        pops.append(Population(name, "method", params, seconds_per_model=secs,
+                               note=f"{name}: {params.shape[0]} runs with different seeds"))
+    return pops, selected
+
+
+def _top_up_baseline(run, forget, name, params, record, cfg: EvalConfig, log) -> torch.Tensor:
+    if params.shape[0] >= cfg.baseline_seeds:
+        return params[:max(cfg.baseline_seeds, 1)]
+    try:
+        from pipelines.baselines import BASELINES, run_baseline
+    except ImportError:
+        log(f"pipelines.baselines is not available: {name} keeps its {params.shape[0]} saved model(s)")
+        return params
+    if name not in BASELINES:
+        return params
+    from zoo.mlp import MLP
+
+    d = run.data()
+    overrides = (record.get("hyperparameters") or {}).get("overrides") or {}
+    base_seed = int((record.get("config") or {}).get("seed", 0)) + 10_000  # away from the saved repeats' seeds
+    extra = []
+    for i in range(cfg.baseline_seeds - params.shape[0]):
+        module, _ = run_baseline(name, MLP.from_flat(run.spec, run.original_params()), d.x_fit, d.y_fit,
+                                 list(forget), base_seed + i, **overrides)
+        from pipelines.unlearn import _module_params
+
+        extra.append(_module_params(run.spec, module))
+    return torch.cat([params, torch.stack(extra)])
+
+
+def _setup_seconds(run) -> tuple[float | None, list[str]]:
+    """Seconds the run spent on the zoo and the hypernetworks (run.json timings), and the keys used."""
+    timings = run.meta.get("timings") or {}
+    keys = [k for k in timings if any(w in k.lower() for w in ("zoo", "collect", "view", "hyper", "dihyfo", "train"))
+            and not any(w in k.lower() for w in ("retrain", "unlearn", "baseline", "report", "eval", "original"))]
+    if not keys:
+        return None, []
+    return float(sum(float(timings[k]) for k in keys)), keys
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def evaluate(run_dir: str | Path, forget_sets: Sequence[Sequence[int]] | None = None, n_retrained: int = 128,
+             *, baseline_seeds: int = 3, config: EvalConfig | None = None) -> dict:
+    """Evaluate every method of a run against retrained populations -> {forget dir name: result}.
+
+    Writes RUN/evaluation/forget-X.json, forget-X.md, eps_hist_forget-X.png and
+    retain_vs_forget_forget-X.png for each forget set (default: every forget set in run.json).
+    """
+    from pipelines.unlearn import forget_dir_name, open_run, parse_classes, write_json
+
+    cfg = config or EvalConfig(n_retrained=n_retrained, baseline_seeds=baseline_seeds)
+    run = open_run(run_dir)
+    if run.config.epochs is None:
+        raise HyperForgetError(f"{run_dir}/run.json has no training epochs; re-create the run with the pipeline")
+    sets = [run.check_forget(parse_classes(f)) for f in forget_sets] if forget_sets else run.forget_sets
+    if not sets:
+        raise HyperForgetError(f"run {run_dir} has no forget sets yet: unlearn one first, or pass --forget 2")
+    out_dir = Path(run_dir) / "evaluation"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for forget in sets:
+        name = forget_dir_name(forget)
+        if not run.forget_dir(forget).exists():
+            raise HyperForgetError(f"{run.forget_dir(forget)} does not exist: run `hyperforget unlearn --forget "
+                                   f"{','.join(map(str, forget))}` first or drop that --forget")
+        result = evaluate_forget_set(run, forget, cfg)
+        write_json(out_dir / f"{name}.json", result)
+        (out_dir / f"{name}.md").write_text(render_markdown(result))
+        plot_eps_histogram(result, out_dir / f"eps_hist_{name}.png")
+        plot_retain_vs_forget(result, out_dir / f"retain_vs_forget_{name}.png")
+        results[name] = result
+    return results
+
+
+def evaluate_forget_set(run, forget: tuple[int, ...], cfg: EvalConfig) -> dict:
+    """Build the populations of one forget set and score every row (no files written)."""
+    from contextlib import nullcontext
+
+    t_start = time.perf_counter()
+    spec = run.spec
+    retain = tuple(c for c in range(spec.num_classes) if c not in forget)
+    notes: list[str] = []
+    log = notes.append
+    progress = None
+    if cfg.progress:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                            TimeElapsedColumn(), transient=True)
+    with progress or nullcontext():
+        task = progress.add_task(f"evaluate forget {list(forget)}: retrained population", total=None) if progress else None
+
+        # Reference populations, from seeds no other model of the run or its zoo used.
+        used, seed_check = _used_seeds(run)
+        seeds = reference_seeds(cfg.n_retrained, used, cfg.seed_base)
+        retrained, train_wall = train_reference(run, forget, seeds, cfg.retrain_groups)
+        half = cfg.n_retrained // 2
+        ref, evaluation = retrained[:half], retrained[half:]
+        neg, floor = evaluation[1::2], evaluation[0::2]
+        # One model alone, with the same settings: the retrain time a user would otherwise pay.
+        t0 = time.perf_counter()
+        train_reference(run, forget, [seeds[-1] + 1], 1)
+        retrain_seconds = time.perf_counter() - t0
+
+        ctx = _build_context(run, forget, retain, ref, neg, floor, evaluation, retrain_seconds, cfg)
+        cloud = _accuracies(ctx, retrained, ())
+
+        # Rows: floor, ceiling, methods, controls.
+        original = run.original_params()[None]
+        pops = [Population("retrain (floor)", "floor", floor,
+                           note="retrain vs retrain: a quarter of the retrained evaluation half, scored like a method")]
+        pops.append(Population("original (ceiling)", "ceiling", original, note="no unlearning: the model to unlearn"))
+        methods, selected = _method_populations(run, forget, cfg, log)
+        pops += methods
+        pops.append(Population("logit_mask (control)", "control", original, masked=tuple(forget),
+                               seconds_per_model=0.0,
+                               note="original model with the forget logits set to −∞; probe and relearn use its weights"))
+        if cfg.nearest_checkpoint and selected:
+            pops += _nearest_controls(run, selected, cfg, log)
+        if progress:
+            progress.update(task, description=f"evaluate forget {list(forget)}: scoring", total=len(pops), completed=0)
+        rows = []
+        for pop in pops:
+            rows.append(score_population(ctx, pop))
+            if progress:
+                progress.advance(task)
+
+    setup, setup_keys = _setup_seconds(run)
+    n_requests = max(1, len(run.forget_sets))
+    for row in rows:
+        if row["cost"] is not None and setup is not None and row["name"].startswith("dihyfo"):
+            amortized = row["cost"]["seconds_per_model"] + setup / n_requests
+            row["cost"]["amortized_seconds"] = amortized
+            row["cost"]["amortized_fraction_of_retrain"] = amortized / retrain_seconds
+    return {
+        "format": EVAL_FORMAT, "version": EVAL_VERSION, "run": str(run.path), "forget": list(forget),
+        "retain": list(retain), "config": asdict(cfg),
+        "reference": {
+            "n_retrained": cfg.n_retrained, "seeds": [seeds[0], seeds[-1]], "reference_models": int(ref.shape[0]),
+            "negative_models": int(neg.shape[0]), "floor_models": int(floor.shape[0]),
+            "seed_check": f"none of the {len(seeds)} reference seeds ({seeds[0]}..{seeds[-1]}) appears among "
+                          f"{len(used)} seeds used elsewhere; {seed_check}",
+            "train_seconds": train_wall, "retrain_seconds_one_model": retrain_seconds,
+            "retrained_accuracy": ctx.retrained_acc, "retrained_mia": ctx.retrained_mia,
+            "examples": {k: int(len(v)) for k, v in ctx.y.items()},
+        },
+        "cost_setup": {"setup_seconds": setup, "timing_keys": setup_keys, "requests": n_requests},
+        "retrained_cloud": {k: cloud[k].tolist() for k in ("test_retain", "test_forget")},
+        "rows": rows, "notes": notes, "wall_seconds": time.perf_counter() - t_start,
+    }
+
+
+def _build_context(run, forget, retain, ref, neg, floor, evaluation, retrain_seconds, cfg) -> _Context:
+    d = run.data()
+    y_fit, y_test = d.y_fit.numpy(), d.y_test.numpy()
+    fmask = np.isin(y_fit, forget)
+    idx_f = np.flatnonzero(fmask)[_subsample(int(fmask.sum()), cfg.max_forget_examples, 1)]
+    idx_r = np.flatnonzero(~fmask)[_subsample(int((~fmask).sum()), cfg.max_examples, 2)]
+    idx_t = _subsample(len(y_test), cfg.max_examples, 3)
+    tf = np.isin(y_test, forget)
+    if idx_f.size == 0:
+        raise HyperForgetError(f"the fit split has no examples of forget classes {list(forget)}; nothing to evaluate")
+    if not tf.any():
+        raise HyperForgetError(f"the test split has no examples of forget classes {list(forget)}")
+    x = {"df": d.x_fit[idx_f], "dr": d.x_fit[idx_r], "test": d.x_test[idx_t], "test_r": d.x_test[~tf],
+         "test_f": d.x_test[tf], "fit": d.x_fit}
+    y = {"df": y_fit[idx_f], "dr": y_fit[idx_r], "test": y_test[idx_t], "test_r": y_test[~tf],
+         "test_f": y_test[tf], "fit": y_fit}
+    # Relearning subset: a few training examples per class, forget classes included.
+    rng = np.random.default_rng(4)
+    sub = np.concatenate([rng.permutation(np.flatnonzero(y_fit == c))[:cfg.relearn_per_class]
+                          for c in range(run.spec.num_classes)])
+    spec = run.spec
+    original = run.original_params()[None]
+    orig_acc = _acc(population_logits(spec, original, x["test_f"]), y["test_f"])[0]
+    ctx = _Context(spec, forget, retain, x, y, ref, neg, floor,
+                   conf_ref=za.logit_scaled_confidence(population_logits(spec, ref, x["df"]), y["df"]),
+                   conf_neg=za.logit_scaled_confidence(population_logits(spec, neg, x["df"]), y["df"]),
+                   ref_logits={s: population_logits(spec, ref, x[s]) for s in ("df", "test_r", "test_f")},
+                   retrained_acc={}, retrained_mia={}, original_forget_test_acc=float(orig_acc),
+                   relearn_subset=(d.x_fit[sub], d.y_fit[sub]), retrain_seconds=retrain_seconds, config=cfg)
+    acc = _accuracies(ctx, evaluation, ())
+    ctx.retrained_acc = {k: float(np.nanmean(v)) for k, v in acc.items()}
+    k = min(evaluation.shape[0], cfg.probe_models)
+    ctx.retrained_acc["probe"] = float(np.mean(probe_forget_accuracy(spec, evaluation[:k], x["fit"], y["fit"],
+                                                                     x["test"], y["test"], forget)))
+    mia = _mia(ctx, evaluation, ())
+    ctx.retrained_mia = {key: float(np.nanmean(v)) for key, v in mia.items()}
+    return ctx
+
+
+def _nearest_controls(run, selected, cfg: EvalConfig, log) -> list[Population]:
+    zoo = run.config.zoo
+    if not zoo:
+        log("nearest training checkpoint: the run names no zoo, control skipped")
+        return []
+    pops = []
+    for name, params in selected:
+        try:
+            near = nearest_zoo_checkpoint(zoo, run.spec, params, max_rows=cfg.max_zoo_rows)
+        except (HyperForgetError, ImportError) as exc:
+            log(f"nearest training checkpoint for {name}: zoo {zoo} unavailable ({exc}); control skipped")
+            continue
+        to_original = float(permutation_invariant_distance(run.spec, params, run.original_params()[None])[0])
+        pops.append(Population(
+            f"nearest zoo checkpoint ({name})", "control", near["params"],
+            note=f"zoo checkpoint {near['checkpoint_id']} nearest to {name}'s selected model "
+                 f"(permutation-invariant L2 {near['distance']:.3f}; that model is {to_original:.3f} from the original; "
+                 f"{near['rows_scanned']} zoo rows scanned)",
+            extra={"nearest": {"checkpoint_id": near["checkpoint_id"], "distance": near["distance"],
+                               "selected_to_original": to_original, "rows_scanned": near["rows_scanned"]}}))
+    return pops
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    if isinstance(v, dict):
+        m, s = v.get("mean"), v.get("std")
+        if m is None:
+            return "–"
+        return f"{m:.{digits}f} ± {s:.{digits}f}" if v.get("n", 1) > 1 else f"{m:.{digits}f}"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return f"{v:.{digits}f}"
+
+
+def render_markdown(result: dict) -> str:
+    """Two Markdown tables (accuracy + attacks; outputs, representations, cost) and the notes."""
+    ref = result["reference"]
+    ra = ref["retrained_accuracy"]
+    lines = [f"## Evaluation, forget set {result['forget']} (retain {result['retain']})", "",
+             f"Reference: {ref['n_retrained']} models retrained without the forget classes "
+             f"({ref['reference_models']} reference, {ref['negative_models']} attack negatives, "
+             f"{ref['floor_models']} floor); {ref['seed_check']}.",
+             f"Retrained evaluation half: retain-train acc {ra['retain_train']:.3f}, retain-class test acc "
+             f"{ra['test_retain']:.3f}, forget-class test acc {ra['test_forget']:.3f}.", "",
+             "| row | M | acc D_r | acc D_f | test retain | test forget | thr AUC | thr TPR@1% | LiRA AUC "
+             "| LiRA TPR@1% | F | F·RA·TA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        a, at, e = r["accuracy"], r["attacks"], r["epsilon"]
+        lira = at["ulira"]
+        tag = "" if lira["attack"] == "ulira" else "*"
+        lines.append(f"| {r['name']} | {r['num_models']} | {_fmt(a['retain_train'])} | {_fmt(a['forget_train'])} | "
+                     f"{_fmt(a['test_retain'])} | {_fmt(a['test_forget'])} | "
+                     f"{at['calibrated_threshold']['auc']:.3f} | {at['calibrated_threshold']['tpr_at_1fpr']:.3f} | "
+                     f"{lira['auc']:.3f}{tag} | {lira['tpr_at_1fpr']:.3f}{tag} | {e['F']:.3f} | {e['final_score']:.3f} |")
+    lines += ["", "| row | ΔMIA entropy | ΔMIA loss | JSD D_f | JSD test retain | JSD test forget | probe forget acc "
+              "| relearn steps | s / model | < 20% retrain |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        m, j, c, rl = r["mia"], r["jsd_to_retrained"], r["cost"], r["relearn"]
+        steps = _fmt(rl["steps"], 1) if rl["reached"] else f"> {rl['max_steps']}"
+        if 0 < rl["reached"] < rl["tried"]:
+            steps += f" ({rl['reached']}/{rl['tried']} reached)"
+        cost = "–" if c is None else f"{c['seconds_per_model']:.3g}"
+        if c is not None and c.get("amortized_seconds") is not None:
+            cost += f" (amortized {c['amortized_seconds']:.3g})"
+        under = "–" if c is None else _fmt(c["under_20pct"])
+        lines.append(f"| {r['name']} | {m['entropy']['minus_retrained']:+.3f} | {m['loss']['minus_retrained']:+.3f} | "
+                     f"{_fmt(j['forget_train'])} | {_fmt(j['test_retain'])} | {_fmt(j['test_forget'])} | "
+                     f"{_fmt(r['probe_forget_acc'])} | {steps} | {cost} | {under} |")
+    lines += ["", f"Retrained models: probe forget acc {ra['probe']:.3f}; one retrain takes "
+              f"{ref['retrain_seconds_one_model']:.3g} s (the 20% rule's reference).", "",
+              "Columns: attacks compare each row's models with the retrained negatives on D_f, per "
+              "(model, example) pair, using the logit-scaled confidence log(p_y/(1−p_y)); AUC 0.5 = "
+              "indistinguishable. thr = per-example calibrated confidence threshold (one-sided: more confident "
+              "than retrained; AUC < 0.5 is a difference in the other direction). LiRA = U-LiRA likelihood ratio "
+              "(* = offline variant, retrained Gaussians only, for rows with < 4 models). F = challenge forgetting "
+              "quality from per-example ε (δ = %g), F·RA·TA = F·(RA_U/RA_R)·(TA_U/TA_R) with TA on retain-class "
+              "test. ε has a finite-sample floor: compare with the floor row, not with 1. ΔMIA = row's MIA − "
+              "retrained MIA (entropy: paper Fig. 22; loss: same recipe on −ln p_y). JSD = textbook base-2 JSD per "
+              "example to the reference population's mean prediction, batch mean (not F.kl_div's reverse KL "
+              "with mean over N·C). Relearn = full-batch SGD steps on %d examples per class until forget-class "
+              "test accuracy ≥ %.2f." % (result["config"]["delta"], result["config"]["relearn_per_class"],
+                                         result["rows"][0]["relearn"]["level"]), ""]
+    lines += [f"- {r['name']}: {r['note']}" for r in result["rows"] if r["note"]]
+    cs = result["cost_setup"]
+    if cs["setup_seconds"] is not None:
+        lines.append(f"- amortized cost: zoo + hypernetworks took {cs['setup_seconds']:.3g} s (run.json timings "
+                     f"{', '.join(cs['timing_keys'])}), spread over {cs['requests']} forget requests")
+    else:
+        lines.append("- amortized cost: run.json records no zoo or hypernetwork timings")
+    lines += [f"- {n}" for n in result["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_eps_histogram(result: dict, path: str | Path) -> None:
+    """Grouped bars: share of forget examples per ε bin, one colour per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    bins = za.EPS_NUM_BINS
+    width = 0.8 / max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for i, r in enumerate(rows):
+        h = np.asarray(r["epsilon"]["histogram"], float)
+        ax.bar(np.arange(bins) + i * width, h / max(h.sum(), 1), width, label=r["name"])
+    labels = [f"[{k * za.EPS_BIN_WIDTH:g},{(k + 1) * za.EPS_BIN_WIDTH:g})" for k in range(bins - 1)] + ["≥6 / ∞"]
+    ax.set_xticks(np.arange(bins) + 0.4 - width / 2, labels, rotation=45, fontsize=7)
+    ax.set_xlabel("per-example ε (bin)")
+    ax.set_ylabel("share of forget examples")
+    ax.set_title(f"Per-example ε against retrained models, forget {result['forget']}")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_retain_vs_forget(result: dict, path: str | Path) -> None:
+    """Retain-class vs forget-class test accuracy: the retrained population as a grey cloud, every row's
+    models as small dots and its mean ± std as a square."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for r in result["rows"]:
+        a = r["accuracy"]
+        x, y = a["test_forget"], a["test_retain"]
+        if x["mean"] is None or y["mean"] is None:
+            continue
+        line = ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], marker="s", linestyle="none",
+                           capsize=3, label=f"{r['name']} (M={r['num_models']})")
+        pm = r.get("per_model") or {}
+        if len(pm.get("test_forget", [])) > 1:
+            ax.scatter(pm["test_forget"], pm["test_retain"], s=6, alpha=0.35, color=line[0].get_color())
+    cloud = result.get("retrained_cloud")
+    if cloud:
+        ax.scatter(cloud["test_forget"], cloud["test_retain"], s=8, color="grey", alpha=0.4,
+                   label="retrained models")
+    ax.set_xlabel("forget-class test accuracy")
+    ax.set_ylabel("retain-class test accuracy")
+    ax.set_title(f"Retain vs forget, forget {result['forget']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

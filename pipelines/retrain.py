@@ -1,0 +1,111 @@
+"""The original model and the gold standard: the same MLP retrained from scratch without the forget classes.
+
+Both are trained in lockstep (zoo.lockstep.train_models: all seeds in one batched pass) with the
+zoo's optimizer settings, on the run's fit split (the training split minus validation). A
+retrained model never sees a forget-class example: those rows are dropped from its data, so the
+number of steps per epoch is that of the retain data.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pipelines.unlearn import Run, _eval_split, forget_dir_name, params_sha256, write_json
+from zoo.errors import HyperForgetError
+from zoo.mlp import MLPSpec, save_mlps
+
+
+def train_mlps(spec: MLPSpec, x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int], *, epochs: int,
+               lr: float = 0.1, batch_size: int = 128) -> torch.Tensor:
+    """Train len(seeds) MLPs from their seeded initializations on (x (N, D), y (N,)) -> (R, P)."""
+    from zoo.lockstep import train_models
+
+    if len(x) == 0:
+        raise HyperForgetError("no training examples left to train on")
+    params = train_models(spec, x, y, list(int(s) for s in seeds), epochs=int(epochs), lr=float(lr),
+                          batch_size=int(batch_size))
+    return torch.as_tensor(params, dtype=torch.float32).detach().cpu().reshape(len(seeds), spec.num_params)
+
+
+def retrain_without(spec: MLPSpec, x: torch.Tensor, y: torch.Tensor, forget: Sequence[int],
+                    seeds: Sequence[int], *, epochs: int, lr: float = 0.1, batch_size: int = 128) -> torch.Tensor:
+    """(R, P) models trained from scratch on the examples whose label is not in forget."""
+    keep = ~torch.isin(torch.as_tensor(y), torch.as_tensor(list(forget), dtype=torch.long))
+    return train_mlps(spec, x[keep], y[keep], seeds, epochs=epochs, lr=lr, batch_size=batch_size)
+
+
+def _summary(run: Run, params: torch.Tensor) -> dict:
+    out = {}
+    for split in ("fit", "val", "test"):
+        m = _eval_split(run, params, split)
+        out[split] = {"acc": m.acc, "loss": m.loss, "total_acc": m.total_acc, "total_loss": m.total_loss}
+    return out
+
+
+def train_original_into(run: Run, *, force: bool = False) -> torch.Tensor:
+    """Train the model to unlearn (all task classes) -> RUN/original/model.safetensors + original.json."""
+    path = run.path / "original" / "model.safetensors"
+    if path.exists() and not force:
+        return run.original_params()
+    c = run.config
+    d = run.data()
+    t0 = time.perf_counter()
+    params = train_mlps(run.spec, d.x_fit, d.y_fit, [c.seed], epochs=c.epochs, lr=c.lr, batch_size=c.batch_size)
+    wall = time.perf_counter() - t0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_mlps(str(path), run.spec, params[0], {"method": "original", "seed": c.seed})
+    write_json(run.path / "original" / "original.json",
+               {"seed": c.seed, "epochs": c.epochs, "lr": c.lr, "batch_size": c.batch_size,
+                "trained_on": "fit split (training split minus validation), all task classes",
+                "run_config": asdict(c), "wall_seconds": wall, "sha256": params_sha256(params[0]),
+                "metrics": _summary(run, params)})
+    run.note(timing=("original_s", wall))
+    return params[0]
+
+
+def retrain_into(run: Run, forget: Sequence[int], *, seeds: Sequence[int] | None = None,
+                 force: bool = False) -> torch.Tensor:
+    """Retrain without forget for several seeds -> RUN/forget-X/retrain/models.safetensors + record.json.
+
+    Skips the work when the file exists with the same seeds (resumable stages).
+    """
+    from pipelines.unlearn import read_json
+
+    forget = run.check_forget(forget)
+    run.note(forget=forget)
+    seeds = tuple(int(s) for s in (seeds if seeds is not None else run.config.retrain_seeds))
+    if not seeds:
+        raise HyperForgetError("retraining needs at least one seed, e.g. --seeds 5")
+    out = run.forget_dir(forget) / "retrain"
+    if (out / "models.safetensors").exists() and (out / "record.json").exists() and not force:
+        if tuple(read_json(out / "record.json").get("seeds", ())) == seeds:
+            from zoo.mlp import load_mlps
+
+            return load_mlps(str(out / "models.safetensors"))[1]
+    c = run.config
+    d = run.data()
+    t0 = time.perf_counter()
+    params = retrain_without(run.spec, d.x_fit, d.y_fit, forget, seeds, epochs=c.epochs, lr=c.lr,
+                             batch_size=c.batch_size)
+    wall = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    save_mlps(str(out / "models.safetensors"), run.spec, params, {"method": "retrain", "forget": list(forget)})
+    summary = _summary(run, params)
+    write_json(out / "record.json", {
+        "method": "retrain", "kind": "gold standard", "forget": list(forget),
+        "retain": [k for k in range(run.num_classes) if k not in forget], "seeds": list(seeds),
+        "epochs": c.epochs, "lr": c.lr, "batch_size": c.batch_size,
+        "trained_on": "fit split without the forget classes",
+        # All seeds train in one lockstep pass; per-model time is the fair comparison with one unlearned model.
+        "wall_seconds": wall / len(seeds), "timings": {"total_s": wall, "models": len(seeds)},
+        "metrics": summary,
+        "summary": {"retain_acc_test": float(np.nanmean(np.asarray(summary["test"]["acc"])[:, [k for k in range(run.num_classes) if k not in forget]])),
+                    "forget_acc_test": float(np.nanmean(np.asarray(summary["test"]["acc"])[:, list(forget)]))},
+    })
+    run.note(timing=(f"retrain_{forget_dir_name(forget)}_s", wall))
+    return params

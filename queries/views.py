@@ -1,0 +1,301 @@
+"""Named, parameterized views over a zoo, materialized to ``ZOO/views/NAME.parquet``.
+
+Three kinds, each one SQL template in ``queries/sql`` (see the comments there for the maths):
+
+- ``split``: the checkpoints of one side of a train/test split by run (or all, labelled).
+- ``balanced``: checkpoints re-sampled so each non-pivot class's loss covers its range evenly
+  (loss bins with a cap per bin, or inverse-frequency weights) — DiHyFo-2's training set.
+- ``pairs``: run-grouped (θ, θ*) pairs, θ earlier than θ*, with both loss vectors and their
+  differences — DiHyFo-1's training set.
+
+Every view takes ``split`` ("train" | "test" | "all"), ``split_seed`` and ``test_fraction``, so
+the balanced or pairs view of each side of one split is built from disjoint runs.
+
+A materialized view is two files: ``NAME.parquet`` (checkpoint ids, or id pairs, with their
+losses: all a loader needs) and ``NAME.json`` (kind, full parameters, row count, the zoo's
+committed rows when built, time). Both are written to a temporary name and renamed; the JSON
+goes last, so a view without its JSON is incomplete and ignored.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from queries import engine
+from zoo.errors import HyperForgetError
+
+VIEW_FORMAT = "hyperforget-view"
+VIEW_VERSION = 1
+SPLITS = ("train", "test", "all")
+
+# Parameters every kind takes, with defaults.
+COMMON_DEFAULTS: dict[str, Any] = {
+    "split": "all",  # which side of the run split: train, test or all
+    "split_seed": 0,  # seed of the run-level split hash
+    "test_fraction": 0.2,  # fraction of runs on the test side
+    "include_augmented": True,  # keep permuted copies (perm_index > 0)
+    "seed": 0,  # seed of the deterministic sampling hash
+}
+
+
+@dataclass(frozen=True)
+class ViewKind:
+    """One kind of view: its SQL template, what its rows are, and its parameters."""
+
+    name: str  # template queries/sql/NAME.sql
+    mode: str  # "single" (checkpoint_id rows) or "pairs" (checkpoint_id, target_id rows)
+    defaults: dict = field(default_factory=dict)  # kind-specific parameters and their defaults
+    help: str = ""  # one line for `hyperforget view build --help`
+
+
+VIEW_KINDS: dict[str, ViewKind] = {
+    "split": ViewKind("split", "single", {}, "checkpoints of one side of a train/test split by run"),
+    "balanced": ViewKind("balanced", "single", {
+        "n_bins": 20,  # loss bins per non-pivot class
+        "cap": 200,  # checkpoints kept per (class, bin) in mode "cap"
+        "scale": "log",  # bin on ln(loss + offset) ("log") or on the loss itself ("linear")
+        "offset": 1e-3,  # keeps ln finite at zero loss
+        "mode": "cap",  # "cap": re-sample; "weights": keep all, add inverse-frequency weights
+    }, "checkpoints re-sampled so each non-pivot class's loss covers its range evenly"),
+    "pairs": ViewKind("pairs", "pairs", {
+        "cap": 256,  # pairs kept per run
+        "max_gap": -1,  # largest target_step - step; -1 = any
+    }, "run-grouped (θ, θ*) pairs, θ from an earlier step of the same run"),
+}
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """A parameter given as text (CLI) or value, converted to its default's type."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return low in ("true", "1", "yes")
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise HyperForgetError(f"view parameter {key}={value!r} is not a valid {type(default).__name__}") from None
+
+
+def resolve_params(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Full, checked parameters of a view kind (defaults filled in, types converted)."""
+    if kind not in VIEW_KINDS:
+        raise HyperForgetError(f"unknown view kind {kind!r}: choose one of {', '.join(VIEW_KINDS)}")
+    vk = VIEW_KINDS[kind]
+    defaults = {**COMMON_DEFAULTS, **vk.defaults}
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        raise HyperForgetError(f"view kind {kind!r} has no parameter(s) {unknown}; it takes {', '.join(defaults)}")
+    p = {k: _coerce(k, params[k], d) if k in params and params[k] is not None else d for k, d in defaults.items()}
+    if p["split"] not in SPLITS:
+        raise HyperForgetError(f"split must be one of {', '.join(SPLITS)}, got {p['split']!r}")
+    if not 0.0 <= p["test_fraction"] <= 1.0:
+        raise HyperForgetError(f"test_fraction must be in [0, 1], got {p['test_fraction']}")
+    if kind == "balanced":
+        if p["n_bins"] < 1 or p["cap"] < 1:
+            raise HyperForgetError(f"balanced views need n_bins >= 1 and cap >= 1, got {p['n_bins']}, {p['cap']}")
+        if p["scale"] not in ("log", "linear"):
+            raise HyperForgetError(f"scale must be 'log' or 'linear', got {p['scale']!r}")
+        if p["mode"] not in ("cap", "weights"):
+            raise HyperForgetError(f"mode must be 'cap' or 'weights', got {p['mode']!r}")
+        if p["offset"] <= 0:
+            raise HyperForgetError(f"offset must be > 0 so that ln(loss + offset) is finite, got {p['offset']}")
+    if kind == "pairs":
+        if p["cap"] < 1:
+            raise HyperForgetError(f"pairs views need cap >= 1 pairs per run, got {p['cap']}")
+        if p["max_gap"] < -1 or p["max_gap"] == 0:
+            raise HyperForgetError(f"max_gap must be -1 (any) or a positive number of steps, got {p['max_gap']}")
+    return p
+
+
+def view_sql(kind: str, num_classes: int, pivots: tuple[int, ...], params: Mapping[str, Any]) -> tuple[str, dict]:
+    """(SQL text, DuckDB named parameters) of a view kind for a zoo with C classes and pivots."""
+    p = resolve_params(kind, params)
+    sql = engine.render(engine.sql_template(VIEW_KINDS[kind].name), engine.column_fragments(num_classes, pivots))
+    values = dict(p)
+    if kind == "balanced":
+        values["log_scale"] = values.pop("scale") == "log"
+    needed = set()
+    for st in duckdb.extract_statements(sql):
+        needed |= set(st.named_parameters)
+    missing = needed - set(values)
+    assert not missing, f"template {kind} needs {missing}"
+    return sql, {k: values[k] for k in needed}
+
+
+def _check_name(name: str) -> None:
+    if not engine.VIEW_NAME.match(name) or name in engine.RESERVED_NAMES:
+        raise HyperForgetError(f"view name {name!r} must be letters, digits and _ (not starting with a digit, "
+                               f"at most 63 characters, not {' or '.join(sorted(engine.RESERVED_NAMES))})")
+
+
+def _local_root(zoo: Any) -> str:
+    root = os.fspath(zoo) if isinstance(zoo, (str, os.PathLike)) else os.fspath(zoo.path)
+    if "://" in root and not root.startswith("file://"):
+        raise HyperForgetError(f"materialized views need a local zoo directory, got {root}; copy the zoo locally")
+    return root[len("file://"):] if root.startswith("file://") else root
+
+
+def params_digest(kind: str, params: Mapping[str, Any]) -> str:
+    """8 hex characters identifying (kind, full parameters)."""
+    blob = json.dumps({"kind": kind, "params": resolve_params(kind, params)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def build_view(zoo: Any, kind: str, name: str | None = None, *, overwrite: bool = True,
+               memory_limit: str = "8GB", threads: int | None = None, **params: Any) -> dict:
+    """Materialize a view to ``ZOO/views/NAME.parquet`` (+ ``NAME.json``) and return its record.
+
+    Args:
+        zoo: zoo directory (or open ZooReader of one).
+        kind: "split", "balanced" or "pairs" (see VIEW_KINDS for their parameters).
+        name: view name; default ``KIND_<digest of the parameters>``.
+        overwrite: replace an existing view of that name (else raise).
+        memory_limit, threads: DuckDB limits for the build (spills are not written: it fails instead).
+        **params: the kind's parameters; missing ones take their defaults.
+    Returns:
+        the JSON record: format, version, name, kind, mode, params, rows, zoo_rows, num_classes,
+        pivots, columns, created_at, seconds, duckdb.
+    """
+    from zoo.store import open_zoo
+
+    t0 = time.perf_counter()
+    root = _local_root(zoo)
+    full = resolve_params(kind, params)
+    name = name or f"{kind}_{params_digest(kind, full)}"
+    _check_name(name)
+    vdir = engine.views_dir(root)
+    pq_path, js_path = os.path.join(vdir, name + ".parquet"), os.path.join(vdir, name + ".json")
+    if not overwrite and os.path.exists(js_path):
+        raise HyperForgetError(f"view {name!r} already exists in {root}; choose another --name or pass overwrite")
+    reader = open_zoo(root) if isinstance(zoo, (str, os.PathLike)) else zoo
+    cfg = reader.config
+    sql, values = view_sql(kind, cfg.spec.num_classes, cfg.pivots, full)
+    limits = engine.SQLLimits(memory_limit=memory_limit, threads=threads or min(4, os.cpu_count() or 1))
+    con = engine.connect(reader, confined=False, limits=limits)
+    try:
+        table = con.sql(sql, params=values).to_arrow_table()
+    except duckdb.Error as exc:
+        raise HyperForgetError(f"building view {name!r} ({kind}) failed: {engine.one_line(exc)}") from None
+    finally:
+        con.close()
+    table = table.replace_schema_metadata({"hyperforget_view": json.dumps({"kind": kind, "params": full})})
+    os.makedirs(vdir, exist_ok=True)
+    record = {
+        "format": VIEW_FORMAT, "version": VIEW_VERSION, "name": name, "kind": kind,
+        "mode": VIEW_KINDS[kind].mode, "params": full, "rows": table.num_rows,
+        "zoo_rows": reader.num_rows, "num_classes": cfg.spec.num_classes, "pivots": list(cfg.pivots),
+        "columns": table.column_names, "created_at": _now(), "seconds": round(time.perf_counter() - t0, 3),
+        "duckdb": duckdb.__version__,
+    }
+    # JSON out first when overwriting, so a crash between the two renames leaves no stale record.
+    if os.path.exists(js_path):
+        os.remove(js_path)
+    tmp = f"{pq_path}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp, row_group_size=1 << 17)
+    os.replace(tmp, pq_path)
+    tmp = f"{js_path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+    os.replace(tmp, js_path)
+    return record
+
+
+def view_record(zoo: Any, name: str) -> dict:
+    """The JSON record of a materialized view (raises if missing or of another version)."""
+    root = _local_root(zoo)
+    path = os.path.join(engine.views_dir(root), name + ".json")
+    if not os.path.exists(path):
+        have = ", ".join(sorted(engine.materialized_views(root))) or "none"
+        raise HyperForgetError(f"no view {name!r} in {root} (views: {have}); build it with `hyperforget view build`")
+    with open(path) as f:
+        try:
+            rec = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise HyperForgetError(f"{path} is not valid JSON ({exc}); rebuild the view") from None
+    if rec.get("format") != VIEW_FORMAT or rec.get("version") != VIEW_VERSION:
+        raise HyperForgetError(f"{path}: view format {rec.get('format')!r} version {rec.get('version')} "
+                               f"is not supported; expected {VIEW_FORMAT!r} version {VIEW_VERSION}")
+    return rec
+
+
+def load_view(zoo: Any, name: str, columns: list[str] | None = None) -> tuple[pa.Table, dict]:
+    """(rows of the view, its record)."""
+    rec = view_record(zoo, name)
+    path = os.path.join(engine.views_dir(_local_root(zoo)), name + ".parquet")
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise HyperForgetError(f"cannot read view {path}: {exc}; rebuild it") from None
+    if table.num_rows != rec["rows"]:
+        raise HyperForgetError(f"view {name!r} has {table.num_rows} rows, its record says {rec['rows']}; rebuild it")
+    return table, rec
+
+
+def list_views(zoo: Any) -> list[dict]:
+    """Records of every materialized view of a zoo, by name."""
+    root = _local_root(zoo)
+    out = []
+    for name in engine.materialized_views(root):
+        try:
+            out.append(view_record(root, name))
+        except HyperForgetError:
+            continue
+    return out
+
+
+# The trainer's entry point: which view kind feeds which DiHyFo variant.
+VARIANT_KINDS = {"dihyfo1": "pairs", "dihyfo2": "balanced"}
+
+
+def ensure_training_views(zoo: Any, variant: str, seed: int = 0, **params: Any) -> tuple[str, str]:
+    """(train view name, test view name) for a DiHyFo variant, built only if missing.
+
+    dihyfo1 gets ``pairs`` views, dihyfo2 ``balanced`` views, both split by run with
+    ``split_seed = seed``. Names carry a digest of the parameters, so other parameters give other
+    views and an existing view is reused only when its parameters match.
+    """
+    if variant not in VARIANT_KINDS:
+        raise HyperForgetError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANT_KINDS)}")
+    from zoo.store import open_zoo
+
+    kind = VARIANT_KINDS[variant]
+    root = _local_root(zoo)
+    zoo_rows = open_zoo(root).num_rows
+    base = {"seed": seed, "split_seed": seed, **params}
+    names = []
+    for side in ("train", "test"):
+        p = resolve_params(kind, {**base, "split": side})
+        name = f"{variant}_{side}_{params_digest(kind, p)}"
+        try:
+            rec = view_record(root, name)
+            # A zoo that grew since the build makes the view stale.
+            fresh = rec["params"] == p and rec["kind"] == kind and rec["zoo_rows"] == zoo_rows
+        except HyperForgetError:
+            fresh = False
+        if not fresh:
+            build_view(root, kind, name, **p)
+        names.append(name)
+    return names[0], names[1]

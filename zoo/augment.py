@@ -1,0 +1,83 @@
+"""Permutation augmentation: the same function under a different order of hidden units.
+
+Swapping hidden units of a two-layer MLP — rows of fc1.weight and entries of fc1.bias, with
+the matching columns of fc2.weight — leaves every output unchanged; fc2.bias is untouched.
+Adding permuted copies teaches a hypernetwork this symmetry (G.pt, Section A.5 of the paper).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from zoo.errors import HyperForgetError
+from zoo.mlp import MLPSpec
+
+
+def random_permutations(hidden: int, k: int, seed: int) -> np.ndarray:
+    """(k, hidden) int64 permutations of range(hidden), deterministic for the seed.
+
+    The identity is never drawn when hidden > 1 (a copy equal to its source adds nothing);
+    with hidden = 2 every copy is therefore the one swap.
+    """
+    if k < 0:
+        raise HyperForgetError(f"the number of permuted copies must be ≥ 0, got {k}")
+    rng = np.random.default_rng(seed)
+    perms = np.empty((k, hidden), dtype=np.int64)
+    ident = np.arange(hidden)
+    for i in range(k):
+        p = rng.permutation(hidden)
+        while hidden > 1 and np.array_equal(p, ident):
+            p = rng.permutation(hidden)
+        perms[i] = p
+    return perms
+
+
+def permute_hidden(spec: MLPSpec, params: torch.Tensor | np.ndarray, perms: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Apply one hidden-unit permutation per vector.
+
+    Args:
+        params: (n, P) flat parameter vectors.
+        perms: (n, H) permutations; new hidden unit j is old unit perms[i, j].
+    Returns:
+        (n, P) permuted vectors computing the same functions.
+    """
+    params = torch.as_tensor(params, dtype=torch.float32)
+    spec.layout.check(params)
+    perms = torch.as_tensor(perms, dtype=torch.long)
+    n, h = params.shape[0], spec.hidden
+    if tuple(perms.shape) != (n, h):
+        raise HyperForgetError(f"perms must be ({n}, {h}), got {tuple(perms.shape)}")
+    lay = spec.layout.unflatten(params)
+    w1 = torch.gather(lay["fc1.weight"], 1, perms[:, :, None].expand(n, h, spec.input_size))  # (n, H, D)
+    b1 = torch.gather(lay["fc1.bias"], 1, perms)  # (n, H)
+    w2 = torch.gather(lay["fc2.weight"], 2, perms[:, None, :].expand(n, spec.num_classes, h))  # (n, C, H)
+    return torch.cat([w1.reshape(n, -1), b1, w2.reshape(n, -1), lay["fc2.bias"]], dim=1)
+
+
+def augment(spec: MLPSpec, params: torch.Tensor | np.ndarray, k: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """K permuted copies of each of n checkpoints, interleaved after their source.
+
+    Args:
+        params: (n, P) originals.
+    Returns:
+        rows (n·(K+1), P): original i at row i·(K+1), its copy j (1..K) at row i·(K+1) + j;
+        perm_index (n·(K+1),) int16: 0 for originals, j for the j-th copy.
+    Each checkpoint gets its own permutations, drawn from (seed, i).
+    """
+    params = torch.as_tensor(params, dtype=torch.float32)
+    spec.layout.check(params)
+    n = params.shape[0]
+    if k < 0:
+        raise HyperForgetError(f"the number of permuted copies must be ≥ 0, got {k}")
+    perm_index = np.tile(np.arange(k + 1, dtype=np.int16), n)
+    if k == 0 or n == 0:
+        return params.clone(), perm_index
+    perms = np.stack([random_permutations(spec.hidden, k, _mix(seed, i)) for i in range(n)])  # (n, K, H)
+    copies = permute_hidden(spec, params.repeat_interleave(k, dim=0), perms.reshape(n * k, spec.hidden))
+    out = torch.cat([params[:, None, :], copies.view(n, k, -1)], dim=1)  # (n, K+1, P)
+    return out.reshape(n * (k + 1), -1), perm_index
+
+
+def _mix(seed: int, i: int) -> int:
+    return int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1)[0])
