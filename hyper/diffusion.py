@@ -107,19 +107,25 @@ class GaussianDiffusion:
 
     # ---------------------------------------------------------------- objective
     def training_losses(self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor,
-                        noise: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> dict:
+                        noise: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                        sample_weights: torch.Tensor | None = None) -> dict:
         """Equation 5: MSE between θ* and the network's x0 prediction from θ*_t.
 
         Args:
             x0: (B, P) clean targets (normalized θ*); t: (B,) timesteps.
             weights: optional (P,) per-value weights that average to 1 (e.g. equal weight per layer).
+            sample_weights: optional (B,) per-example weights (a view's re-balancing weights).
         Returns {"loss": scalar to minimize, "mse": unweighted scalar MSE, "x0_hat": (B, P)}.
         """
         x_t = self.q_sample(x0, t, noise)
         x0_hat = model_fn(x_t, t)
         sq = (x0_hat.float() - x0.float()) ** 2  # (B, P)
         mse = sq.mean()
-        loss = (sq * weights.to(sq)).mean() if weights is not None else mse
+        if weights is not None:
+            sq = sq * weights.to(sq)
+        if sample_weights is not None:
+            sq = sq * (sample_weights.to(sq) / sample_weights.to(sq).mean().clamp_min(1e-12))[:, None]
+        loss = sq.mean() if weights is not None or sample_weights is not None else mse
         return {"loss": loss, "mse": mse.detach(), "x0_hat": x0_hat}
 
     # ---------------------------------------------------------------- samplers

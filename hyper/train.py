@@ -72,6 +72,7 @@ class TrainConfig:
     eval_steps: int = 20  # DDIM steps in evaluation
     checkpoint_every: int = 200  # steps between resumable checkpoints (0: only at the end)
     num_workers: int = 0  # DataLoader worker processes for the zoo stream
+    permute: bool = True  # random hidden-unit permutation of each sample (same for θ and θ*), G.pt's augmentation
 
     def __post_init__(self) -> None:
         if self.loss_weighting not in LOSS_WEIGHTINGS:
@@ -238,7 +239,7 @@ def data_from_tensors(spec: MLPSpec, params: torch.Tensor, losses: torch.Tensor,
 
 
 def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                  num_workers: int = 0) -> HyperData:
+                  permute: bool = True) -> HyperData:
     """HyperData over a zoo's training/test views (built on first use by queries.views)."""
     from queries.loader import CheckpointStream
     from queries.views import ensure_training_views
@@ -252,10 +253,13 @@ def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: 
                                "(or finish its collection) first")
     train_view, test_view = ensure_training_views(zoo, variant, seed=seed)
     per_rank = batch_size // world_size
-    train_stream = CheckpointStream(reader, train_view, batch_size=per_rank, shuffle=True, seed=seed,
-                                    rank=rank, world_size=world_size)
-    test_stream = CheckpointStream(reader, test_view, batch_size=per_rank, shuffle=True, seed=seed + 1,
-                                   rank=rank, world_size=world_size)
+    # Full, equal batches on every rank: a short or missing batch on one rank would hang DDP.
+    even = "pad" if world_size > 1 else False
+    train_stream = CheckpointStream(zoo, train_view, batch_size=per_rank, shuffle=True, seed=seed,
+                                    permute=permute, drop_last=True, rank=rank, world_size=world_size,
+                                    even_ranks=even)
+    test_stream = CheckpointStream(zoo, test_view, batch_size=per_rank, shuffle=True, seed=seed + 1,
+                                   rank=rank, world_size=world_size, even_ranks=even)
     meta = reader.metadata()
     c = cfg.spec.num_classes
     losses = np.stack([meta.column(f"loss_{k}").to_numpy(zero_copy_only=False) for k in range(c)], 1)
@@ -502,7 +506,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
     if data is None:
         if zoo is None:
             raise HyperForgetError("give a zoo (--zoo ZOO) to train on")
-        data = data_from_zoo(zoo, variant, cfg.batch_size, cfg.seed, rank, world, cfg.num_workers)
+        data = data_from_zoo(zoo, variant, cfg.batch_size, cfg.seed, rank, world, cfg.permute)
     torch.manual_seed(cfg.seed)
     model, tokenizer = build(variant, data.spec, data.normalization, model_cfg, tok_cfg)
     model.to(dev)
@@ -541,11 +545,15 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
     amp = cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda")
 
     # Train.
+    resumed_stream = [resume and step > 0]
+
     def batches() -> Iterator[dict]:
         nonlocal epoch
         while True:
-            if hasattr(data.train_stream, "set_epoch"):
+            # set_epoch restarts an epoch: skip it once after resuming, the stream continues mid-epoch.
+            if hasattr(data.train_stream, "set_epoch") and not resumed_stream[0]:
                 data.train_stream.set_epoch(epoch)
+            resumed_stream[0] = False
             n = 0
             for b in _iterate(data.train_stream, cfg.num_workers):
                 n += 1
@@ -654,9 +662,11 @@ def _loss_terms(net, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, ba
     b = x0.shape[0]
     t = diffusion.sample_timesteps(b, gen, dev)
     noise = torch.randn(x0.shape, generator=gen).to(dev)
-    drop = (torch.rand(b, generator=gen) < cond_dropout).to(dev) if cond_dropout > 0 else None
+    # Always pass a mask (all False without dropout) so every parameter gets a gradient: DDP requires it.
+    drop = (torch.rand(b, generator=gen) < cond_dropout).to(dev) if cond_dropout > 0 else \
+        torch.zeros(b, dtype=torch.bool, device=dev)
     fn = make_model_fn(net, tokenizer, target_losses, current, current_losses, drop)
-    return diffusion.training_losses(fn, x0, t, noise, weights)
+    return diffusion.training_losses(fn, x0, t, noise, weights, batch.get("weights"))
 
 
 def _ema_model(model: DiT, ema: EMA) -> DiT:

@@ -44,6 +44,7 @@ EVAL_FORMAT = "hyperforget-evaluation"
 EVAL_VERSION = 1
 SEED_BASE = 1_000_003_000  # first seed of the reference populations: far from run (0, 100..) and zoo seeds
 MASK_LOGIT = -math.inf  # what the logit-masking control puts on the forget logits
+MIN_EPS_MODELS = 8  # below this many models a row's ε is flagged: one model gives only a range test
 
 
 @dataclass
@@ -180,25 +181,24 @@ def nearest_zoo_checkpoint(zoo_path: str, spec: MLPSpec, target: torch.Tensor, *
     reader = open_zoo(zoo_path)
     if reader.spec != spec:
         raise HyperForgetError(f"zoo {zoo_path} holds {reader.spec} MLPs, the run's models are {spec}")
-    meta = reader.metadata()
-    ids = np.asarray(meta.column("checkpoint_id").to_numpy(), dtype=np.int64)
-    if "perm_index" in meta.column_names:
-        ids = ids[np.asarray(meta.column("perm_index").to_numpy()) == 0]
-    ids = np.sort(ids)
-    if max_rows is not None:
-        ids = ids[:max_rows]
-    if ids.size == 0:
+    stop = reader.num_rows if max_rows is None else min(reader.num_rows, int(max_rows))
+    if stop == 0:
         raise HyperForgetError(f"zoo {zoo_path} has no committed checkpoints to compare with")
-    best_d, best_id = math.inf, -1
-    for i in range(0, ids.size, chunk_rows):
-        chunk = ids[i:i + chunk_rows]
-        rows = torch.as_tensor(reader.read(chunk), dtype=torch.float32)
-        d = permutation_invariant_distance(spec, target, rows)
+    meta = reader.metadata()
+    original_row = (np.asarray(meta.column("perm_index").to_numpy()) == 0 if "perm_index" in meta.column_names
+                    else np.ones(reader.num_rows, bool))
+    best_d, best_id, scanned = math.inf, -1, 0
+    for first, block in reader.iter_rows(chunk_rows, 0, stop):
+        keep = np.flatnonzero(original_row[first:first + len(block)])
+        if keep.size == 0:
+            continue
+        d = permutation_invariant_distance(spec, target, torch.as_tensor(block[keep]))
+        scanned += keep.size
         j = int(np.argmin(d))
         if d[j] < best_d:
-            best_d, best_id = float(d[j]), int(chunk[j])
+            best_d, best_id = float(d[j]), first + int(keep[j])
     params = torch.as_tensor(reader.read(np.array([best_id])), dtype=torch.float32)
-    return {"checkpoint_id": best_id, "distance": best_d, "params": params, "rows_scanned": int(ids.size)}
+    return {"checkpoint_id": best_id, "distance": best_d, "params": params, "rows_scanned": scanned}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,7 +371,7 @@ def _used_seeds(run) -> tuple[set[int], str]:
         from zoo.store import open_zoo
 
         meta = open_zoo(zoo).metadata()
-        zoo_seeds = {int(s) for s in np.unique(np.asarray(meta.column("seed").to_numpy()))}
+        zoo_seeds = {int(s) for s in np.unique(meta.column("seed").drop_null().to_numpy())}
     except HyperForgetError as exc:
         return seeds, f"the zoo {zoo} could not be read ({exc}), so only the run's own seeds were checked"
     except ImportError:
@@ -463,9 +463,10 @@ def _top_up_baseline(run, forget, name, params, record, cfg: EvalConfig, log) ->
     for i in range(cfg.baseline_seeds - params.shape[0]):
         module, _ = run_baseline(name, MLP.from_flat(run.spec, run.original_params()), d.x_fit, d.y_fit,
                                  list(forget), base_seed + i, **overrides)
-        from pipelines.unlearn import _module_params
-
-        extra.append(_module_params(run.spec, module))
+        if not hasattr(module, "flat_params"):
+            raise HyperForgetError(f"baseline {name} returned a {type(module).__name__} without flat_params(); "
+                                   "it cannot be evaluated as an MLP")
+        extra.append(torch.as_tensor(module.flat_params()).detach().float().reshape(-1))
     return torch.cat([params, torch.stack(extra)])
 
 
@@ -690,10 +691,12 @@ def render_markdown(result: dict) -> str:
         a, at, e = r["accuracy"], r["attacks"], r["epsilon"]
         lira = at["ulira"]
         tag = "" if lira["attack"] == "ulira" else "*"
+        few = "†" if r["num_models"] < MIN_EPS_MODELS else ""
         lines.append(f"| {r['name']} | {r['num_models']} | {_fmt(a['retain_train'])} | {_fmt(a['forget_train'])} | "
                      f"{_fmt(a['test_retain'])} | {_fmt(a['test_forget'])} | "
                      f"{at['calibrated_threshold']['auc']:.3f} | {at['calibrated_threshold']['tpr_at_1fpr']:.3f} | "
-                     f"{lira['auc']:.3f}{tag} | {lira['tpr_at_1fpr']:.3f}{tag} | {e['F']:.3f} | {e['final_score']:.3f} |")
+                     f"{lira['auc']:.3f}{tag} | {lira['tpr_at_1fpr']:.3f}{tag} | {e['F']:.3f}{few} | "
+                     f"{e['final_score']:.3f}{few} |")
     lines += ["", "| row | ΔMIA entropy | ΔMIA loss | JSD D_f | JSD test retain | JSD test forget | probe forget acc "
               "| relearn steps | s / model | < 20% retrain |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -716,11 +719,12 @@ def render_markdown(result: dict) -> str:
               "than retrained; AUC < 0.5 is a difference in the other direction). LiRA = U-LiRA likelihood ratio "
               "(* = offline variant, retrained Gaussians only, for rows with < 4 models). F = challenge forgetting "
               "quality from per-example ε (δ = %g), F·RA·TA = F·(RA_U/RA_R)·(TA_U/TA_R) with TA on retain-class "
-              "test. ε has a finite-sample floor: compare with the floor row, not with 1. ΔMIA = row's MIA − "
+              "test. ε has a finite-sample floor: compare with the floor row, not with 1; † = fewer than %d models, where ε "
+              "reduces to a range test (ε = ∞ only where the model lies outside every retrained model). ΔMIA = row's MIA − "
               "retrained MIA (entropy: paper Fig. 22; loss: same recipe on −ln p_y). JSD = textbook base-2 JSD per "
               "example to the reference population's mean prediction, batch mean (not F.kl_div's reverse KL "
               "with mean over N·C). Relearn = full-batch SGD steps on %d examples per class until forget-class "
-              "test accuracy ≥ %.2f." % (result["config"]["delta"], result["config"]["relearn_per_class"],
+              "test accuracy ≥ %.2f." % (result["config"]["delta"], MIN_EPS_MODELS, result["config"]["relearn_per_class"],
                                          result["rows"][0]["relearn"]["level"]), ""]
     lines += [f"- {r['name']}: {r['note']}" for r in result["rows"] if r["note"]]
     cs = result["cost_setup"]

@@ -181,7 +181,8 @@ def zoo_task(zoo_path: str) -> dict:
     collection = dict(cfg.collection or {})
     return {"spec": cfg.spec, "classes": tuple(int(c) for c in cfg.classes),
             "pivots": tuple(int(p) for p in cfg.pivots), "dataset": ds.get("name"),
-            "data_root": ds.get("root"), "scaling": ds.get("scaling", "unit"), "preset": collection.get("preset")}
+            "data_root": ds.get("root"), "scaling": ds.get("scaling", "unit"),
+            "preset": collection.get("preset") or (collection.get("config") or {}).get("preset")}
 
 
 class Run:

@@ -87,13 +87,14 @@ def sql_string(s: str) -> str:
 
 
 def column_fragments(num_classes: int, pivots: Iterable[int] = ()) -> dict[str, str]:
-    """Per-class column lists for the templates, generated for a zoo with ``num_classes`` classes."""
+    """Per-class column lists for the templates, generated for a zoo with ``num_classes`` classes.
+
+    ``nonpivot_losses`` is absent when every class is a pivot.
+    """
     pivots = set(int(p) for p in pivots)
     classes = range(num_classes)
     non_pivot = [k for k in classes if k not in pivots]
-    if not non_pivot:
-        raise HyperForgetError(f"every class is a pivot ({sorted(pivots)}); a balanced view needs a non-pivot class")
-    return {
+    out = {
         "losses": ", ".join(f"loss_{k}" for k in classes),
         "c_losses": ", ".join(f"c.loss_{k}" for k in classes),
         "nonpivot_losses": ", ".join(f"loss_{k}" for k in non_pivot),
@@ -103,6 +104,9 @@ def column_fragments(num_classes: int, pivots: Iterable[int] = ()) -> dict[str, 
                                  + [f"b.loss_{k} AS target_loss_{k}" for k in classes]
                                  + [f"CAST(b.loss_{k} - a.loss_{k} AS FLOAT) AS delta_{k}" for k in classes]),
     }
+    if not non_pivot:  # only the balanced view needs it; it checks first
+        del out["nonpivot_losses"]
+    return out
 
 
 def one_line(exc: BaseException) -> str:

@@ -133,6 +133,8 @@ def resolve_params(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
 def view_sql(kind: str, num_classes: int, pivots: tuple[int, ...], params: Mapping[str, Any]) -> tuple[str, dict]:
     """(SQL text, DuckDB named parameters) of a view kind for a zoo with C classes and pivots."""
     p = resolve_params(kind, params)
+    if kind == "balanced" and set(range(num_classes)) <= set(pivots):
+        raise HyperForgetError(f"every class is a pivot ({sorted(pivots)}); a balanced view needs a non-pivot class")
     sql = engine.render(engine.sql_template(VIEW_KINDS[kind].name), engine.column_fragments(num_classes, pivots))
     values = dict(p)
     if kind == "balanced":

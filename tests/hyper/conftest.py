@@ -18,7 +18,7 @@ from zoo.mlp import MLPSpec, evaluate_per_class, init_params
 SPEC = MLPSpec(64, 3, 4)
 
 
-def build_tiny_zoo(runs: int = 37, epochs: int = 8, keep: int = 9, seed: int = 0) -> dict:
+def build_ckpt_zoo(runs: int = 37, epochs: int = 8, keep: int = 9, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     ds = load_dataset("digits", classes=(0, 1, 2, 3))
     x, y = torch.as_tensor(ds.x_train), torch.as_tensor(ds.y_train)
@@ -58,6 +58,6 @@ def build_tiny_zoo(runs: int = 37, epochs: int = 8, keep: int = 9, seed: int = 0
 
 
 @pytest.fixture(scope="session")
-def tiny_zoo() -> dict:
+def ckpt_zoo() -> dict:
     torch.set_num_threads(1)
-    return build_tiny_zoo()
+    return build_ckpt_zoo()

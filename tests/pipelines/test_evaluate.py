@@ -24,7 +24,8 @@ def run_dir(tmp_path_factory):
     from pipelines.unlearn import unlearn
 
     path = tmp_path_factory.mktemp("run")
-    run = init_run(path, RunConfig(preset="mnist4", dataset="digits", epochs=15, retrain_seeds=(100, 101)),
+    run = init_run(path, RunConfig(preset="mnist4", dataset="digits", epochs=40, seed=1,
+                                         retrain_seeds=(100, 101)),
                    forget_sets=[FORGET])
     retrained = retrain_into(run, FORGET)
     # Fake DiHyFo output: 11 "candidates" near the retrained models (odd count on purpose).
@@ -163,3 +164,48 @@ def test_main_exit_code_2(run_dir, monkeypatch, capsys):
         main()
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_zoo_seed_check_and_nearest_checkpoint(run_dir, tmp_path):
+    """With a zoo: reference seeds skip the zoo's seeds; the nearest-checkpoint control finds the
+    permuted near-copy of the selected DiHyFo model and ignores augmented (perm_index > 0) rows."""
+    import shutil
+
+    from pipelines.evaluate import SEED_BASE, evaluate
+    from zoo.mlp import init_params
+    from zoo.store import ZooConfig, create_zoo
+
+    run_copy = tmp_path / "run"
+    shutil.copytree(run_dir, run_copy)
+    meta = json.loads((run_copy / "run.json").read_text())
+    spec, selected, _ = load_mlps(str(run_copy / "forget-2" / "dihyfo1" / "model.safetensors"))
+    n = 37
+    rows = init_params(spec, range(n)).numpy()
+    w = spec.layout.unflatten(selected[0])
+    swapped = spec.layout.flatten({"fc1.weight": w["fc1.weight"].flip(0), "fc1.bias": w["fc1.bias"].flip(0),
+                                   "fc2.weight": w["fc2.weight"].flip(1), "fc2.bias": w["fc2.bias"]})
+    rows[20] = (swapped + 0.01).numpy()  # the near-copy, hidden units swapped
+    rows[30] = selected[0].numpy()  # an exact copy, but marked as a permuted (augmented) row
+    c = spec.num_classes
+    cols = {"run_id": np.arange(n), "step": np.zeros(n, np.int32), "epoch": np.zeros(n, np.int32),
+            "phase": ["learning"] * n, "test_loss": np.ones(n, np.float32), "test_acc": np.zeros(n, np.float32),
+            "seed": np.r_[SEED_BASE + 3, np.arange(1, n)], "perm_index": np.where(np.arange(n) == 30, 1, 0),
+            "source_id": np.where(np.arange(n) == 30, 0, np.arange(n)),
+            **{f"loss_{k}": np.ones(n, np.float32) for k in range(c)},
+            **{f"acc_{k}": np.zeros(n, np.float32) for k in range(c)}}
+    writer = create_zoo(tmp_path / "zoo", ZooConfig(spec=spec, classes=tuple(meta["classes"]), chunk_rows=8))
+    writer.commit(rows, cols, key="all")
+    writer.close()
+    meta["config"]["zoo"] = str(tmp_path / "zoo")
+    (run_copy / "run.json").write_text(json.dumps(meta))
+
+    res = evaluate(run_copy, [FORGET], config=_small(n_retrained=8, baseline_seeds=1))["forget-2"]
+    lo, hi = res["reference"]["seeds"]
+    assert lo > SEED_BASE + 3  # moved past the zoo's seed
+    assert "zoo" in res["reference"]["seed_check"]
+    near = _row(res, "nearest zoo checkpoint (dihyfo1)")
+    assert near["nearest"]["checkpoint_id"] == 20
+    assert near["nearest"]["rows_scanned"] == n - 1
+    expected = float(torch.full((spec.num_params,), 0.01).norm())
+    assert near["nearest"]["distance"] == pytest.approx(expected, rel=1e-4)
+    assert near["num_models"] == 1

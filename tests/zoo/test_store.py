@@ -92,7 +92,7 @@ def test_metadata_and_ids(tiny_zoo, tiny_dataset):
     assert meta.schema.field("undersampled").type == pa.list_(pa.int8())
     assert set(meta.column("phase").to_pylist()) == {"learning", "forgetting"}
     rel = r.duckdb()
-    assert rel.aggregate("count(*), count(DISTINCT run_id)").fetchone() == (117, 9)
+    assert rel.aggregate("count(*), count(DISTINCT run_id)").fetchall() == [(117, 9)]
     assert len(r.meta_files()) == 9 and all(os.path.exists(f) for f in r.meta_files())
 
 
@@ -154,7 +154,10 @@ from zoo.store import ZooWriter
 w = ZooWriter.open(sys.argv[1])
 print("ready", flush=True)
 for i in range(int(sys.argv[2])):
+    fresh = f"b{i}" not in w.committed_keys
     w.commit(*batch(i), key=f"b{i}")
+    if fresh:
+        print("c", flush=True)
 w.close()
 print("done", flush=True)
 '''
@@ -187,10 +190,14 @@ def test_writer_killed_mid_commit_resumes(tmp_path):
     create_zoo(path, config()).close()
     rng = np.random.default_rng(7)
     progress = []
-    for _ in range(5):
+    for _ in range(3):
         child = _child(path, 10_000)
         assert child.stdout.readline().strip() == "ready", child.stderr.read()
-        time.sleep(float(rng.uniform(0.02, 0.4)))
+        # Let it commit a few batches, then kill it at a random instant of the next ones
+        # (a commit takes ~20 ms here: params shard, Parquet part, manifest).
+        for _ in range(int(rng.integers(1, 5))):
+            assert child.stdout.readline().strip() == "c", child.stderr.read()
+        time.sleep(float(rng.uniform(0.0, 0.05)))
         child.send_signal(signal.SIGKILL)
         child.wait()
         rep = verify_zoo(path)
@@ -326,7 +333,7 @@ def test_clear_errors(tmp_path):
     d["mlp"]["hidden"] = 4
     d["array"].pop("num_params")
     json.dump(d, open(zj, "w"))
-    with pytest.raises(HyperForgetError, match=r"params.zarr has rows of \(211,\) values .* needs 278"):
+    with pytest.raises(HyperForgetError, match=r"params.zarr has rows of 211 values .* 64-4-4 needs 280"):
         open_zoo(path)
     # Config errors.
     with pytest.raises(HyperForgetError, match="multiple of chunk_rows"):
@@ -362,7 +369,7 @@ def test_memory_url_round_trip(tiny_batches):
     ids = np.array([60, 0, 33, 33, 7])
     np.testing.assert_array_equal(r.read(ids), params[ids])
     assert r.metadata().num_rows == 61
-    assert r.duckdb().aggregate("count(*)").fetchone() == (61,)
+    assert r.duckdb().aggregate("count(*)").fetchall() == [(61,)]
     assert all(f.startswith("memory://") for f in r.meta_files())
     assert verify_zoo(url).ok
     info = zoo_info(url)
@@ -378,10 +385,10 @@ def test_compact_merges_parts(tiny_zoo):
     path, params = tiny_zoo()
     before = open_zoo(path).metadata()
     summary = compact(path, file_rows=60)
-    assert summary == {"parts_before": 9, "parts_after": 2, "files_written": 2}
+    assert summary == {"parts_before": 9, "parts_after": 3, "files_written": 2}
     r = open_zoo(path)
     assert r.metadata().equals(before)
-    assert sorted(os.listdir(os.path.join(path, "meta"))) == [os.path.basename(f) for f in r.meta_files()]
+    assert sorted(os.listdir(os.path.join(path, "meta"))) == sorted(os.path.basename(f) for f in r.meta_files())
     assert verify_zoo(path).ok
     with ZooWriter.open(path) as w:
         ids = w.commit(*batch(4)[:1], {**batch(4)[1], **_full_meta(len(batch(4)[0]))}, key="after")

@@ -1,0 +1,52 @@
+"""`hyperforget zoo collect`: train many MLP runs and stream their selected checkpoints into a zoo."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from pipelines.cli.zoo_cmds import zoo_app
+
+
+@zoo_app.command("collect")
+def collect_cmd(
+    out: Annotated[str, typer.Option("--out", help="zoo directory to create or resume")],
+    preset: Annotated[str, typer.Option(help="task preset: mnist4 or mnist10")] = "mnist4",
+    dataset: Annotated[str, typer.Option(help="mnist-5k, mnist, fashion-mnist, digits, idx:DIR")] = "mnist-5k",
+    data_root: Annotated[Optional[str], typer.Option(help="directory of the IDX files")] = None,
+    runs: Annotated[int, typer.Option(help="training runs")] = 64,
+    augment: Annotated[int, typer.Option(help="permuted copies per checkpoint")] = 0,
+    workers: Annotated[Optional[int], typer.Option(help="LocalCluster worker processes (default: CPUs)")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="address of a running dask scheduler")] = None,
+    runs_per_group: Annotated[int, typer.Option(help="runs trained in lockstep per task")] = 32,
+    seed: Annotated[int, typer.Option(help="master seed; run r derives from (seed, r)")] = 0,
+    epochs: Annotated[Optional[int], typer.Option(help="epochs per run (default: the preset's)")] = None,
+    max_per_run: Annotated[Optional[int], typer.Option(help="checkpoints per run (default: the preset's)")] = None,
+    no_dask: Annotated[bool, typer.Option("--no-dask", help="train groups in this process, one by one")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
+) -> None:
+    """Collect a checkpoint zoo (re-run the same command to resume an interrupted one)."""
+    from zoo.collect import CollectConfig, collect
+    from zoo.selection import SelectionConfig
+
+    cfg = CollectConfig(preset=preset, dataset=dataset, data_root=data_root, runs=runs, augment=augment,
+                        runs_per_group=runs_per_group, seed=seed, epochs=epochs,
+                        selection=SelectionConfig(max_per_run=max_per_run))
+    summary = collect(cfg, out, use_dask=not no_dask, workers=workers, scheduler=scheduler, progress=True)
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), indent=1))
+        return
+    typer.echo(f"{summary.path}: {summary.checkpoints:,} checkpoints ({summary.originals:,} originals) "
+               f"from {summary.runs} runs")
+    typer.echo(f"this call: {summary.groups_committed} groups trained, {summary.groups_skipped} already there, "
+               f"{summary.checkpoints_added:,} checkpoints in {summary.seconds:.1f} s "
+               f"({summary.rate:,.0f} checkpoints/s, {summary.run_steps:,} run-steps)")
+    for name, counts in (("reason", summary.per_reason), ("phase", summary.per_phase),
+                         ("run kind", summary.per_kind)):
+        typer.echo(f"  by {name}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+
+
+def register(app: typer.Typer) -> None:
+    """The command lives in the `zoo` group, which zoo_cmds registers."""

@@ -1,0 +1,229 @@
+"""`hyperforget demo`: the whole pipeline on embedded defaults, resumable stage by stage.
+
+    DEMO/zoo/               1. collect a zoo (MNIST-4 from the bundled MNIST digits by default)
+    DEMO/models/dihyfo1/    2. train both DiHyFo variants on a CPU preset (views built on first use)
+    DEMO/models/dihyfo2/
+    DEMO/run/               3. the original model, retrained models per forget set,
+                            4. unlearning with both variants and every baseline,
+                            5. metrics against the retrained models, and the report
+    DEMO/demo.json          the demo's config and each stage's wall time
+
+Each stage skips work whose artifacts exist, so an interrupted demo resumes where it stopped.
+``benchmark_unlearning`` runs stages 3-5 for given models (or baselines only) on any preset.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from pipelines.unlearn import (DIHYFO_METHODS, RunConfig, UnlearnConfig, compute_metrics, init_run, read_json,
+                               write_json)
+from zoo.errors import HyperForgetError
+from zoo.mlp import get_preset
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of every stage; `for_mode` fills the defaults for a full or a quick demo."""
+
+    out: str = "runs/demo"  # demo directory
+    preset: str = "mnist4"  # task preset: mnist4 or mnist10
+    dataset: str = "mnist-5k"  # dataset name (mnist-5k, fashion-mnist, digits, idx:DIR, mnist:DIR)
+    quick: bool = False  # tiny sizes for tests and smoke runs
+    runs: int = 256  # zoo training runs
+    runs_per_group: int = 32  # runs trained in lockstep per zoo commit
+    zoo_epochs: int | None = None  # epochs per zoo run (None: the preset's)
+    workers: int | None = 2  # dask workers for collection (None: CPU count; 0: no dask)
+    hyper_preset: str = "cpu-small"  # hypernetwork preset (hyper.model.PRESETS)
+    train_steps: int | None = None  # hypernetwork steps per variant (None: the preset's)
+    train_overrides: dict = field(default_factory=dict)  # more hypernetwork options by name
+    variants: tuple[str, ...] = DIHYFO_METHODS  # DiHyFo variants to train and use
+    forget_sets: list | None = None  # forget sets (None: the preset's, e.g. {2} and {2,3} for mnist4)
+    candidates: int = 32  # DiHyFo candidates per selected model
+    repeats: int = 5  # selected DiHyFo models per forget set (averaged in the tables)
+    sample_steps: int = 50  # DDIM steps
+    methods: list | None = None  # baselines (None: every one in pipelines.baselines.BASELINES)
+    baseline_repeats: int = 1  # runs (seeds) per baseline
+    retrain_seeds: int = 5  # retrained models per forget set
+    epochs: int | None = None  # epochs of the original / retrained models (None: the preset's)
+    seed: int = 0  # master seed
+
+    @classmethod
+    def for_mode(cls, *, out: str, preset: str = "mnist4", dataset: str = "mnist-5k", quick: bool = False,
+                 runs: int | None = None, train_steps: int | None = None, methods: list | None = None,
+                 **overrides) -> "DemoConfig":
+        if quick:
+            base = dict(runs=32, zoo_epochs=6, workers=0, hyper_preset="tiny", train_steps=40,
+                        train_overrides={"eval_every": -1, "test_every": 0, "batch_size": 32, "checkpoint_every": 0},
+                        candidates=8, repeats=2, sample_steps=10, retrain_seeds=2, epochs=40)
+        else:
+            base = {}
+        base.update({k: v for k, v in dict(runs=runs, train_steps=train_steps, methods=methods).items()
+                     if v is not None})
+        base.update(overrides)
+        return cls(out=out, preset=preset, dataset=dataset, quick=quick, **base)
+
+
+def _stage(state: dict, path: Path, name: str, seconds: float) -> None:
+    state.setdefault("stages", {})[name] = round(state.get("stages", {}).get(name, 0.0) + seconds, 3)
+    write_json(path, state)
+
+
+def _say(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold]demo[/bold] {msg}")
+
+
+def collect_zoo(cfg: DemoConfig, zoo_dir: Path) -> None:
+    """Stage 1: the zoo (resumes a partial collection; skips a complete one)."""
+    from zoo.collect import CollectConfig, collect
+
+    ccfg = CollectConfig(preset=cfg.preset, dataset=cfg.dataset, runs=cfg.runs, runs_per_group=cfg.runs_per_group,
+                         epochs=cfg.zoo_epochs, seed=cfg.seed)
+    collect(ccfg, str(zoo_dir), use_dask=bool(cfg.workers != 0), workers=cfg.workers or None, progress=True)
+
+
+def train_variant(cfg: DemoConfig, variant: str, zoo_dir: Path, model_dir: Path) -> None:
+    """Stage 2: one DiHyFo variant (resumes from its checkpoints; skips a finished one)."""
+    from hyper.train import train
+
+    overrides = dict(cfg.train_overrides)
+    if cfg.train_steps is not None:
+        overrides["steps"] = cfg.train_steps
+    resume = (model_dir / "checkpoints" / "latest.json").exists()
+    train(variant=variant, out=str(model_dir), preset=cfg.hyper_preset, zoo=str(zoo_dir), overrides=overrides,
+          resume=resume, progress=True)
+
+
+def _trained(model_dir: Path, steps: int | None) -> bool:
+    summary = model_dir / "summary.json"
+    if not summary.exists() or not (model_dir / "model.safetensors").exists():
+        return False
+    if steps is None:
+        return True
+    return int(read_json(summary).get("steps", 0)) >= steps
+
+
+def unlearn_all(run, forget_sets: Sequence[Sequence[int]], *, models: dict[str, str], methods: Sequence[str],
+                candidates: int, repeats: int, sample_steps: int, baseline_repeats: int, retrain_seeds: Sequence[int],
+                seed: int = 0) -> None:
+    """Stages 3-5 on a run: retrain, every method per forget set (skipping finished ones), metrics."""
+    from pipelines.retrain import retrain_into
+    from pipelines.unlearn import unlearn
+
+    for forget in forget_sets:
+        forget = run.check_forget(forget)
+        t0 = time.perf_counter()
+        retrain_into(run, forget, seeds=retrain_seeds)
+        _say(f"retrained {len(retrain_seeds)} models without {list(forget)} ({time.perf_counter() - t0:.1f} s)")
+        todo = [(v, models[v]) for v in DIHYFO_METHODS if v in models] + [(m, None) for m in methods]
+        for method, model_dir in todo:
+            if method in DIHYFO_METHODS and set(forget) & set(run.pivots):
+                _say(f"skip {method} for {list(forget)}: pivots cannot be forgotten by DiHyFo")
+                continue
+            folder = run.forget_dir(forget) / method
+            if (folder / "record.json").exists() and (folder / "model.safetensors").exists():
+                continue
+            ucfg = UnlearnConfig(method=method, candidates=candidates, steps=sample_steps, seed=seed,
+                                 repeats=repeats if model_dir else baseline_repeats)
+            rec = unlearn(run, forget, ucfg, model_dir=model_dir)
+            _say(f"{method} {list(forget)}: {rec['wall_seconds']:.2f} s per model")
+        compute_metrics(run, forget)
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run every stage (skipping finished ones) and write the report; returns report.md's path."""
+    from pipelines.baselines import BASELINES
+    from pipelines.report import write_report
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "demo.json"
+    state = read_json(state_path) if state_path.exists() else {}
+    state["config"] = asdict(cfg)
+    write_json(state_path, state)
+    preset = get_preset(cfg.preset)
+    forget_sets = [tuple(s) for s in (cfg.forget_sets or preset.forget_sets)]
+    methods = list(cfg.methods) if cfg.methods is not None else list(BASELINES)
+    unknown = [m for m in methods if m not in BASELINES]
+    if unknown:
+        raise HyperForgetError(f"unknown baselines {unknown}: choose among {', '.join(BASELINES)}")
+    unknown = [v for v in cfg.variants if v not in DIHYFO_METHODS]
+    if unknown:
+        raise HyperForgetError(f"unknown DiHyFo variants {unknown}: use dihyfo1 and/or dihyfo2")
+    total = time.perf_counter()
+
+    # 1. Collect the zoo.
+    zoo_dir = out / "zoo"
+    t0 = time.perf_counter()
+    _say(f"collecting a {cfg.preset} zoo of {cfg.runs} runs on {cfg.dataset} -> {zoo_dir}")
+    collect_zoo(cfg, zoo_dir)
+    _stage(state, state_path, "collect", time.perf_counter() - t0)
+
+    # 2. Train the hypernetworks (views are built by the trainer on first use).
+    models = {}
+    for variant in cfg.variants:
+        model_dir = out / "models" / variant
+        models[variant] = str(model_dir)
+        if _trained(model_dir, cfg.train_steps):
+            continue
+        t0 = time.perf_counter()
+        _say(f"training {variant} ({cfg.hyper_preset}) -> {model_dir}")
+        train_variant(cfg, variant, zoo_dir, model_dir)
+        _stage(state, state_path, f"train_{variant}", time.perf_counter() - t0)
+
+    # 3-5. Original model, retrained models, unlearning with every method, metrics.
+    t0 = time.perf_counter()
+    run = init_run(out / "run", RunConfig(preset=cfg.preset, dataset=cfg.dataset, zoo=str(zoo_dir), models=models,
+                                          seed=cfg.seed, epochs=cfg.epochs,
+                                          retrain_seeds=tuple(100 + i for i in range(cfg.retrain_seeds))),
+                   forget_sets=forget_sets)
+    unlearn_all(run, forget_sets, models=models, methods=methods, candidates=cfg.candidates, repeats=cfg.repeats,
+                sample_steps=cfg.sample_steps, baseline_repeats=cfg.baseline_repeats,
+                retrain_seeds=run.config.retrain_seeds, seed=cfg.seed)
+    _stage(state, state_path, "unlearn", time.perf_counter() - t0)
+
+    # 6. Report.
+    t0 = time.perf_counter()
+    report = write_report(run.path)
+    _stage(state, state_path, "report", time.perf_counter() - t0)
+    state["last_call_seconds"] = round(time.perf_counter() - total, 3)
+    write_json(state_path, state)
+    _say(f"done in {state['last_call_seconds']:.0f} s: {report}")
+    return report
+
+
+def benchmark_unlearning(*, out: str | None = None, preset: str = "mnist4", dataset: str = "mnist-5k",
+                         forget_sets: Sequence[Sequence[int]] | None = None, zoo: str | None = None,
+                         models: Sequence[str] = (), methods: Sequence[str] | None = None, seeds: int = 5,
+                         repeats: int = 3, candidates: int = 32, seed: int = 0) -> Path:
+    """Every method on the same original model for each forget set; returns report.md's path.
+
+    Without a zoo the task comes from the preset and the dataset, and only baselines run.
+    """
+    from hyper.sample import load_hypernetwork
+    from pipelines.baselines import BASELINES
+    from pipelines.report import write_report
+
+    out_dir = Path(out or f"bench-out/unlearning-{preset}")
+    variants = {}
+    for m in models:
+        variants[str(load_hypernetwork(m).variant)] = str(m)
+    if variants and zoo is None:
+        from pipelines.unlearn import hypernetwork_zoo
+
+        zoo = hypernetwork_zoo(next(iter(variants.values())))
+    methods = list(methods) if methods is not None else list(BASELINES)
+    unknown = [m for m in methods if m not in BASELINES]
+    if unknown:
+        raise HyperForgetError(f"unknown baselines {unknown}: choose among {', '.join(BASELINES)}")
+    sets = [tuple(s) for s in (forget_sets or get_preset(preset).forget_sets)]
+    run = init_run(out_dir, RunConfig(preset=preset, dataset=dataset, zoo=zoo, models=variants, seed=seed,
+                                      retrain_seeds=tuple(100 + i for i in range(seeds))), forget_sets=sets)
+    unlearn_all(run, sets, models=variants, methods=methods, candidates=candidates, repeats=repeats, sample_steps=50,
+                baseline_repeats=repeats, retrain_seeds=run.config.retrain_seeds, seed=seed)
+    return write_report(run.path)

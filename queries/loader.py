@@ -1,0 +1,709 @@
+"""A streaming loader of zoo checkpoints over a materialized view, for training hypernetworks.
+
+Usage from any project (DiHyFo-2 style, one checkpoint and its losses per sample)::
+
+    from queries.loader import CheckpointStream, make_loader
+    stream = CheckpointStream("ZOO", "dihyfo2_train_1234abcd", batch_size=256, normalize="layer")
+    for batch in make_loader(stream, num_workers=2):  # batch["params"] (B, P), batch["losses"] (B, C)
+        ...
+
+How an epoch is ordered (all of it a pure function of seed, epoch, world size and workers):
+
+1. Block shuffle. View rows are grouped by the zarr chunk that holds their checkpoint (θ in pair
+   mode); the groups are put in a random order (seed, epoch). This is the epoch sequence.
+2. Rank split. Rank r takes the r-th contiguous slice of the sequence (sizes differ by at most
+   one). With ``even_ranks="pad"`` (or True) every rank gets ceil(N/W) rows, the sequence
+   wrapping around to pad, as torch's DistributedSampler does; ``"trim"`` gives floor(N/W) and
+   drops the tail. Use one of them under DDP: ranks with unequal batch counts hang collectives.
+3. Worker split. A rank's rows are cut into batches of ``batch_size``; DataLoader worker w gets
+   a contiguous range of those batches, so only the rank's last batch can be short, and the
+   number of batches per rank does not depend on the number of workers.
+4. Buffer shuffle. Each worker reads its rows group by group (one whole-chunk read per group,
+   through a small chunk cache) into a buffer of ``shuffle_buffer`` rows and emits rows picked
+   uniformly at random from it once it is full.
+
+Within an epoch every view row is yielded exactly once over all ranks and workers (unless
+``even_ranks`` pads or trims). Steps 1 and 4 are planned on row indices before any data is read,
+so resuming mid-epoch (:meth:`CheckpointStream.state_dict`) replays the plan, skips the samples
+already consumed without reading chunks that only held those, and yields exactly the rest.
+
+Memory: the shuffle buffer (``shuffle_buffer + 1024`` rows of P floats, twice in pair mode), a
+few cached chunks, and the batches in flight (``prefetch_factor x num_workers``); the view's ids
+and losses (a few numbers per row) stay in memory, the parameters never do.
+
+Fork safety: the zoo's zarr array is opened lazily in the process that reads (each DataLoader
+worker opens its own), never pickled or shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from zoo.errors import HyperForgetError
+
+STATE_VERSION = 1
+PIECE_ROWS = 1024  # rows read and placed in the buffer at once (bounds the buffer's overflow)
+NORMALIZE = (None, "global", "layer")
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finalizer on uint64 arrays: a fixed, version-independent hash."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def hidden_permutations(keys: np.ndarray, hidden: int) -> np.ndarray:
+    """(B,) uint64 keys -> (B, H) permutations of the hidden units, one per key."""
+    b = keys.shape[0]
+    grid = keys[:, None].astype(np.uint64) * np.uint64(hidden + 1) + np.arange(1, hidden + 1, dtype=np.uint64)
+    return np.argsort(_mix64(grid.reshape(-1)).reshape(b, hidden), axis=1, kind="stable")
+
+
+def permutation_index(spec, perms: np.ndarray) -> np.ndarray:
+    """(B, H) hidden-unit permutations -> (B, P) gather indices into flat parameter vectors.
+
+    Permuting hidden unit h -> perm[h] reorders fc1.weight rows, fc1.bias entries and fc2.weight
+    columns the same way, which leaves the network's function unchanged.
+    """
+    lay = spec.layout
+    b, h = perms.shape
+    d, c = spec.input_size, spec.num_classes
+    idx = np.broadcast_to(np.arange(lay.num_params, dtype=np.int64), (b, lay.num_params)).copy()
+    w1, b1, w2 = lay.slot("fc1.weight"), lay.slot("fc1.bias"), lay.slot("fc2.weight")
+    idx[:, w1.offset:w1.stop] = (w1.offset + perms[:, :, None] * d + np.arange(d)).reshape(b, h * d)
+    idx[:, b1.offset:b1.stop] = b1.offset + perms
+    idx[:, w2.offset:w2.stop] = (w2.offset + np.arange(c)[None, :, None] * h + perms[:, None, :]).reshape(b, c * h)
+    return idx
+
+
+class ShardFiles:
+    """Whole-chunk reads straight from a local zoo's zarr v3 shard files, checksums verified.
+
+    zarr-python's read path costs more than the bytes for chunk-sized reads (asyncio, codec
+    pipeline); this reads a shard's index once, then ``pread``s one chunk, checks its crc32c and
+    decodes it (Blosc via numcodecs, the same codec zarr uses, or raw bytes). It understands
+    exactly the layout zoo/store.py writes (sharding_indexed, index at the end, inner codecs
+    bytes(little) [+ blosc] + crc32c); :meth:`open` returns None for anything else, and the
+    loader then reads through ZooReader.read_rows.
+    """
+
+    def __init__(self, root: str, chunk_rows: int, shard_rows: int, num_params: int, blosc: bool, sep: str):
+        self.root, self.chunk_rows, self.num_params = root, chunk_rows, num_params
+        self.per_shard = shard_rows // chunk_rows
+        self.blosc, self.sep = blosc, sep
+        self._index: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    @classmethod
+    def open(cls, zoo_path: str, chunk_rows: int, shard_rows: int, num_params: int) -> "ShardFiles | None":
+        root = os.path.join(zoo_path, "params.zarr")
+        try:
+            with open(os.path.join(root, "zarr.json")) as f:
+                meta = json.load(f)
+            (shard_codec,) = meta["codecs"]
+            conf = shard_codec["configuration"]
+            names = [c["name"] for c in conf["codecs"]]
+            ok = (shard_codec["name"] == "sharding_indexed" and meta["data_type"] == "float32"
+                  and conf.get("index_location", "end") == "end"
+                  and list(conf["chunk_shape"]) == [chunk_rows, num_params]
+                  and list(meta["chunk_grid"]["configuration"]["chunk_shape"]) == [shard_rows, num_params]
+                  and names in (["bytes", "crc32c"], ["bytes", "blosc", "crc32c"])
+                  and conf["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+                  and [c["name"] for c in conf["index_codecs"]] == ["bytes", "crc32c"]
+                  and meta["chunk_key_encoding"]["name"] == "default")
+            sep = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
+        except (OSError, KeyError, ValueError, TypeError):
+            return None
+        return cls(root, chunk_rows, shard_rows, num_params, "blosc" in names, sep) if ok else None
+
+    def _shard_index(self, shard: int, fd: int, size: int) -> np.ndarray:
+        idx = self._index.get(shard)
+        if idx is None:
+            import google_crc32c
+
+            n = self.per_shard * 16
+            raw = os.pread(fd, n + 4, size - n - 4)
+            if google_crc32c.value(raw[:n]) != int.from_bytes(raw[n:], "little"):
+                raise HyperForgetError(f"shard {shard} of {self.root}: index checksum mismatch; "
+                                       "run `hyperforget zoo verify`")
+            idx = np.frombuffer(raw[:n], "<u8").reshape(self.per_shard, 2)
+            self._index[shard] = idx
+            if len(self._index) > 256:
+                self._index.popitem(last=False)
+        return idx
+
+    def chunk(self, c: int) -> np.ndarray | None:
+        """(chunk_rows, P) float32 of chunk ``c``, or None when it is not stored (fill value)."""
+        import google_crc32c
+
+        shard, inner = divmod(c, self.per_shard)
+        path = os.path.join(self.root, "c", f"{shard}{self.sep}0") if self.sep == "/" else \
+            os.path.join(self.root, f"c{self.sep}{shard}{self.sep}0")
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            size = os.fstat(fd).st_size
+            off, nbytes = (int(v) for v in self._shard_index(shard, fd, size)[inner])
+            if off == 2**64 - 1:
+                return None
+            raw = os.pread(fd, nbytes, off)
+        finally:
+            os.close(fd)
+        body = memoryview(raw)[:-4]
+        if len(raw) != nbytes or google_crc32c.value(body) != int.from_bytes(raw[-4:], "little"):
+            raise HyperForgetError(f"chunk {c} of {self.root}: checksum mismatch, the zoo is damaged; "
+                                   "run `hyperforget zoo verify`")
+        if self.blosc:
+            from numcodecs import Blosc
+
+            body = Blosc().decode(body)
+        return np.frombuffer(body, np.float32).reshape(self.chunk_rows, self.num_params)
+
+
+def _resolve_dist(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None or world_size is not None:
+        if rank is None or world_size is None:
+            raise HyperForgetError("give both rank and world_size, or neither (then torch.distributed decides)")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise HyperForgetError(f"rank {rank} is not in [0, world_size={world_size})")
+        return int(rank), int(world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _BufferPlan:
+    """The buffer shuffle of one worker's rows, planned on indices before reading any data.
+
+    Rows arrive in pieces (rows of one chunk, at most PIECE_ROWS); each piece goes to free slots
+    of a store of ``capacity + PIECE_ROWS`` slots; when more than ``capacity`` rows are held,
+    the excess is emitted, chosen uniformly among the held rows. At the end the rest are emitted
+    in random order. ``capacity == 0`` or no rng: rows are emitted in arrival order.
+    """
+
+    def __init__(self, piece_bounds: np.ndarray, n: int, capacity: int, rng: np.random.Generator | None):
+        self.piece_bounds = piece_bounds  # (S+1,) offsets of pieces in the worker's row list
+        self.slots = np.empty(n, np.int64)  # slot of each arriving row
+        self.emit_slots: list[np.ndarray] = []  # per step (S pieces + final flush): slots emitted
+        self.emit_rows: list[np.ndarray] = []  # the same, as positions in the worker's row list
+        shuffle = rng is not None and capacity > 0
+        self.store_rows = min(n, capacity + PIECE_ROWS) if shuffle else min(n, PIECE_ROWS)
+        free = list(range(self.store_rows - 1, -1, -1))  # stack of free slots
+        held = np.empty(0, np.int64)  # slots in use
+        content = np.full(self.store_rows, -1, np.int64)  # slot -> row position
+        for s in range(len(piece_bounds) - 1):
+            a, b = int(piece_bounds[s]), int(piece_bounds[s + 1])
+            k = b - a
+            got = np.array([free.pop() for _ in range(k)], np.int64)
+            self.slots[a:b] = got
+            content[got] = np.arange(a, b)
+            if not shuffle:
+                out = got
+                free.extend(got[::-1].tolist())
+            else:
+                held = np.concatenate([held, got])
+                excess = len(held) - capacity
+                if excess > 0:
+                    pick = rng.choice(len(held), excess, replace=False)
+                    out = held[pick]
+                    held = np.delete(held, pick)
+                    free.extend(out.tolist())
+                else:
+                    out = np.empty(0, np.int64)
+            self.emit_slots.append(out)
+            self.emit_rows.append(content[out])
+        if shuffle and len(held):
+            out = held[rng.permutation(len(held))]
+            self.emit_slots.append(out)
+            self.emit_rows.append(content[out])
+        else:
+            self.emit_slots.append(np.empty(0, np.int64))
+            self.emit_rows.append(np.empty(0, np.int64))
+        order = np.concatenate(self.emit_rows) if self.emit_rows else np.empty(0, np.int64)
+        assert len(order) == n
+        self.out_pos = np.empty(n, np.int64)  # row position -> output index
+        self.out_pos[order] = np.arange(n)
+
+
+class CheckpointStream(IterableDataset):
+    """Batches of checkpoints (and their losses) streamed from a zoo over a materialized view.
+
+    Args:
+        zoo: zoo directory.
+        view: name of a view in ``ZOO/views`` or a path to a view's Parquet file.
+        batch_size: samples per batch.
+        shuffle: shuffle chunk order and through the buffer; False keeps view order.
+        seed: base seed; an epoch's order depends on (seed, epoch, world size, workers).
+        shuffle_buffer: rows held by each worker's shuffle buffer.
+        normalize: None, "global" (one mean/std) or "layer" (per tensor), using zoo.json's
+            normalization statistics; :meth:`denormalize` inverts it.
+        permute: apply a random hidden-unit permutation to each sample (the same to θ and θ*).
+        drop_last: drop the rank's last short batch.
+        rank, world_size: the DDP position; default torch.distributed's when initialized, else 0/1.
+        even_ranks: False (ranks differ by at most one sample), True or "pad" (equal counts by
+            repeating the epoch's first rows), or "trim" (equal counts by dropping the tail).
+        chunk_cache: whole zarr chunks kept decoded per worker (pair targets often share chunks).
+        fast_reads: read chunks straight from the shard files (see ShardFiles); False goes
+            through zarr (ZooReader.read_rows) for every chunk.
+
+    Batches (dicts of tensors):
+        single mode: params (B, P) float32, losses (B, C) float32, ids (B,) int64,
+            rows (B,) int64 view row indices, weights (B,) float32 if the view has weights.
+        pair mode: also target_params (B, P), target_losses (B, C), target_ids (B,).
+    """
+
+    def __init__(self, zoo: str | os.PathLike, view: str | os.PathLike, *, batch_size: int = 256,
+                 shuffle: bool = True, seed: int = 0, shuffle_buffer: int = 16384, normalize: str | None = None,
+                 permute: bool = False, drop_last: bool = False, rank: int | None = None,
+                 world_size: int | None = None, even_ranks: bool | str = False, chunk_cache: int = 4,
+                 fast_reads: bool = True):
+        from zoo.store import open_zoo
+
+        super().__init__()
+        if batch_size < 1:
+            raise HyperForgetError(f"batch_size must be >= 1, got {batch_size}")
+        if shuffle_buffer < 0:
+            raise HyperForgetError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if normalize not in NORMALIZE:
+            raise HyperForgetError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+        if even_ranks not in (False, True, "pad", "trim"):
+            raise HyperForgetError(f"even_ranks must be False, True/'pad' or 'trim', got {even_ranks!r}")
+        self.zoo_path = os.fspath(zoo)
+        reader = open_zoo(self.zoo_path)  # config only; data is read in the iterating process
+        self.config = reader.config
+        self.spec = reader.config.spec
+        self.chunk_rows = int(reader.config.chunk_rows)
+        zoo_rows = reader.num_rows
+        del reader
+
+        self.view_path, self.record = self._find_view(self.zoo_path, os.fspath(view))
+        self.view_name = self.record.get("name", os.path.basename(self.view_path)[:-8])
+        table = pq.read_table(self.view_path)
+        cols = set(table.column_names)
+        self.pairs = "target_id" in cols
+        c = self.spec.num_classes
+        need = ["checkpoint_id"] + [f"loss_{k}" for k in range(c)]
+        if self.pairs:
+            need += ["target_id"] + [f"target_loss_{k}" for k in range(c)]
+        missing = [n for n in need if n not in cols]
+        if missing:
+            raise HyperForgetError(f"view {self.view_path} lacks columns {missing}; rebuild it for this zoo")
+
+        def col(name, dtype):
+            return table.column(name).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+
+        self.ids = col("checkpoint_id", np.int64)  # (N,)
+        self.losses = np.stack([col(f"loss_{k}", np.float32) for k in range(c)], 1)  # (N, C)
+        self.target_ids = col("target_id", np.int64) if self.pairs else None  # (N,)
+        self.target_losses = (np.stack([col(f"target_loss_{k}", np.float32) for k in range(c)], 1)
+                              if self.pairs else None)  # (N, C)
+        self.weights = col("weight", np.float32) if "weight" in cols else None  # (N,)
+        del table
+        top = max(self.ids.max(initial=-1), self.target_ids.max(initial=-1) if self.pairs else -1)
+        if top >= zoo_rows or self.ids.min(initial=0) < 0:
+            raise HyperForgetError(f"view {self.view_name!r} names checkpoint {top} but the zoo has {zoo_rows} "
+                                   "committed rows; rebuild the view for this zoo")
+
+        self.batch_size = int(batch_size)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.shuffle_buffer = int(shuffle_buffer)
+        self.normalize = normalize
+        self.permute = bool(permute)
+        self.drop_last = bool(drop_last)
+        self.even_ranks = "pad" if even_ranks is True else even_ranks
+        self.chunk_cache = max(1, int(chunk_cache))
+        self.fast_reads = bool(fast_reads)
+        self._given_rank, self._given_world = rank, world_size
+        self.rank, self.world_size = _resolve_dist(rank, world_size)
+        self.epoch = 0
+        self.num_workers = 0  # set by make_loader; needed to map consumed samples to workers
+        self._consumed = 0  # samples this rank has handed out this epoch (main process view)
+        self._resume: int | None = None  # samples to skip at the next iteration
+        self._resume_workers = 0  # DataLoader workers of the run that saved the resume point
+        self._norm = self._normalization() if normalize else None
+
+        # Rows grouped by the chunk of their (θ) checkpoint, ids ascending within a group.
+        self._by_chunk = np.lexsort((self.ids, self.ids // self.chunk_rows))
+        chunks = self.ids[self._by_chunk] // self.chunk_rows
+        starts = np.flatnonzero(np.r_[True, chunks[1:] != chunks[:-1]]) if len(chunks) else np.empty(0, np.int64)
+        self._group_start = starts.astype(np.int64)
+        self._group_len = np.diff(np.r_[starts, len(chunks)]).astype(np.int64)
+        self.shard_rows = int(self.config.shard_rows)
+        self._reader = None
+        self._reader_pid = None
+        self._files: ShardFiles | None = None
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    # ------------------------------------------------------------------------------------------
+    # Setup helpers
+
+    @staticmethod
+    def _find_view(zoo_path: str, view: str) -> tuple[str, dict]:
+        if view.endswith(".parquet") or os.sep in view:
+            path = view if view.endswith(".parquet") else view + ".parquet"
+        else:
+            path = os.path.join(zoo_path, "views", view + ".parquet")
+        if not os.path.exists(path):
+            from queries.engine import materialized_views
+
+            have = ", ".join(sorted(materialized_views(zoo_path))) or "none"
+            raise HyperForgetError(f"no view {view!r} ({path}); views of this zoo: {have}. "
+                                   "Build one with `hyperforget view build`")
+        record: dict = {}
+        js = path[:-8] + ".json"
+        if os.path.exists(js):
+            with open(js) as f:
+                record = json.load(f)
+        return path, record
+
+    def _normalization(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean (P,), 1/std (P,)) float32 from zoo.json's normalization statistics."""
+        stats = self.config.normalization
+        if not stats:
+            raise HyperForgetError(f"zoo {self.zoo_path} has no normalization statistics; compute them with "
+                                   "zoo.store.compute_normalization and ZooWriter.set_normalization, or use "
+                                   "normalize=None")
+        p = self.spec.num_params
+        mean, std = np.zeros(p, np.float32), np.ones(p, np.float32)
+        if self.normalize == "global":
+            mean[:], std[:] = stats["mean"], stats["std"]
+        else:
+            layers = stats.get("layers") or {}
+            for s in self.spec.layout.slots:
+                if s.name not in layers:
+                    raise HyperForgetError(f"zoo normalization lacks layer {s.name}; recompute it or use 'global'")
+                mean[s.offset:s.stop], std[s.offset:s.stop] = layers[s.name]["mean"], layers[s.name]["std"]
+        std[std == 0] = 1.0  # a constant tensor is only centred
+        return mean, (1.0 / std).astype(np.float32)
+
+    def denormalize(self, params: torch.Tensor) -> torch.Tensor:
+        """Undo ``normalize`` on (..., P) parameters (identity when normalize is None)."""
+        if self._norm is None:
+            return params
+        mean, inv = (torch.as_tensor(a, device=params.device) for a in self._norm)
+        return params / inv + mean
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_reader"], state["_reader_pid"], state["_cache"], state["_files"] = None, None, OrderedDict(), None
+        return state
+
+    # ------------------------------------------------------------------------------------------
+    # Epoch plan
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next iteration yields (call before each epoch)."""
+        self.epoch = int(epoch)
+        self._consumed = 0
+        self._resume = None
+
+    def _rank_rows(self, rank: int, world: int) -> np.ndarray:
+        """View row indices of this rank for the current epoch, in block-shuffled order."""
+        n = len(self.ids)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch, 0xB10C])
+            order = rng.permutation(len(self._group_start))
+            lens = self._group_len[order]
+            first = np.repeat(self._group_start[order] - np.r_[0, np.cumsum(lens)[:-1]], lens)
+            seq = self._by_chunk[first + np.arange(n)]
+        else:
+            seq = np.arange(n)
+        if self.even_ranks == "pad" and n:
+            per = -(-n // world)
+            return np.resize(seq, per * world)[rank * per:(rank + 1) * per]
+        if self.even_ranks == "trim":
+            per = n // world
+            return seq[rank * per:(rank + 1) * per]
+        return seq[rank * n // world:(rank + 1) * n // world]
+
+    def _num_batches(self, rows: int) -> int:
+        return rows // self.batch_size if self.drop_last else -(-rows // self.batch_size)
+
+    def _worker_batches(self, rank_rows: int, workers: int) -> list[tuple[int, int]]:
+        """[first batch, end batch) of each worker within its rank."""
+        nb = self._num_batches(rank_rows)
+        return [(w * nb // workers, (w + 1) * nb // workers) for w in range(workers)]
+
+    def _skips(self, consumed: int, rank_rows: int, workers: int) -> tuple[list[int], int]:
+        """(samples each worker had delivered, worker of the next batch) after ``consumed`` samples.
+
+        DataLoader delivers worker batches round robin (worker 0, 1, ..., skipping exhausted
+        workers), so a count of consumed samples splits into workers in one way only. A resumed
+        DataLoader starts its round at worker 0 again: the caller rotates worker roles so that
+        the worker owning the next batch is the first asked.
+        """
+        spans = self._worker_batches(rank_rows, workers)
+        sizes = [[min(self.batch_size, rank_rows - b * self.batch_size) for b in range(lo, hi)] for lo, hi in spans]
+        skips, left = [0] * workers, consumed
+        for t in range(max((len(z) for z in sizes), default=0)):
+            for w in range(workers):
+                if t >= len(sizes[w]):
+                    continue
+                if left == 0:
+                    return skips, w
+                take = min(left, sizes[w][t])
+                skips[w] += take
+                left -= take
+                if take < sizes[w][t]:
+                    return skips, w
+        if left > 0:
+            raise HyperForgetError(f"state says {consumed} samples were consumed but this rank has only "
+                                   f"{consumed - left} in the epoch; was it saved for another view or world size?")
+        return skips, 0
+
+    def _check_workers(self, workers: int) -> None:
+        # The order of an epoch depends on how its rows were split among workers.
+        if self._resume and self._resume_workers != workers:
+            raise HyperForgetError(f"cannot resume: the state was saved with {self._resume_workers} DataLoader "
+                                   f"workers, this loader has {workers}; resume with the same num_workers")
+
+    def _update_dist(self) -> None:
+        """Re-read the DDP position (torch.distributed may be initialized after construction)."""
+        if self._given_rank is None and self._given_world is None:
+            self.rank, self.world_size = _resolve_dist(None, None)
+
+    def __len__(self) -> int:
+        """Batches this rank yields per epoch (independent of the number of workers)."""
+        self._update_dist()
+        return self._num_batches(len(self._rank_rows(self.rank, self.world_size)))
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank yields per epoch."""
+        return min(len(self._rank_rows(self.rank, self.world_size)), len(self) * self.batch_size)
+
+    # ------------------------------------------------------------------------------------------
+    # Reading
+
+    def _zoo(self):
+        if self._reader is None or self._reader_pid != os.getpid():
+            from zoo.store import open_zoo
+
+            self._reader, self._reader_pid, self._cache = open_zoo(self.zoo_path), os.getpid(), OrderedDict()
+            self._files = ShardFiles.open(self.zoo_path, self.chunk_rows, self.shard_rows, self.spec.num_params) \
+                if self.fast_reads and "://" not in self.zoo_path else None
+        return self._reader
+
+    def _chunk(self, c: int) -> np.ndarray:
+        block = self._cache.get(c)
+        if block is None:
+            r = self._zoo()
+            block = self._files.chunk(c) if self._files is not None else None
+            if block is None:  # not a layout ShardFiles reads, or a chunk left at its fill value
+                block = r.read_rows(c * self.chunk_rows, min((c + 1) * self.chunk_rows, r.num_rows))
+            self._cache[c] = block
+            if len(self._cache) > self.chunk_cache:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(c)
+        return block
+
+    def _gather(self, ids: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = params of checkpoint ids[i], reading whole chunks."""
+        chunks = ids // self.chunk_rows
+        for c in np.unique(chunks):
+            sel = np.flatnonzero(chunks == c)
+            out[sel] = self._chunk(int(c))[ids[sel] - int(c) * self.chunk_rows]
+
+    # ------------------------------------------------------------------------------------------
+    # Iteration
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        resume = self._resume
+        if info is None:
+            self._update_dist()
+            self._check_workers(0)
+            self._consumed = resume or 0
+            self._resume = None
+        rank_rows = self._rank_rows(self.rank, self.world_size)
+        skip = 0
+        if resume:
+            skips, first = self._skips(resume, len(rank_rows), workers)
+            worker = (worker + first) % workers  # the DataLoader asks worker 0 first: give it the next batch
+            skip = skips[worker]
+        lo, hi = self._worker_batches(len(rank_rows), workers)[worker]
+        a, b = lo * self.batch_size, min(hi * self.batch_size, len(rank_rows))
+        rows = rank_rows[a:b]
+        for batch in self._stream(rows, worker, skip):
+            if info is None:
+                self._consumed += len(batch["ids"])
+            yield batch
+
+    def _stream(self, rows: np.ndarray, worker: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches of this worker's rows (view row indices, block-shuffled), the first ``skip`` left out."""
+        n = len(rows)
+        if n == 0 or skip >= n:
+            return
+        # Pieces: consecutive rows on one chunk, at most PIECE_ROWS.
+        chunk = self.ids[rows] // self.chunk_rows
+        cuts = np.flatnonzero(chunk[1:] != chunk[:-1]) + 1
+        bounds = [0]
+        for s, e in zip(np.r_[0, cuts], np.r_[cuts, n]):
+            bounds.extend(range(int(s) + PIECE_ROWS, int(e), PIECE_ROWS))
+            bounds.append(int(e))
+        bounds = np.asarray(bounds, np.int64)
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 0x5B0F]) if self.shuffle else None
+        plan = _BufferPlan(bounds, n, self.shuffle_buffer, rng)
+
+        p = self.spec.num_params
+        store = np.empty((plan.store_rows, p), np.float32)
+        tstore = np.empty((plan.store_rows, p), np.float32) if self.pairs else None
+        need = plan.out_pos >= skip  # rows still to be yielded
+        bsz = self.batch_size
+        total = n - n % bsz if self.drop_last else n
+        pos = skip  # next output index
+        cur = None  # batch being filled: (rows, params, target params), and its fill level
+        fill = 0
+
+        for s in range(len(plan.emit_slots)):
+            if s < len(bounds) - 1:
+                a, e = bounds[s], bounds[s + 1]
+                if need[a:e].any():
+                    ids = self.ids[rows[a:e]]
+                    slots = plan.slots[a:e]
+                    buf = np.empty((e - a, p), np.float32)
+                    self._gather(ids, buf)
+                    store[slots] = buf
+                    if self.pairs:
+                        self._gather(self.target_ids[rows[a:e]], buf)
+                        tstore[slots] = buf
+            out_slots, out_rows = plan.emit_slots[s], plan.emit_rows[s]
+            keep = need[out_rows]
+            out_slots, out_rows = out_slots[keep], out_rows[keep]
+            i = 0
+            while i < len(out_slots) and pos < total:
+                if cur is None:
+                    size = min(bsz - pos % bsz, total - pos)
+                    cur = (np.empty(size, np.int64), np.empty((size, p), np.float32),
+                           np.empty((size, p), np.float32) if self.pairs else None)
+                    fill = 0
+                k = min(len(out_slots) - i, len(cur[0]) - fill)
+                sl = out_slots[i:i + k]
+                cur[0][fill:fill + k] = rows[out_rows[i:i + k]]
+                np.take(store, sl, axis=0, out=cur[1][fill:fill + k])
+                if self.pairs:
+                    np.take(tstore, sl, axis=0, out=cur[2][fill:fill + k])
+                fill += k
+                i += k
+                pos += k
+                if fill == len(cur[0]):
+                    yield self._finish(*cur)
+                    cur = None
+
+    def _finish(self, vrows: np.ndarray, params: np.ndarray, tparams: np.ndarray | None) -> dict[str, torch.Tensor]:
+        """Augment, normalize and wrap one batch."""
+        if self.permute:
+            # Keyed by (seed, epoch, view row): the same permutation whatever the ranks, workers or resume point.
+            salt = _mix64(np.array([(self.seed * 1_000_003 + self.epoch) % (1 << 64)], np.uint64))
+            keys = _mix64(vrows.astype(np.uint64) ^ salt)
+            idx = permutation_index(self.spec, hidden_permutations(keys, self.spec.hidden))
+            params = np.take_along_axis(params, idx, axis=1)
+            if tparams is not None:
+                tparams = np.take_along_axis(tparams, idx, axis=1)
+        if self._norm is not None:
+            mean, inv = self._norm
+            params -= mean
+            params *= inv
+            if tparams is not None:
+                tparams -= mean
+                tparams *= inv
+        batch = {"params": torch.from_numpy(params), "losses": torch.from_numpy(self.losses[vrows]),
+                 "ids": torch.from_numpy(self.ids[vrows]), "rows": torch.from_numpy(vrows)}
+        if self.pairs:
+            batch["target_params"] = torch.from_numpy(tparams)
+            batch["target_losses"] = torch.from_numpy(self.target_losses[vrows])
+            batch["target_ids"] = torch.from_numpy(self.target_ids[vrows])
+        if self.weights is not None:
+            batch["weights"] = torch.from_numpy(self.weights[vrows])
+        return batch
+
+    # ------------------------------------------------------------------------------------------
+    # Resumption
+
+    def state_dict(self) -> dict:
+        """Position in the epoch: restore it with load_state_dict to yield exactly the rest."""
+        return {"version": STATE_VERSION, "epoch": self.epoch, "seed": self.seed, "consumed": int(self._consumed),
+                "batch_size": self.batch_size, "num_workers": self.num_workers, "rank": self.rank,
+                "world_size": self.world_size, "view": self.view_name, "view_rows": len(self.ids),
+                "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer, "even_ranks": self.even_ranks,
+                "drop_last": self.drop_last}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the saved epoch at its saved position (the next iteration yields the rest)."""
+        if state.get("version") != STATE_VERSION:
+            raise HyperForgetError(f"loader state version {state.get('version')} is not supported; "
+                                   f"expected {STATE_VERSION}")
+        now = self.state_dict()
+        fixed = ("seed", "batch_size", "world_size", "view_rows", "shuffle", "shuffle_buffer",
+                 "even_ranks", "drop_last")
+        differ = [f"{k}: saved {state.get(k)!r}, now {now[k]!r}" for k in fixed if state.get(k) != now[k]]
+        if differ:
+            raise HyperForgetError(f"cannot resume: the loader differs from the saved one ({'; '.join(differ)}); "
+                                   "resume with the same view, seed, batch size, workers and world size")
+        self._resume_workers = int(state["num_workers"])  # checked when iteration starts
+        self.epoch = int(state["epoch"])
+        self._consumed = int(state["consumed"])
+        self._resume = int(state["consumed"]) or None
+
+
+class StreamLoader(DataLoader):
+    """A DataLoader over a CheckpointStream that counts consumed samples for state_dict()."""
+
+    def __iter__(self):
+        stream: CheckpointStream = self.dataset
+        if self.num_workers == 0:
+            return super().__iter__()  # the stream counts itself in this process
+        return self._counted(stream)
+
+    def _counted(self, stream: CheckpointStream):
+        stream._update_dist()  # before the workers copy the stream
+        stream._check_workers(self.num_workers)
+        it = super().__iter__()  # workers start here, each with a copy of the stream (and its resume point)
+        stream._consumed, stream._resume = stream._resume or 0, None
+        for batch in it:
+            stream._consumed += len(batch["ids"])
+            yield batch
+
+
+def make_loader(stream: CheckpointStream, num_workers: int = 0, pin_memory: bool | None = None,
+                prefetch_factor: int | None = 2, multiprocessing_context: Any = None) -> StreamLoader:
+    """A DataLoader that passes the stream's batches through (batch_size=None).
+
+    Args:
+        num_workers: reading processes; each opens the zoo itself.
+        pin_memory: page-locked batches for fast, non-blocking copies; default: when CUDA is available.
+        prefetch_factor: batches each worker keeps ready.
+        multiprocessing_context: e.g. "forkserver"; default the platform's.
+    Workers are not persistent, so each epoch's workers see set_epoch() and resume points.
+    """
+    if num_workers < 0:
+        raise HyperForgetError(f"num_workers must be >= 0, got {num_workers}")
+    stream.num_workers = int(num_workers)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return StreamLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                        prefetch_factor=prefetch_factor if num_workers else None, persistent_workers=False,
+                        multiprocessing_context=multiprocessing_context if num_workers else None)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Move a batch to ``device`` with non-blocking copies (overlap with compute when pinned)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}

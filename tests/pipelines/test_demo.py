@@ -1,0 +1,73 @@
+"""A tiny end-to-end run of `hyperforget demo --quick` on sklearn digits, and its resumption."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end_and_resume(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.unlearn import load_method, open_run
+    from zoo.mlp import load_mlps
+
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--dataset", "digits", "--out", str(out), "--methods", "logit_mask,neggrad_plus"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    run = open_run(out / "run")
+    assert run.forget_sets == [(2,), (2, 3)]
+    for forget in run.forget_sets:
+        folder = run.forget_dir(forget)
+        for method in ("dihyfo1", "dihyfo2", "logit_mask", "neggrad_plus"):
+            record = json.loads((folder / method / "record.json").read_text())
+            assert record["forget"] == list(forget)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert {"dihyfo1", "dihyfo2", "logit_mask", "neggrad_plus", "retrain", "original"} <= set(metrics["methods"])
+        # The unlearned models are the selected candidates, bit for bit.
+        params, record = load_method(run, forget, "dihyfo1")
+        _, candidates, _ = load_mlps(str(folder / "dihyfo1" / "candidates.safetensors"))
+        assert torch.equal(params, candidates[record["selected"]])
+        # Selection never picks a candidate that forgets less than another in its group.
+        f = np.asarray(record["candidates"]["forget_acc_val"], dtype=float)
+        k = record["config"]["candidates"]
+        for g, idx in enumerate(record["selected"]):
+            assert f[idx] == np.nanmin(f[g * k:(g + 1) * k])
+    md = (out / "run" / "report" / "report.md").read_text()
+    assert "DiHyFo-1 D_f={2,3}" in md and "| logit_mask |" in md
+    state = json.loads((out / "demo.json").read_text())
+    assert {"collect", "train_dihyfo1", "train_dihyfo2", "unlearn", "report"} <= set(state["stages"])
+
+    # Resuming redoes nothing: models and records keep their bytes.
+    before = {p: p.read_bytes() for p in (out / "run").rglob("*.safetensors")}
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert all(p.read_bytes() == b for p, b in before.items())
+    assert json.loads((out / "demo.json").read_text())["stages"]["train_dihyfo1"] == state["stages"]["train_dihyfo1"]
+
+
+def test_demo_rejects_unknown_methods(tmp_path):
+    from pipelines.demo import DemoConfig, run_demo
+    from zoo.errors import HyperForgetError
+
+    with pytest.raises(HyperForgetError, match="unknown baselines"):
+        run_demo(DemoConfig.for_mode(out=str(tmp_path), quick=True, dataset="digits", methods=["forgetting_spell"]))
+    with pytest.raises(HyperForgetError, match="unknown preset"):
+        run_demo(DemoConfig.for_mode(out=str(tmp_path), quick=True, preset="mnist7"))
+
+
+def test_quick_mode_sizes_are_small():
+    from pipelines.demo import DemoConfig
+
+    quick = DemoConfig.for_mode(out="x", quick=True)
+    full = DemoConfig.for_mode(out="x")
+    assert quick.runs < full.runs and quick.candidates < full.candidates and quick.train_steps is not None
+    assert DemoConfig.for_mode(out="x", quick=True, runs=7).runs == 7

@@ -1,0 +1,292 @@
+"""Unlearning pipeline: selection rule, prompts, run directory, baselines, DiHyFo path, retraining, CLI."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.unlearn import (LossStats, PromptConfig, RunConfig, UnlearnConfig, build_prompts, carve_validation,
+                               compute_metrics, init_run, load_method, params_sha256, parse_classes, read_json,
+                               select_best, unlearn)
+from zoo.errors import HyperForgetError
+from zoo.mlp import evaluate_per_class, load_mlps
+
+torch.set_num_threads(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection (Appendix A.1)
+
+
+def test_select_best_prefers_lowest_forget_then_highest_retain():
+    forget = np.array([0.30, 0.00, 0.00, 0.10, 0.00])
+    retain = np.array([0.99, 0.80, 0.95, 0.99, 0.95])
+    # Candidates 1, 2, 4 forget fully; 2 and 4 tie on retain: the first index wins.
+    assert select_best(forget, retain) == 2
+
+
+def test_select_best_never_trades_forgetting_for_retain_accuracy():
+    assert select_best(np.array([0.01, 0.0]), np.array([1.0, 0.2])) == 1
+    # With a tolerance, near-zero forget accuracy counts as a tie and retain accuracy decides.
+    assert select_best(np.array([0.01, 0.0]), np.array([1.0, 0.2]), tolerance=0.02) == 0
+
+
+def test_select_best_skips_nan_candidates_and_rejects_bad_shapes():
+    assert select_best(np.array([np.nan, 0.5, 0.5]), np.array([1.0, np.nan, 0.7])) == 2
+    with pytest.raises(HyperForgetError):
+        select_best(np.zeros(3), np.zeros(2))
+
+
+def test_carve_validation_is_stratified_disjoint_and_deterministic():
+    y = np.repeat(np.arange(4), [50, 31, 17, 2])
+    fit, val = carve_validation(y, 0.2, seed=3)
+    assert np.intersect1d(fit, val).size == 0 and len(fit) + len(val) == len(y)
+    assert [int((y[val] == c).sum()) for c in range(4)] == [10, 6, 3, 1]
+    fit2, val2 = carve_validation(y, 0.2, seed=3)
+    assert np.array_equal(val, val2) and np.array_equal(fit, fit2)
+    with pytest.raises(HyperForgetError):
+        carve_validation(y, 1.5, seed=0)
+
+
+def test_parse_classes():
+    assert parse_classes("3,2, 3") == (2, 3)
+    with pytest.raises(HyperForgetError):
+        parse_classes("two")
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts
+
+
+def test_prompts_lie_within_the_zoos_loss_ranges(tiny_zoo):
+    from zoo.store import open_zoo
+
+    path, _ = tiny_zoo(rows=117)
+    reader = open_zoo(path)
+    table = reader.metadata()
+    original = np.asarray(table.column("perm_index")) == 0
+    losses = np.stack([np.asarray(table.column(f"loss_{k}")) for k in range(4)], 1)[original]
+    stats = LossStats.from_zoo(reader)
+    assert stats.losses.shape == losses.shape  # permuted copies left out
+    prompts = build_prompts(stats, [2, 3], 9)
+    assert prompts.shape == (9, 4) and prompts.dtype == np.float32
+    lo, hi = losses.min(0), losses.max(0)
+    assert np.all(prompts >= lo - 1e-6) and np.all(prompts <= hi + 1e-6)
+    q90, q995, q05 = (np.quantile(losses, q, axis=0) for q in (0.9, 0.995, 0.05))
+    # Forget classes spread over the high quantiles, retain classes between the best and the 5% quantile.
+    np.testing.assert_allclose(prompts[:, 2].min(), q90[2], rtol=1e-5)
+    np.testing.assert_allclose(prompts[:, 2].max(), q995[2], rtol=1e-5)
+    assert np.all(prompts[:, :2] <= q05[:2] + 1e-6) and np.all(prompts[:, :2] >= lo[:2] - 1e-6)
+    assert np.all(prompts[:, 2:].min(0) > prompts[:, :2].max(0))
+
+
+def test_prompt_modes():
+    rng = np.random.default_rng(0)
+    losses = rng.gamma(2.0, 0.3, size=(301, 4))
+    p = build_prompts(losses, [3], 5, PromptConfig(forget_mode="max", retain_mode="min"))
+    np.testing.assert_allclose(p[:, 3], losses[:, 3].max(), rtol=1e-6)
+    np.testing.assert_allclose(p[:, :3], np.broadcast_to(losses[:, :3].min(0), (5, 3)), rtol=1e-6)
+    p = build_prompts(losses, [3], 4, PromptConfig(forget_mode="fixed", forget_value=7.0, retain_mode="min",
+                                                   retain_scale=0.5))
+    assert np.all(p[:, 3] == 7.0)
+    np.testing.assert_allclose(p[0, :3], 0.5 * losses[:, :3].min(0), rtol=1e-6)
+    with pytest.raises(HyperForgetError):
+        PromptConfig(forget_mode="loud")
+    with pytest.raises(HyperForgetError):
+        build_prompts(losses, [9], 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny run (digits, the tiny zoo's 64-3-4 task): original, retrained models, baselines, DiHyFo.
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A run made from a tiny zoo: original model and 3 retrained models for forget set {2}."""
+    from pipelines.retrain import retrain_into
+    from tests.conftest import TINY_CLASSES, TINY_SPEC, make_tiny_batches
+    from zoo.datasets import load_dataset
+    from zoo.store import ZooConfig, create_zoo
+
+    base = tmp_path_factory.mktemp("unlearn")
+    ds = load_dataset("digits", classes=TINY_CLASSES)
+    _, batches = make_tiny_batches(ds, 117)
+    config = ZooConfig(TINY_SPEC, TINY_CLASSES, pivots=(0, 1), dataset=ds.describe(), chunk_rows=8, shard_rows=32)
+    with create_zoo(str(base / "zoo"), config) as w:
+        for key, p, meta in batches:
+            w.commit(p, meta, key)
+    run = init_run(base / "run", RunConfig(zoo=str(base / "zoo"), epochs=30, retrain_seeds=(100, 101, 102)))
+    retrain_into(run, (2,))
+    return run
+
+
+def test_run_directory_holds_original_and_retrained_models(tiny_run):
+    run = tiny_run
+    meta = read_json(run.path / "run.json")
+    assert meta["format"] == "hyperforget-run" and meta["spec"]["hidden"] == 3 and meta["pivots"] == [0, 1]
+    assert meta["config"]["dataset"] == "digits" and meta["forget_sets"] == [[2]]
+    original = read_json(run.path / "original" / "original.json")
+    assert original["metrics"]["test"]["total_acc"][0] > 0.8
+    retrained, record = load_method(run, (2,), "retrain")
+    assert retrained.shape == (3, run.spec.num_params) and record["seeds"] == [100, 101, 102]
+    # A retrained model never saw class 2 and so never predicts it.
+    d = run.data()
+    acc = evaluate_per_class(run.spec, retrained, d.x_test, d.y_test).acc
+    assert np.all(acc[:, 2] == 0.0) and np.all(acc[:, [0, 1, 3]].mean(1) > 0.8)
+
+
+@pytest.mark.parametrize("method", ["logit_mask", "neggrad_plus"])
+def test_unlearn_with_a_baseline_writes_the_method_folder(tiny_run, method):
+    run = tiny_run
+    before = run.original_params().clone()
+    record = unlearn(run, "2", UnlearnConfig(method=method, repeats=2))
+    folder = run.forget_dir((2,)) / method
+    spec, params, _ = load_mlps(str(folder / "model.safetensors"))
+    assert params.shape == (2, spec.num_params)
+    saved = read_json(folder / "record.json")
+    assert saved["method"] == method and saved["forget"] == [2] and saved["wall_seconds"] >= 0
+    assert saved["hyperparameters"] is not None and saved["config"]["repeats"] == 2
+    assert saved["selected_sha256"] == [params_sha256(p) for p in params]
+    assert torch.equal(run.original_params(), before)  # the model to unlearn is untouched
+    d = run.data()
+    original_forget = evaluate_per_class(run.spec, before[None], d.x_val, d.y_val).acc[0, 2]
+    assert np.all(record["metrics_val"]["forget_acc"] < original_forget)
+    if method == "logit_mask":
+        assert saved["output_mask"] == [2] and np.allclose(saved["metrics_val"]["forget_acc"], 0.0)
+        assert torch.equal(params[0], before)  # the control keeps the original parameters
+
+
+def test_metrics_compare_every_method_with_the_retrained_models(tiny_run):
+    run = tiny_run
+    unlearn(run, (2,), UnlearnConfig(method="logit_mask", repeats=1))
+    metrics = compute_metrics(run, (2,))
+    saved = read_json(run.forget_dir((2,)) / "metrics.json")
+    assert set(saved["methods"]) >= {"original", "retrain", "logit_mask"}
+    for name in ("logit_mask", "retrain", "original"):
+        m = metrics["methods"][name]
+        for key in ("acc_retain", "acc_forget", "acc_test", "mia", "overlap_retain", "overlap_forget",
+                    "overlap_test", "phi"):
+            assert np.isfinite(m[key]["mean"]), (name, key)
+    assert metrics["methods"]["logit_mask"]["acc_forget"]["mean"] == 0.0
+    assert metrics["methods"]["original"]["acc_forget"]["mean"] > 0.5
+    assert metrics["methods"]["retrain"]["acc_forget"]["mean"] == 0.0
+    # Retrained vs retrained compares distinct seeds only: 3 models -> 6 ordered pairs.
+    assert metrics["methods"]["retrain"]["overlap_test"]["n"] == 6
+
+
+class FakeHypernetwork:
+    """Stands in for hyper.sample's sampler: candidates are the start model plus seeded noise, with
+    class 2's output bias pushed down in every other candidate (so some candidates forget)."""
+
+    def __init__(self, spec, variant):
+        self.spec, self.variant, self.calls = spec, variant, []
+
+    def sample(self, target_losses, current_params, current_losses, method="ddim", steps=50, seed=0):
+        self.calls.append({"targets": target_losses.clone(), "current": current_params, "losses": current_losses,
+                           "method": method, "steps": steps, "seed": seed})
+        k = target_losses.shape[0]
+        gen = torch.Generator().manual_seed(seed)
+        start = current_params if current_params is not None else torch.zeros(k, self.spec.num_params)
+        out = start + 0.01 * torch.randn(k, self.spec.num_params, generator=gen)
+        bias = self.spec.layout.slot("fc2.bias")
+        out[::2, bias.offset + 2] -= 50.0
+        return out
+
+
+@pytest.fixture
+def fake_hyper(monkeypatch):
+    nets = {}
+
+    def load_hypernetwork(model_dir):
+        return nets[str(model_dir)]
+
+    module = types.ModuleType("hyper.sample")
+    module.load_hypernetwork = load_hypernetwork
+    monkeypatch.setitem(sys.modules, "hyper.sample", module)
+    return nets
+
+
+def test_dihyfo_unlearning_saves_the_selected_candidates_exactly(tiny_run, fake_hyper, tmp_path):
+    run = tiny_run
+    net = FakeHypernetwork(run.spec, "dihyfo1")
+    fake_hyper[str(tmp_path)] = net
+    record = unlearn(run, [2], UnlearnConfig(method="dihyfo1", candidates=6, repeats=2, sample_batch=5),
+                     model_dir=str(tmp_path))
+    folder = run.forget_dir((2,)) / "dihyfo1"
+    _, selected, _ = load_mlps(str(folder / "model.safetensors"))
+    _, candidates, _ = load_mlps(str(folder / "candidates.safetensors"))
+    assert candidates.shape == (12, run.spec.num_params) and selected.shape == (2, run.spec.num_params)
+    chosen = record["selected"]
+    assert chosen[0] in range(0, 6) and chosen[1] in range(6, 12)
+    assert torch.equal(selected, candidates[chosen])  # bit-identical to what the sampler returned
+    assert record["selected_sha256"] == [params_sha256(p) for p in selected]
+    # DiHyFo-1 starts from the model to unlearn and its per-class test losses.
+    assert torch.equal(net.calls[0]["current"][0], run.original_params())
+    assert net.calls[0]["losses"].shape == (5, 4)
+    assert sum(c["targets"].shape[0] for c in net.calls) == 12  # batched in chunks of 5
+    # The selection is the A.1 rule on the validation accuracies recorded.
+    f = np.asarray(record["candidates"]["forget_acc_val"])
+    r = np.asarray(record["candidates"]["retain_acc_val"])
+    assert chosen[0] == select_best(f[:6], r[:6]) and f[chosen[0]] == 0.0
+    saved = read_json(folder / "record.json")
+    assert np.asarray(saved["prompts"]).shape == (6, 4) and saved["config"]["candidates"] == 6
+    assert saved["timings"]["sample_s"] >= 0
+
+
+def test_dihyfo_refuses_pivots_and_unknown_classes(tiny_run, fake_hyper, tmp_path):
+    fake_hyper[str(tmp_path)] = FakeHypernetwork(tiny_run.spec, "dihyfo2")
+    with pytest.raises(HyperForgetError, match="pivots"):
+        unlearn(tiny_run, [0], UnlearnConfig(method="dihyfo2"), model_dir=str(tmp_path))
+    with pytest.raises(HyperForgetError, match="not in the task"):
+        unlearn(tiny_run, [7], UnlearnConfig(method="logit_mask"))
+    with pytest.raises(HyperForgetError, match="holds a dihyfo2"):
+        unlearn(tiny_run, [2], UnlearnConfig(method="dihyfo1"), model_dir=str(tmp_path))
+    with pytest.raises(HyperForgetError, match="unknown unlearning method"):
+        unlearn(tiny_run, [2], UnlearnConfig(method="forgetful"))
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_unlearn_and_errors(tiny_run, capsys):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app, main
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["unlearn", "--method", "logit_mask", "--run", str(tiny_run.path), "--forget", "2",
+                              "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    assert "acc D_f 0.0000" in res.output
+    res = runner.invoke(app, ["unlearn", "--method", "logit_mask", "--run", str(tiny_run.path), "--forget", "9"])
+    assert isinstance(res.exception, HyperForgetError)
+    argv = sys.argv
+    try:
+        sys.argv = ["hyperforget", "unlearn", "--method", "ssd", "--run", str(tiny_run.path), "--forget", "2,9"]
+        with pytest.raises(SystemExit) as exc:
+            main()
+    finally:
+        sys.argv = argv
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "not in the task" in err and len(err.strip().splitlines()) == 1
+
+
+def test_benchmark_unlearning_cli_runs_every_method_and_prints_the_table(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(app, ["benchmark-unlearning", "--preset", "mnist4", "--dataset", "digits",
+                                   "--forget", "3", "--methods", "logit_mask,ssd", "--seeds", "2", "--repeats", "1",
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "| logit_mask |" in res.output and "| ssd |" in res.output and "| Retrained |" in res.output
+    metrics = read_json(out / "forget-3" / "metrics.json")
+    assert set(metrics["methods"]) == {"original", "retrain", "logit_mask", "ssd"}

@@ -1,0 +1,44 @@
+"""Fixtures for the queries tests: a tiny zoo (117 checkpoints, 9 runs, chunks of 8 rows)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two CPU cores shared by several test sessions: keep torch from oversubscribing them.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def qzoo(tiny_zoo):
+    """Path of a 117-row zoo of the 64-3-4 MLP (pivots 0, 1), with normalization statistics."""
+    from zoo.store import ZooWriter, compute_normalization, open_zoo
+
+    path, _ = tiny_zoo(rows=117, chunk_rows=8, shard_rows=32)
+    stats = compute_normalization(open_zoo(path))
+    with ZooWriter.open(path) as w:
+        w.set_normalization(stats)
+    return path
+
+
+@pytest.fixture
+def zoo_params(qzoo):
+    """(rows, P) parameters of qzoo, read back from the store."""
+    from zoo.store import open_zoo
+
+    r = open_zoo(qzoo)
+    return r.read_rows(0, r.num_rows)
+
+
+@pytest.fixture
+def zoo_meta(qzoo):
+    """qzoo's metadata as a pandas DataFrame, ordered by checkpoint_id."""
+    from zoo.store import open_zoo
+
+    return open_zoo(qzoo).metadata().to_pandas()

@@ -1,0 +1,206 @@
+"""CheckpointStream: exactly-once epochs across workers and ranks, resumption, determinism, augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from queries.loader import CheckpointStream, hidden_permutations, make_loader, permutation_index, to_device
+from queries.views import build_view, load_view
+from zoo.errors import HyperForgetError
+from zoo.mlp import batched_logits
+
+
+@pytest.fixture
+def all_view(qzoo):
+    build_view(qzoo, "split", "everything")
+    return "everything"
+
+
+@pytest.fixture
+def pair_view(qzoo):
+    build_view(qzoo, "pairs", "pairs6", cap=6)
+    return "pairs6"
+
+
+def _ids(batches, key="ids"):
+    return np.concatenate([b[key].numpy() for b in batches]) if batches else np.empty(0, np.int64)
+
+
+def test_single_mode_batches_hold_the_right_rows(qzoo, all_view, zoo_params, zoo_meta):
+    s = CheckpointStream(qzoo, all_view, batch_size=10, shuffle_buffer=20)
+    batches = list(s)
+    assert [len(b["ids"]) for b in batches] == [10] * 11 + [7] and len(s) == 12
+    ids = _ids(batches)
+    assert sorted(ids) == list(range(117))
+    assert not np.array_equal(ids, np.arange(117))  # shuffled
+    b = batches[0]
+    assert b["params"].dtype == torch.float32 and b["params"].shape == (10, 211) and b["ids"].dtype == torch.int64
+    assert b["losses"].shape == (10, 4)
+    params = torch.cat([b["params"] for b in batches]).numpy()
+    losses = torch.cat([b["losses"] for b in batches]).numpy()
+    assert np.array_equal(params, zoo_params[ids])
+    assert np.allclose(losses, zoo_meta[[f"loss_{k}" for k in range(4)]].to_numpy()[ids])
+
+
+def test_pair_mode(qzoo, pair_view, zoo_params):
+    view = load_view(qzoo, pair_view)[0].to_pandas()
+    s = CheckpointStream(qzoo, pair_view, batch_size=8, shuffle_buffer=12)
+    batches = list(s)
+    rows = _ids(batches, "rows")
+    assert sorted(rows) == list(range(len(view)))
+    for b in batches:
+        r = b["rows"].numpy()
+        assert np.array_equal(b["ids"].numpy(), view.checkpoint_id.values[r])
+        assert np.array_equal(b["target_ids"].numpy(), view.target_id.values[r])
+        assert np.array_equal(b["params"].numpy(), zoo_params[b["ids"].numpy()])
+        assert np.array_equal(b["target_params"].numpy(), zoo_params[b["target_ids"].numpy()])
+        assert np.allclose(b["target_losses"].numpy(), view[[f"target_loss_{k}" for k in range(4)]].values[r])
+
+
+def test_every_row_once_across_two_ranks_and_two_workers(qzoo, all_view, zoo_params):
+    seen = []
+    counts = []
+    for rank in range(2):
+        s = CheckpointStream(qzoo, all_view, batch_size=7, shuffle_buffer=16, rank=rank, world_size=2, seed=5)
+        s.set_epoch(1)
+        batches = list(make_loader(s, num_workers=2, pin_memory=False))
+        assert len(batches) == len(s)
+        counts.append(sum(len(b["ids"]) for b in batches))
+        for b in batches:
+            assert np.array_equal(b["params"].numpy(), zoo_params[b["ids"].numpy()])
+        seen.append(_ids(batches))
+    allids = np.concatenate(seen)
+    assert sorted(allids) == list(range(117)) and abs(counts[0] - counts[1]) <= 1
+    # the same epoch read in one process gives the same per-rank sets (workers only split the work)
+    s = CheckpointStream(qzoo, all_view, batch_size=7, shuffle_buffer=16, rank=0, world_size=2, seed=5)
+    s.set_epoch(1)
+    assert set(_ids(list(s))) == set(seen[0])
+
+
+@pytest.mark.parametrize("even, per_rank", [("pad", 30), ("trim", 29)])
+def test_even_ranks(qzoo, all_view, even, per_rank):
+    got = []
+    for rank in range(4):
+        s = CheckpointStream(qzoo, all_view, batch_size=8, rank=rank, world_size=4, even_ranks=even)
+        got.append(_ids(list(s)))
+        assert len(got[-1]) == per_rank and len(s) == 4
+    allids = np.concatenate(got)
+    if even == "pad":
+        assert set(allids) == set(range(117)) and len(allids) == 120
+    else:
+        assert len(set(allids)) == len(allids) == 116
+
+
+def test_deterministic_for_seed_and_epoch(qzoo, all_view):
+    def order(seed, epoch, **kw):
+        s = CheckpointStream(qzoo, all_view, batch_size=16, shuffle_buffer=24, seed=seed, **kw)
+        s.set_epoch(epoch)
+        return _ids(list(s))
+
+    a = order(0, 0)
+    assert np.array_equal(a, order(0, 0))
+    assert not np.array_equal(a, order(0, 1)) and not np.array_equal(a, order(1, 0))
+    assert np.array_equal(order(0, 0, shuffle=False), np.arange(117))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_yields_exactly_the_rest(qzoo, all_view, workers):
+    def stream():
+        s = CheckpointStream(qzoo, all_view, batch_size=9, shuffle_buffer=20, seed=2)
+        s.set_epoch(3)
+        return s
+
+    full = _ids(list(make_loader(stream(), num_workers=workers, pin_memory=False)))
+    assert sorted(full) == list(range(117))
+    s = stream()
+    loader = make_loader(s, num_workers=workers, pin_memory=False)
+    it = iter(loader)
+    head = [next(it) for _ in range(5)]
+    state = s.state_dict()
+    del it, loader
+    assert state["consumed"] == 45 and state["epoch"] == 3
+    s2 = stream()
+    s2.set_epoch(0)  # load_state_dict restores the epoch
+    s2.load_state_dict(state)
+    rest = _ids(list(make_loader(s2, num_workers=workers, pin_memory=False)))
+    assert np.array_equal(np.concatenate([_ids(head), rest]), full)
+    assert s2.state_dict()["consumed"] == 117
+    # the following epoch starts from the beginning again
+    s2.set_epoch(4)
+    assert len(_ids(list(s2))) == 117
+
+
+def test_resume_mid_batch_and_mismatch(qzoo, all_view):
+    s = CheckpointStream(qzoo, all_view, batch_size=10, seed=1)
+    full = _ids(list(s))
+    state = s.state_dict()
+    state["consumed"] = 33  # not on a batch boundary
+    s.load_state_dict(state)
+    rest = list(s)
+    assert np.array_equal(_ids(rest), full[33:]) and len(rest[0]["ids"]) == 7
+    other = CheckpointStream(qzoo, all_view, batch_size=12, seed=1)
+    with pytest.raises(HyperForgetError, match="batch_size"):
+        other.load_state_dict(state)
+
+
+def test_permutation_augmentation_preserves_function(qzoo, pair_view, zoo_params, tiny_dataset, tiny_spec):
+    s = CheckpointStream(qzoo, pair_view, batch_size=16, permute=True)
+    b = next(iter(s))
+    raw = torch.as_tensor(zoo_params[b["ids"].numpy()])
+    traw = torch.as_tensor(zoo_params[b["target_ids"].numpy()])
+    assert not torch.equal(b["params"], raw)  # some permutation is not the identity
+    x = torch.as_tensor(tiny_dataset.x_test[:50])
+    assert torch.allclose(batched_logits(tiny_spec, b["params"], x), batched_logits(tiny_spec, raw, x), atol=1e-5)
+    assert torch.allclose(batched_logits(tiny_spec, b["target_params"], x), batched_logits(tiny_spec, traw, x),
+                          atol=1e-5)
+    # θ and θ* got the same permutation: recover it from fc1.bias of each
+    h = tiny_spec.hidden
+    off = tiny_spec.layout.slot("fc1.bias").offset
+    for i in range(16):
+        p1 = [int(np.argmin(np.abs(raw[i, off:off + h].numpy() - v))) for v in b["params"][i, off:off + h].numpy()]
+        p2 = [int(np.argmin(np.abs(traw[i, off:off + h].numpy() - v))) for v in b["target_params"][i, off:off + h].numpy()]
+        assert p1 == p2
+    # the index maps agree with an explicit per-layer permutation
+    perms = hidden_permutations(np.arange(3, dtype=np.uint64), h)
+    idx = permutation_index(tiny_spec, perms)
+    w = tiny_spec.layout.unflatten(raw[:3])
+    moved = tiny_spec.layout.unflatten(torch.take_along_dim(raw[:3], torch.as_tensor(idx), 1))
+    for i in range(3):
+        pi = torch.as_tensor(perms[i])
+        assert torch.equal(moved["fc1.weight"][i], w["fc1.weight"][i][pi])
+        assert torch.equal(moved["fc2.weight"][i], w["fc2.weight"][i][:, pi])
+
+
+@pytest.mark.parametrize("mode", ["global", "layer"])
+def test_normalization(qzoo, all_view, zoo_params, mode):
+    from zoo.store import open_zoo
+
+    stats = open_zoo(qzoo).config.normalization
+    s = CheckpointStream(qzoo, all_view, batch_size=32, normalize=mode)
+    b = next(iter(s))
+    raw = zoo_params[b["ids"].numpy()]
+    if mode == "global":
+        expect = (raw - stats["mean"]) / stats["std"]
+    else:
+        expect = np.empty_like(raw)
+        for slot in s.spec.layout.slots:
+            st = stats["layers"][slot.name]
+            expect[:, slot.offset:slot.stop] = (raw[:, slot.offset:slot.stop] - st["mean"]) / st["std"]
+    assert np.allclose(b["params"].numpy(), expect, atol=1e-5)
+    assert np.allclose(s.denormalize(b["params"]).numpy(), raw, atol=1e-5)
+
+
+def test_weights_to_device_and_errors(qzoo, tmp_path):
+    build_view(qzoo, "balanced", "bw", mode="weights", n_bins=3)
+    b = next(iter(CheckpointStream(qzoo, "bw", batch_size=5)))
+    assert b["weights"].shape == (5,)
+    moved = to_device(b, "cpu")
+    assert set(moved) == set(b) and torch.equal(moved["params"], b["params"])
+    with pytest.raises(HyperForgetError, match="no view"):
+        CheckpointStream(qzoo, "missing")
+    with pytest.raises(HyperForgetError, match="normalize"):
+        CheckpointStream(qzoo, "bw", normalize="batch")
+    with pytest.raises(HyperForgetError, match="rank"):
+        CheckpointStream(qzoo, "bw", rank=2, world_size=2)

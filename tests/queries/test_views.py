@@ -1,0 +1,176 @@
+"""Views respect their definitions: splits by run, pairs within a run in step order, balanced caps."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from queries import views
+from zoo.errors import HyperForgetError
+
+
+def _build(qzoo, kind, name, **params) -> pd.DataFrame:
+    rec = views.build_view(qzoo, kind, name, **params)
+    table, rec2 = views.load_view(qzoo, name)
+    assert rec2 == rec and rec["rows"] == table.num_rows
+    return table.to_pandas()
+
+
+def test_split_is_disjoint_by_run_and_covers_everything(qzoo, zoo_meta):
+    train = _build(qzoo, "split", "tr", split="train", test_fraction=0.4, split_seed=3)
+    test = _build(qzoo, "split", "te", split="test", test_fraction=0.4, split_seed=3)
+    both = _build(qzoo, "split", "al", split="all", test_fraction=0.4, split_seed=3)
+    assert len(train) and len(test)
+    assert not set(train.run_id) & set(test.run_id)
+    assert sorted(np.r_[train.checkpoint_id, test.checkpoint_id]) == list(range(117))
+    assert sorted(both.checkpoint_id) == list(range(117))
+    labelled = both.set_index("checkpoint_id").split
+    assert (labelled[train.checkpoint_id] == "train").all() and (labelled[test.checkpoint_id] == "test").all()
+    # whole runs on one side: every checkpoint of a test run is in the test view
+    assert len(test) == int(zoo_meta.run_id.isin(set(test.run_id)).sum())
+    # deterministic, and the seed matters
+    assert _build(qzoo, "split", "te2", split="test", test_fraction=0.4, split_seed=3).equals(test)
+    others = [set(_build(qzoo, "split", f"o{s}", split="test", test_fraction=0.4, split_seed=s).run_id)
+              for s in range(4, 8)]
+    assert any(o != set(test.run_id) for o in others)
+    assert len(_build(qzoo, "split", "none", split="test", test_fraction=0.0)) == 0
+    originals = _build(qzoo, "split", "orig", include_augmented=False)
+    assert (originals.perm_index == 0).all() and len(originals) == int((zoo_meta.perm_index == 0).sum())
+
+
+def _all_pairs(meta: pd.DataFrame, max_gap: int = -1) -> pd.DataFrame:
+    """Every valid (θ, θ*) pair, by brute force."""
+    m = meta[["checkpoint_id", "run_id", "perm_index", "step"]]
+    j = m.merge(m, on=["run_id", "perm_index"], suffixes=("", "_t"))
+    j = j[j.step < j.step_t]
+    if max_gap > 0:
+        j = j[j.step_t - j.step <= max_gap]
+    return j
+
+
+def test_pairs_follow_their_definition(qzoo, zoo_meta):
+    pairs = _build(qzoo, "pairs", "p", cap=20)
+    allp = _all_pairs(zoo_meta)
+    meta = zoo_meta.set_index("checkpoint_id")
+    a, b = meta.loc[pairs.checkpoint_id], meta.loc[pairs.target_id]
+    assert (a.run_id.values == b.run_id.values).all() and (pairs.run_id.values == a.run_id.values).all()
+    assert (a.perm_index.values == b.perm_index.values).all()
+    assert (a.step.values < b.step.values).all()
+    assert (pairs.step.values == a.step.values).all() and (pairs.target_step.values == b.step.values).all()
+    for k in range(4):
+        assert np.allclose(pairs[f"loss_{k}"], a[f"loss_{k}"]) and np.allclose(pairs[f"target_loss_{k}"], b[f"loss_{k}"])
+        assert np.allclose(pairs[f"delta_{k}"], b[f"loss_{k}"].values - a[f"loss_{k}"].values)
+    # cap per run: exactly min(cap, available pairs), no duplicates
+    got = pairs.groupby("run_id").size()
+    avail = allp.groupby("run_id").size()
+    assert (got == np.minimum(20, avail.loc[got.index])).all() and set(got.index) == set(avail.index)
+    assert not pairs.duplicated(["checkpoint_id", "target_id"]).any()
+    # both phases, including pairs that cross the deletion step
+    assert {"learning", "forgetting"} <= set(pairs.target_phase)
+    assert ((pairs.phase == "learning") & (pairs.target_phase == "forgetting")).any()
+    # deterministic for a seed; another seed picks other pairs
+    assert _build(qzoo, "pairs", "p_again", cap=20).equals(pairs)
+    other = _build(qzoo, "pairs", "p_seed", cap=20, seed=1)
+    assert set(zip(other.checkpoint_id, other.target_id)) != set(zip(pairs.checkpoint_id, pairs.target_id))
+
+
+def test_pairs_uncapped_gap_and_split(qzoo, zoo_meta):
+    full = _build(qzoo, "pairs", "pall", cap=10_000, max_gap=30)
+    brute = _all_pairs(zoo_meta, max_gap=30)
+    assert set(zip(full.checkpoint_id, full.target_id)) == set(zip(brute.checkpoint_id, brute.checkpoint_id_t))
+    split = _build(qzoo, "split", "s_test", split="test", test_fraction=0.4)
+    tr = _build(qzoo, "pairs", "p_tr", split="train", test_fraction=0.4)
+    te = _build(qzoo, "pairs", "p_te", split="test", test_fraction=0.4)
+    assert set(te.run_id) == set(split.run_id) and not set(tr.run_id) & set(te.run_id)
+
+
+def _bins(x: np.ndarray, n_bins: int) -> np.ndarray:
+    lo, hi = x.min(), x.max()
+    if hi == lo:
+        return np.zeros(len(x), int)
+    return np.minimum(np.floor((x - lo) / (hi - lo) * n_bins).astype(int), n_bins - 1)
+
+
+@pytest.mark.parametrize("scale", ["log", "linear"])
+def test_balanced_cap_respects_bins_and_caps(qzoo, zoo_meta, scale):
+    n_bins, cap = 5, 3
+    view = _build(qzoo, "balanced", "b", n_bins=n_bins, cap=cap, scale=scale, offset=1e-3)
+    chosen = set(view.checkpoint_id)
+    assert len(chosen) == len(view) and (view.weight == 1).all()
+    upper = 0
+    for k in (2, 3):  # the non-pivot classes (pivots are 0, 1)
+        loss = zoo_meta[f"loss_{k}"].to_numpy().astype(np.float64)
+        x = np.log(loss + 1e-3) if scale == "log" else loss
+        bins = _bins(x, n_bins)
+        for b in np.unique(bins):
+            members = set(zoo_meta.checkpoint_id[bins == b])
+            # every bin gets min(cap, its size) of its own members (more may come through the other class)
+            assert len(members & chosen) >= min(cap, len(members))
+            upper += min(cap, len(members))
+    assert len(view) <= upper
+    assert _build(qzoo, "balanced", "b2", n_bins=n_bins, cap=cap, scale=scale).equals(view)
+    # the re-sampled losses are flatter than the original: the fullest bin shrinks
+    x = np.log(zoo_meta.loss_2.to_numpy() + 1e-3) if scale == "log" else zoo_meta.loss_2.to_numpy()
+    before = np.bincount(_bins(x, n_bins)).max() / len(x)
+    sel = zoo_meta.checkpoint_id.isin(chosen).to_numpy()
+    after = np.bincount(_bins(x, n_bins)[sel]).max() / sel.sum()
+    assert after <= before
+
+
+def test_balanced_weights_match_an_independent_computation(qzoo, zoo_meta):
+    n_bins = 4
+    view = _build(qzoo, "balanced", "w", n_bins=n_bins, mode="weights", include_augmented=False)
+    meta = zoo_meta[zoo_meta.perm_index == 0].reset_index(drop=True)
+    n = len(meta)
+    terms = []
+    for k in (2, 3):
+        bins = _bins(np.log(meta[f"loss_{k}"].to_numpy().astype(np.float64) + 1e-3), n_bins)
+        counts = np.bincount(bins)
+        terms.append(n / ((counts > 0).sum() * counts[bins]))
+    expect = np.mean(terms, axis=0)
+    assert list(view.checkpoint_id) == list(meta.checkpoint_id)
+    assert np.allclose(view.weight, expect, rtol=1e-5)
+    assert abs(view.weight.mean() - 1) < 1e-5
+
+
+def test_records_list_and_bad_params(qzoo):
+    rec = views.build_view(qzoo, "pairs", cap=7)
+    assert rec["name"].startswith("pairs_") and rec["params"]["cap"] == 7 and rec["mode"] == "pairs"
+    assert rec["zoo_rows"] == 117 and rec["num_classes"] == 4
+    assert [r["name"] for r in views.list_views(qzoo)] == [rec["name"]]
+    with open(os.path.join(qzoo, "views", rec["name"] + ".json")) as f:
+        assert json.load(f)["params"]["split"] == "all"
+    for bad, match in [({"cap": 0}, "cap >= 1"), ({"split": "val"}, "split must be"), ({"nope": 1}, "no parameter"),
+                       ({"cap": "x"}, "not a valid int"), ({"test_fraction": 2}, r"\[0, 1\]")]:
+        with pytest.raises(HyperForgetError, match=match):
+            views.build_view(qzoo, "pairs", **bad)
+    with pytest.raises(HyperForgetError, match="unknown view kind"):
+        views.build_view(qzoo, "triples")
+    with pytest.raises(HyperForgetError, match="view name"):
+        views.build_view(qzoo, "split", "runs")
+    with pytest.raises(HyperForgetError, match="already exists"):
+        views.build_view(qzoo, "pairs", rec["name"], overwrite=False, cap=7)
+    with pytest.raises(HyperForgetError, match="no view"):
+        views.load_view(qzoo, "missing")
+
+
+def test_ensure_training_views(qzoo):
+    tr, te = views.ensure_training_views(qzoo, "dihyfo1", seed=1, cap=9, test_fraction=0.4)
+    rtr, rte = views.view_record(qzoo, tr), views.view_record(qzoo, te)
+    assert rtr["kind"] == rte["kind"] == "pairs" and rtr["params"]["split"] == "train"
+    assert rtr["params"]["split_seed"] == 1 and rtr["params"]["cap"] == 9
+    a, b = views.load_view(qzoo, tr)[0].to_pandas(), views.load_view(qzoo, te)[0].to_pandas()
+    assert not set(a.run_id) & set(b.run_id)
+    mtime = os.path.getmtime(os.path.join(qzoo, "views", tr + ".parquet"))
+    assert views.ensure_training_views(qzoo, "dihyfo1", seed=1, cap=9, test_fraction=0.4) == (tr, te)
+    assert os.path.getmtime(os.path.join(qzoo, "views", tr + ".parquet")) == mtime  # not rebuilt
+    tr2, te2 = views.ensure_training_views(qzoo, "dihyfo2", seed=1, n_bins=3)
+    assert views.view_record(qzoo, tr2)["kind"] == "balanced" and tr2 != tr
+    cols = views.load_view(qzoo, tr2)[0].column_names
+    assert cols[0] == "checkpoint_id" and all(f"loss_{k}" in cols for k in range(4))
+    with pytest.raises(HyperForgetError, match="unknown variant"):
+        views.ensure_training_views(qzoo, "dihyfo3")

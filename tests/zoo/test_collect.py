@@ -1,0 +1,351 @@
+"""The collector: selection heuristics, a tiny collection end to end, kill + resume, dask parity, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from zoo.collect import ClassEvaluator, CollectConfig, collect, plan_run, resolve_task, train_group
+from zoo.errors import HyperForgetError
+from zoo.mlp import batched_logits, evaluate_per_class, init_params
+from zoo.selection import REASONS, SelectionConfig, Selector, consider_mask
+from zoo.store import open_zoo, verify_zoo
+
+torch.set_num_threads(1)
+
+# A tiny task: sklearn digits, classes 0-3, the MNIST-4 MLP on 8x8 inputs (64-2-4), 9 epochs of
+# 5 steps. 11 runs in groups of 4 (4, 4, 3) with 2 permuted copies per checkpoint.
+TINY = dict(preset="mnist4", dataset="digits", runs=11, runs_per_group=4, augment=2, seed=3, epochs=9,
+            lr_min=0.15, lr_max=0.4, selection=SelectionConfig(max_per_run=14, random_share=0.2))
+
+
+def tiny_config(**changes) -> CollectConfig:
+    return CollectConfig(**{**TINY, **changes})
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    cfg = tiny_config()
+    out = str(tmp_path_factory.mktemp("zoo") / "tiny")
+    summary = collect(cfg, out, use_dask=False, progress=False)
+    return cfg, out, summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Selection heuristics on hand-made losses
+
+
+def test_selector_gamma_bins_budget_and_phases():
+    cfg = SelectionConfig(max_per_run=10, bin_edges=(0.1, 1.0), bin_cap=0.2, forget_share=0.4)
+    consider = np.ones((2, 101), dtype=bool)
+    # run 0 binned without deletion, run 1 binned deleting at step 50; pivots {0, 1}, C = 4
+    sel = Selector(cfg, ["binned", "binned"], np.array([-1, 50]), 100, 10, (0, 1), 4, consider)
+    assert sel.bin_cap.tolist() == [[2, 1], [2, 1]]  # phases (10, 0) and (6, 4): ceil(0.2 · budget), at least 1
+    runs = np.array([0, 1])
+    acc_ok = np.array([[0.9, 0.85, 0.1, 0.2]] * 2)
+    acc_bad = np.array([[0.9, 0.79, 0.1, 0.2]] * 2)
+    loss = np.array([[0.05, 0.05, 2.0, 0.5]] * 2)  # class 2 in bin 2, class 3 in bin 1
+    keep, reason = sel.select(1, runs, loss, acc_bad)
+    assert not keep.any()  # a pivot below gamma blocks saving
+    keep, reason = sel.select(2, runs, loss, acc_ok)
+    assert keep.all() and set(reason) == {REASONS.index("pivot_bin")}
+    keep, _ = sel.select(3, runs, loss, acc_ok)
+    assert keep.all()
+    keep, _ = sel.select(4, runs, loss, acc_ok)
+    assert not keep.any()  # (class 2, bin 2) and (class 3, bin 1) hold their cap of 2
+    keep, _ = sel.select(5, runs, loss * np.array([1, 1, 1, 0.1]), acc_ok)
+    assert not keep.any()  # class 3 moved to bin 0, but class 2's bin is still full
+    keep, _ = sel.select(6, runs, np.array([[0.05, 0.05, 0.5, 0.05]] * 2), acc_ok)
+    assert keep.all()
+    assert sel.count.tolist() == [3, 3]
+    # After its deletion step run 1 counts bins afresh, with the forgetting-phase cap.
+    assert sel.phase(51, runs).tolist() == [0, 1]
+    keep, _ = sel.select(51, runs, loss, acc_ok)
+    assert keep.tolist() == [False, True]
+    keep, _ = sel.select(52, runs, loss, acc_ok)
+    assert keep.tolist() == [False, False]  # forgetting cap is 1
+    # Invalid checkpoints (e.g. non-finite parameters) are never kept.
+    keep, _ = sel.select(53, runs, np.array([[0.05, 0.05, 0.05, 3.0]] * 2), acc_ok, valid=np.array([False, False]))
+    assert not keep.any()
+
+
+def test_selector_learning_budget_leaves_room_after_deletion():
+    cfg = SelectionConfig(max_per_run=10, bin_cap=1.0, forget_share=0.4)
+    sel = Selector(cfg, ["binned"], np.array([20]), 40, 10, (0,), 3, np.ones((1, 41), dtype=bool))
+    saved = []
+    for t in range(1, 41):
+        runs = sel.candidates(t)
+        if len(runs):
+            keep, _ = sel.select(t, runs, np.full((1, 3), 0.3), np.ones((1, 3)))
+            saved += [t] * int(keep.sum())
+    assert len([t for t in saved if t <= 20]) == 6  # learning stops at max − reserve
+    assert len(saved) == 10 and saved[-1] > 20
+
+
+def test_selector_relaxed_and_random_runs():
+    cfg = SelectionConfig(max_per_run=5, mode="relaxed", relaxed_min_change=0.1)
+    sel = Selector(cfg, ["relaxed", "random"], np.array([-1, -1]), 10, 5, (0,), 2, np.ones((2, 11), dtype=bool))
+    runs = np.array([0, 1])
+    low_acc = np.zeros((2, 2))  # relaxed runs ignore pivots
+    keep, reason = sel.select(0, runs, np.array([[1.0, 1.0]] * 2), low_acc)
+    assert keep.tolist() == [True, True]
+    assert [REASONS[r] for r in reason] == ["relaxed", "init"]
+    keep, _ = sel.select(1, runs, np.array([[1.05, 1.0]] * 2), low_acc)
+    assert keep.tolist() == [False, True]  # |Δ log loss| = 0.049 < 0.1: a near duplicate
+    keep, reason = sel.select(10, runs, np.array([[1.2, 1.0]] * 2), low_acc)
+    assert keep.tolist() == [True, True] and REASONS[reason[1]] == "final"
+
+
+def test_consider_mask_schedules():
+    cfg = SelectionConfig(consider_factor=1.0, early_boost=8.0)
+    rng = np.random.default_rng(0)
+    m = consider_mask(cfg, "random", 500, -1, 20, rng)
+    assert m.sum() == 20 and m[0] and m[500]
+    masks = np.stack([consider_mask(cfg, "binned", 1000, -1, 50, np.random.default_rng(s)) for s in range(40)])
+    assert not masks[:, 0].any()
+    early, late = masks[:, 1:101].sum(), masks[:, 901:].sum()
+    assert early > 4 * late  # β decays across training
+    assert abs(masks.sum() / 40 - 50) < 8  # about consider_factor × budget considered
+    # A deletion run restarts the high early rate right after its deletion step.
+    d = np.stack([consider_mask(cfg, "binned", 1000, 500, 50, np.random.default_rng(s)) for s in range(40)])
+    assert d[:, 501:551].sum() > 3 * d[:, 451:501].sum()
+
+
+def test_config_errors():
+    with pytest.raises(HyperForgetError, match="gamma"):
+        SelectionConfig(gamma=80)
+    with pytest.raises(HyperForgetError, match="mode"):
+        SelectionConfig(mode="pivots")
+    with pytest.raises(HyperForgetError, match="runs"):
+        CollectConfig(runs=0)
+    with pytest.raises(HyperForgetError, match="preset"):
+        CollectConfig(preset="mnist3")
+    with pytest.raises(HyperForgetError, match="unknown collection settings"):
+        CollectConfig.from_dict({"runs": 3, "bogus": 1})
+    assert CollectConfig.from_dict(tiny_config().to_dict()) == tiny_config()
+
+
+def test_class_evaluator_matches_evaluate_per_class():
+    task = resolve_task(tiny_config())
+    params = init_params(task.spec, range(9)) * 3
+    ev = ClassEvaluator(task.spec, torch.as_tensor(task.data.x_test), torch.as_tensor(task.data.y_test),
+                        max_elements=2000)  # several passes
+    loss, acc, tl, ta = ev(params)
+    ref = evaluate_per_class(task.spec, params, task.data.x_test, task.data.y_test)
+    np.testing.assert_allclose(loss, ref.loss, rtol=1e-5)
+    np.testing.assert_allclose(acc, ref.acc, rtol=1e-6)
+    np.testing.assert_allclose(tl, ref.total_loss, rtol=1e-5)
+    np.testing.assert_allclose(ta, ref.total_acc, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny collection end to end
+
+
+def test_collection_counts_and_run_configs(tiny_zoo):
+    cfg, out, summary = tiny_zoo
+    assert verify_zoo(out).ok
+    r = open_zoo(out)
+    meta = r.metadata().to_pandas()
+    assert r.committed_keys == {"group-000000", "group-000001", "group-000002"}
+    assert summary.groups_committed == 3 and summary.groups_skipped == 0
+    assert len(meta) == summary.checkpoints == r.num_rows
+    assert (meta.perm_index == 0).sum() * 3 == len(meta)  # K = 2 copies each
+    orig = meta[meta.perm_index == 0]
+    per_run = orig.groupby("run_id").size()
+    assert set(per_run.index) <= set(range(11)) and (per_run <= 14).all()
+    assert len(per_run) >= 9  # nearly every run keeps something on this task
+    assert not orig.duplicated(["run_id", "step"]).any()
+    assert summary.per_reason == dict(sorted(Counter(meta.reason).items()))
+    # Metadata carries each run's configuration, recomputed here from (seed, run id) alone.
+    task = resolve_task(cfg)
+    kinds = set()
+    for run_id, rows in orig.groupby("run_id"):
+        plan = plan_run(cfg, task, int(run_id))
+        kinds.add(plan.kind)
+        row = rows.iloc[0]
+        assert (row.seed, row.run_kind, row.deletion_step) == (plan.seed, plan.kind, plan.deletion_step)
+        assert list(row.deleted) == list(plan.deleted) and list(row.undersampled) == list(plan.undersampled)
+        np.testing.assert_allclose(row.lr, plan.lr, rtol=1e-6)
+        assert ((rows.step > plan.deletion_step) == (rows.phase == "forgetting")).all() or plan.deletion_step < 0
+    assert kinds == {"binned", "random"}
+    zoo_json = json.load(open(os.path.join(out, "zoo.json")))
+    assert zoo_json["collection"]["config"] == cfg.to_dict()
+    assert zoo_json["normalization"]["std"] > 0
+    # Stored losses are the stored parameters' real test losses (independent evaluation).
+    ids = orig.checkpoint_id.to_numpy()[::7]
+    ref = evaluate_per_class(task.spec, r.read(ids), task.data.x_test, task.data.y_test)
+    got = orig.set_index("checkpoint_id").loc[ids]
+    np.testing.assert_allclose(got[[f"loss_{k}" for k in range(4)]].to_numpy(), ref.loss, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.test_acc.to_numpy(), ref.total_acc, rtol=1e-6)
+
+
+def test_pivot_runs_meet_gamma_and_bin_caps_hold(tiny_zoo):
+    cfg, out, _ = tiny_zoo
+    meta = open_zoo(out).metadata().to_pandas()
+    binned = meta[(meta.run_kind == "binned") & (meta.perm_index == 0)]
+    assert len(binned) > 20
+    assert (binned.reason == "pivot_bin").all()
+    assert (binned[["acc_0", "acc_1"]] >= cfg.selection.gamma).all().all()  # pivots {0, 1}
+    edges = np.array(cfg.selection.bin_edges)
+    m = 14
+    for (run_id, phase), rows in binned.groupby(["run_id", "phase"]):
+        deletes = rows.deletion_step.iloc[0] >= 0
+        reserve = round(cfg.selection.forget_share * m) if deletes else 0
+        budget = (m - reserve) if phase == "learning" else reserve
+        cap = max(1, int(np.ceil(cfg.selection.bin_cap * budget)))
+        assert len(rows) <= budget
+        for k in (2, 3):
+            counts = np.bincount(np.digitize(rows[f"loss_{k}"].to_numpy(), edges), minlength=len(edges) + 1)
+            assert counts.max() <= cap, (run_id, phase, k, counts, cap)
+
+
+def test_deletion_runs_show_rising_loss_on_deleted_classes(tiny_zoo):
+    cfg, out, _ = tiny_zoo
+    meta = open_zoo(out).metadata().to_pandas()
+    orig = meta[meta.perm_index == 0]
+    rises = []
+    for run_id, rows in orig[orig.deletion_step >= 0].groupby("run_id"):
+        before = rows[rows.phase == "learning"].sort_values("step")
+        after = rows[rows.phase == "forgetting"].sort_values("step")
+        if before.empty or after.empty:
+            continue
+        deleted = [f"loss_{k}" for k in after.deleted.iloc[0]]
+        rise = after[deleted].max().to_numpy() - before[deleted].iloc[-1].to_numpy()  # per deleted class
+        assert (rise > 0).all(), (run_id, rise)
+        rises.append(rise.mean())
+        # The pivots stay learned meanwhile.
+        assert after[["loss_0", "loss_1"]].to_numpy().mean() < after[deleted].to_numpy().mean()
+    assert len(rises) >= 2 and np.mean(rises) > 0.2
+
+
+def test_augmented_copies_are_functionally_identical(tiny_zoo):
+    _, out, _ = tiny_zoo
+    r = open_zoo(out)
+    meta = r.metadata().to_pandas()
+    copies = meta[meta.perm_index > 0]
+    assert (copies.reason == "augment").all()
+    src = meta.set_index("checkpoint_id").loc[copies.source_id]
+    assert (src.perm_index == 0).all()
+    assert (src.run_id.to_numpy() == copies.run_id.to_numpy()).all()
+    assert (src.step.to_numpy() == copies.step.to_numpy()).all()
+    task = resolve_task(tiny_zoo[0])
+    x = torch.as_tensor(task.data.x_test[:50])
+    a = batched_logits(task.spec, torch.as_tensor(r.read(copies.checkpoint_id.to_numpy())), x)
+    b = batched_logits(task.spec, torch.as_tensor(r.read(copies.source_id.to_numpy())), x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not np.array_equal(r.read(copies.checkpoint_id.to_numpy()[:5]), r.read(copies.source_id.to_numpy()[:5]))
+
+
+def test_rerun_skips_committed_groups_and_rejects_other_settings(tiny_zoo):
+    cfg, out, first = tiny_zoo
+    again = collect(cfg, out, use_dask=False, progress=False)
+    assert again.groups_committed == 0 and again.groups_skipped == 3
+    assert again.checkpoints == first.checkpoints
+    with pytest.raises(HyperForgetError, match="other settings"):
+        collect(tiny_config(seed=4), out, use_dask=False, progress=False)
+    with pytest.raises(HyperForgetError, match="resume with --runs 11"):
+        collect(tiny_config(runs=13), out, use_dask=False, progress=False)
+
+
+def test_group_results_do_not_depend_on_threads():
+    cfg = tiny_config(runs=3, runs_per_group=3, epochs=4)
+    a = train_group(cfg, 0, threads=1)
+    b = train_group(cfg, 0, threads=2)
+    assert np.array_equal(a.params, b.params)
+    assert a.meta.equals(b.meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kill midway, resume; dask workers
+
+
+_KILLABLE = """
+import sys, time
+from zoo.collect import CollectConfig, collect
+cfg = CollectConfig.from_dict(__import__("json").loads(sys.argv[2]))
+collect(cfg, sys.argv[1], use_dask=False, progress=False, on_commit=lambda res, ids: time.sleep(0.5))
+"""
+
+
+def _same_zoo(a: str, b: str) -> None:
+    ra, rb = open_zoo(a), open_zoo(b)
+    assert ra.num_rows == rb.num_rows
+    assert ra.metadata().equals(rb.metadata())
+    assert np.array_equal(ra.read_rows(0, ra.num_rows), rb.read_rows(0, rb.num_rows))
+
+
+def test_killed_collection_resumes_to_the_same_zoo(tiny_zoo, tmp_path):
+    cfg, ref, _ = tiny_zoo
+    out = str(tmp_path / "killed")
+    proc = subprocess.Popen([sys.executable, "-c", _KILLABLE, out, json.dumps(cfg.to_dict())])
+    manifest = os.path.join(out, "manifest.json")
+    deadline = time.time() + 60
+    rows = 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if os.path.exists(manifest):
+                rows = json.load(open(manifest)).get("num_rows", 0)
+                if rows:
+                    break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the collection finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert 0 < open_zoo(out).num_rows < open_zoo(ref).num_rows
+    summary = collect(cfg, out, use_dask=False, progress=False)
+    assert summary.groups_skipped >= 1 and summary.groups_committed >= 1
+    assert verify_zoo(out).ok
+    meta = open_zoo(out).metadata()
+    originals = meta.filter(pc.equal(meta.column("perm_index"), 0)).to_pandas()
+    assert not originals.duplicated(["run_id", "step"]).any()  # each run once
+    _same_zoo(out, ref)
+
+
+def test_local_cluster_two_workers_equal_one(tiny_zoo, tmp_path):
+    """Two LocalCluster workers build the zoo one worker builds; the one-worker reference is the
+    in-process collector (the same task function run group after group), which spares the test
+    a second cluster start."""
+    cfg, ref, _ = tiny_zoo
+    two = str(tmp_path / "two")
+    summary = collect(cfg, two, workers=2, max_in_flight=3, progress=False)
+    assert summary.groups_committed == 3
+    _same_zoo(two, ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_collect(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    out = str(tmp_path / "cli")
+    args = ["zoo", "collect", "--preset", "mnist4", "--dataset", "digits", "--runs", "3", "--out", out,
+            "--epochs", "6", "--runs-per-group", "2", "--augment", "1", "--seed", "5", "--no-dask"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "checkpoints" in res.output
+    r = open_zoo(out)
+    assert r.num_rows > 0 and r.committed_keys == {"group-000000", "group-000001"}
+    res = CliRunner().invoke(app, args[:-2] + ["6", "--no-dask"])  # other seed, same zoo
+    assert isinstance(res.exception, HyperForgetError)
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "zoo", "collect", "--preset", "mnist9",
+                           "--runs", "2", "--out", str(tmp_path / "bad"), "--no-dask"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "error: unknown preset" in proc.stderr

@@ -1,0 +1,629 @@
+"""The collector: many MLP training runs, selected checkpoints, streamed into a zoo.
+
+Runs are numbered 0..runs−1 and run r's configuration (seed, learning rate, undersampled
+classes and rates, run kind, deleted classes and deletion step) is drawn from (seed, r) alone.
+Consecutive runs form groups of ``runs_per_group``; a group is trained in lockstep
+(:mod:`zoo.lockstep`) on one minibatch sequence drawn from (seed, group), its candidate
+checkpoints evaluated per class in one vectorized pass and filtered by the Appendix A.5
+heuristics (:mod:`zoo.selection`), then augmented with permuted copies (:mod:`zoo.augment`).
+
+Groups are dask tasks (a LocalCluster by default, or an existing cluster). The client is the
+zoo's single committer: it commits each group under the key ``group-NNNNNN`` in group order,
+so checkpoint ids do not depend on the number of workers or the order tasks finish in. A task
+that fails is retried; a re-run of an interrupted collection skips committed groups and ends
+with exactly the requested runs. At most ``max_in_flight`` group results are held at once,
+so memory stays bounded whatever the zoo size.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from zoo.augment import augment as permute_augment
+from zoo.datasets import Dataset, load_dataset
+from zoo.errors import HyperForgetError
+from zoo.lockstep import LockstepSGD, epoch_batches, steps_per_epoch
+from zoo.mlp import TaskPreset, get_preset, init_params
+from zoo.selection import PHASES, REASONS, SelectionConfig, Selector, consider_mask
+
+COLLECTION_FORMAT = 1  # version of the "collection" block this module writes into zoo.json
+
+
+@dataclass
+class CollectConfig:
+    """What a collection builds; saved in zoo.json ("collection") and checked when resuming."""
+
+    preset: str = "mnist4"  # TASK_PRESETS name: MLP, classes, pivots, budget per run, epochs
+    dataset: str = "mnist-5k"  # zoo.datasets.load_dataset name (mnist-5k, mnist, fashion-mnist, digits, idx:DIR)
+    data_root: str | None = None  # directory of the IDX files for "mnist" / "idx" datasets
+    scaling: str = "unit"  # pixel scaling: "unit" (x/255) or "standard"
+    runs: int = 64  # training runs, numbered 0..runs-1
+    runs_per_group: int = 32  # runs trained in lockstep by one task (one commit)
+    augment: int = 0  # K permuted copies stored after each checkpoint
+    seed: int = 0  # master seed; run r's configuration derives from (seed, r)
+    epochs: int | None = None  # epochs per run; None: the preset's (25)
+    batch_size: int = 128  # minibatch shared by the runs of a group
+    lr_min: float = 0.05  # per-run base learning rate, log-uniform in [lr_min, lr_max]
+    lr_max: float = 0.2  # (G.pt used 0.1, cosine-annealed per step to 0)
+    momentum: float = 0.9  # SGD momentum (Nesterov)
+    weight_decay: float = 5e-4  # SGD weight decay
+    undersample_rate_min: float = 0.005  # kept fraction of an undersampled class, log-uniform in [min, max]
+    undersample_rate_max: float = 0.5
+    undersample_pivots: bool = False  # may pivot classes be undersampled too
+    deletion_share: float = 0.4  # share of runs that delete non-pivot classes mid-training
+    deletion_window: tuple[float, float] = (0.3, 0.6)  # deletion step as a fraction of the run's steps
+    max_param_abs: float = 10.0  # checkpoints with a larger |parameter| are not kept (G.pt drops them)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)  # Appendix A.5 heuristics
+
+    def __post_init__(self) -> None:
+        if isinstance(self.selection, dict):
+            self.selection = SelectionConfig.from_dict(self.selection)
+        self.deletion_window = tuple(float(v) for v in self.deletion_window)
+        get_preset(self.preset)
+        checks = [
+            (self.runs >= 1, f"runs must be ≥ 1, got {self.runs}"),
+            (self.runs_per_group >= 1, f"runs_per_group must be ≥ 1, got {self.runs_per_group}"),
+            (self.augment >= 0, f"augment (permuted copies) must be ≥ 0, got {self.augment}"),
+            (self.epochs is None or self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}"),
+            (0 < self.lr_min <= self.lr_max, f"need 0 < lr_min ≤ lr_max, got {self.lr_min}, {self.lr_max}"),
+            (0 < self.undersample_rate_min <= self.undersample_rate_max <= 1,
+             "need 0 < undersample_rate_min ≤ undersample_rate_max ≤ 1"),
+            (0 <= self.deletion_share <= 1, f"deletion_share is a share in [0, 1], got {self.deletion_share}"),
+            (len(self.deletion_window) == 2 and 0 < self.deletion_window[0] <= self.deletion_window[1] < 1,
+             f"deletion_window must be two fractions 0 < a ≤ b < 1, got {self.deletion_window}"),
+            (self.max_param_abs > 0, "max_param_abs must be > 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise HyperForgetError(msg)
+
+    @property
+    def num_groups(self) -> int:
+        return math.ceil(self.runs / self.runs_per_group)
+
+    def group_runs(self, g: int) -> range:
+        return range(g * self.runs_per_group, min((g + 1) * self.runs_per_group, self.runs))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["deletion_window"] = list(self.deletion_window)
+        d["selection"] = self.selection.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CollectConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise HyperForgetError(f"unknown collection settings {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+
+class ClassEvaluator:
+    """Per-class test loss and accuracy of many models, tuned for the collector's hot loop.
+
+    Same results as ``zoo.mlp.evaluate_per_class`` (tests compare them) but with the test split,
+    its one-hot matrix and class counts prepared once, float32 sums, and log-softmax written
+    out, which is several times faster than ``torch.log_softmax`` over a class axis of 4-10.
+    """
+
+    def __init__(self, spec, x: torch.Tensor, y: torch.Tensor, max_elements: int = 1 << 22):
+        self.spec = spec
+        self.x = torch.as_tensor(x, dtype=torch.float32)  # (N, D)
+        self.y = torch.as_tensor(y, dtype=torch.long)  # (N,)
+        c = spec.num_classes
+        self.onehot = torch.nn.functional.one_hot(self.y, c).to(torch.float32)  # (N, C)
+        self.counts = self.onehot.sum(0)  # (C,)
+        self.models_per_pass = max(1, max_elements // max(1, len(self.y) * c))
+
+    @torch.no_grad()
+    def __call__(self, params: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(m, P) params -> loss (m, C), acc (m, C), total_loss (m,), total_acc (m,) as float32 numpy."""
+        from zoo.mlp import batched_logits
+
+        loss_sum, correct = [], []
+        for m0 in range(0, params.shape[0], self.models_per_pass):
+            logits = batched_logits(self.spec, params[m0:m0 + self.models_per_pass], self.x)  # (m, N, C)
+            z = logits - logits.amax(-1, keepdim=True)
+            lse = z.exp().sum(-1).log_()  # (m, N)
+            nll = lse - z.gather(-1, self.y.expand(z.shape[0], -1)[..., None])[..., 0]  # (m, N)
+            hit = (logits.argmax(-1) == self.y).to(torch.float32)  # (m, N)
+            loss_sum.append(nll @ self.onehot)
+            correct.append(hit @ self.onehot)
+        ls, cr = torch.cat(loss_sum), torch.cat(correct)  # (m, C)
+        n = self.counts.sum()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return ((ls / self.counts).numpy(), (cr / self.counts).numpy(), (ls.sum(1) / n).numpy(),
+                    (cr.sum(1) / n).numpy())
+
+
+def group_key(g: int) -> str:
+    return f"group-{g:06d}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Task and run plans
+
+
+@dataclass(frozen=True)
+class Task:
+    """The resolved task a collection trains on: preset adapted to the dataset, and the data."""
+
+    preset: TaskPreset  # the preset, its MLP input size matched to the dataset
+    data: Dataset  # train/test splits of the preset's classes, labels 0..C-1
+    epochs: int  # epochs per run
+    max_per_run: int  # checkpoint budget per run
+    batch_size: int  # minibatch size
+
+    @property
+    def spec(self):
+        return self.preset.spec
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(len(self.data.y_train), self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+@functools.lru_cache(maxsize=4)
+def _load(dataset: str, root: str | None, classes: tuple[int, ...], scaling: str) -> Dataset:
+    # Cached per process: a dask worker loads the data once for all the groups it trains.
+    return load_dataset(dataset, root=root, classes=classes, scaling=scaling)
+
+
+def resolve_task(cfg: CollectConfig) -> Task:
+    preset = get_preset(cfg.preset)
+    data = _load(cfg.dataset, cfg.data_root, tuple(preset.classes), cfg.scaling)
+    if data.input_size != preset.spec.input_size:
+        preset = preset.with_input_size(data.input_size)
+    if len(data.y_train) == 0:
+        raise HyperForgetError(f"dataset {cfg.dataset!r} has no training examples of classes {list(preset.classes)}")
+    max_per_run = cfg.selection.max_per_run or preset.checkpoints_per_run
+    return Task(preset, data, cfg.epochs or preset.epochs, int(max_per_run), cfg.batch_size)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One training run's configuration, a pure function of (collection seed, run id)."""
+
+    run_id: int  # unique in the zoo
+    seed: int  # initialization and per-run randomness
+    lr: float  # base learning rate
+    kind: str  # run_kind: binned, relaxed, random
+    undersampled: tuple[int, ...]  # task labels undersampled in this run
+    undersample_rates: tuple[float, ...]  # kept fraction of each
+    deleted: tuple[int, ...]  # task labels deleted mid-training (empty: none)
+    deletion_step: int  # last optimizer step with the deleted classes; −1 if none
+
+
+def plan_run(cfg: CollectConfig, task: Task, run_id: int) -> RunPlan:
+    rng = np.random.default_rng([cfg.seed, 0, run_id])
+    c = task.spec.num_classes
+    pivots = set(task.preset.pivots)
+    nonpivots = [k for k in range(c) if k not in pivots]
+    seed = int(rng.integers(0, 2**31 - 1))
+    lr = float(np.exp(rng.uniform(np.log(cfg.lr_min), np.log(cfg.lr_max))))
+    kind = "random" if rng.random() < cfg.selection.random_share else cfg.selection.mode
+    pool = list(range(c)) if cfg.undersample_pivots else nonpivots
+    n_under = int(rng.integers(0, len(pool) + 1))
+    under = tuple(sorted(int(k) for k in rng.choice(pool, size=n_under, replace=False))) if n_under else ()
+    lo, hi = np.log(cfg.undersample_rate_min), np.log(cfg.undersample_rate_max)
+    rates = tuple(float(np.float32(np.exp(rng.uniform(lo, hi)))) for _ in under)
+    deleted: tuple[int, ...] = ()
+    deletion_step = -1
+    if nonpivots and rng.random() < cfg.deletion_share:
+        size = int(rng.integers(1, len(nonpivots) + 1))
+        deleted = tuple(sorted(int(k) for k in rng.choice(nonpivots, size=size, replace=False)))
+        a, b = cfg.deletion_window
+        deletion_step = int(round(rng.uniform(a, b) * task.total_steps))
+        deletion_step = min(max(deletion_step, 1), task.total_steps - 1)
+    return RunPlan(run_id, seed, lr, kind, under, rates, deleted, deletion_step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training one group
+
+
+@dataclass
+class GroupResult:
+    """What a group task returns: rows to commit and counters."""
+
+    group: int
+    params: np.ndarray  # (n·(K+1), P) float32, originals each followed by their K copies
+    meta: pa.Table  # n·(K+1) rows of zoo metadata (without checkpoint_id), source_offset for copies
+    runs: int  # runs trained
+    steps: int  # optimizer steps of all runs together (run-steps)
+    evaluated: int  # candidate checkpoints evaluated
+    seconds: float  # wall time of the task
+    train_seconds: float  # of which in optimizer steps
+
+
+def train_group(cfg: CollectConfig, g: int, *, threads: int | None = 1) -> GroupResult:
+    """Train the runs of group g in lockstep and return their selected checkpoints.
+
+    ``threads`` bounds torch's intra-op threads for the task (1 by default, so results do not
+    depend on the machine and dask workers do not oversubscribe cores); None leaves it as is.
+    """
+    t_start = time.perf_counter()
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _train_group(cfg, g, t_start)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
+    task = resolve_task(cfg)
+    spec, data = task.spec, task.data
+    run_ids = list(cfg.group_runs(g))
+    if not run_ids:
+        raise HyperForgetError(f"group {g} is beyond the {cfg.num_groups} groups of {cfg.runs} runs")
+    plans = [plan_run(cfg, task, r) for r in run_ids]
+    r_, c, T = len(plans), spec.num_classes, task.total_steps
+    x = torch.as_tensor(data.x_train)
+    y = torch.as_tensor(data.y_train)
+    evaluate = ClassEvaluator(spec, torch.as_tensor(data.x_test), torch.as_tensor(data.y_test))
+
+    # Per-run example weights: undersampling keeps a fixed random subset of each chosen class.
+    keep = torch.ones(r_, len(y))  # (R, N)
+    consider = np.zeros((r_, T + 1), dtype=bool)
+    for i, p in enumerate(plans):
+        rng = np.random.default_rng([p.seed, 1])
+        for k, rate in zip(p.undersampled, p.undersample_rates):
+            members = np.flatnonzero(data.y_train == k)
+            dropped = members[rng.random(len(members)) >= rate]
+            keep[i, torch.as_tensor(dropped)] = 0.0
+        consider[i] = consider_mask(cfg.selection, p.kind, T, p.deletion_step, task.max_per_run,
+                                    np.random.default_rng([p.seed, 2]))
+    deletion_step = np.array([p.deletion_step for p in plans])
+    deleted_mask = torch.zeros(r_, c, dtype=torch.bool)  # (R, C) classes deleted by each run
+    for i, p in enumerate(plans):
+        deleted_mask[i, list(p.deleted)] = True
+    class_w = torch.ones(r_, c)  # (R, C) becomes 0 for deleted classes once past the deletion step
+
+    selector = Selector(cfg.selection, [p.kind for p in plans], deletion_step, T, task.max_per_run,
+                        tuple(task.preset.pivots), c, consider)
+    opt = LockstepSGD(spec, init_params(spec, [p.seed for p in plans]), torch.tensor([p.lr for p in plans]), T,
+                      momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+    kept_params: list[torch.Tensor] = []
+    kept_rows: list[tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    evaluated = 0
+
+    def consider_step(t: int) -> None:
+        nonlocal evaluated
+        runs = selector.candidates(t)
+        if not len(runs):
+            return
+        p = opt.params[torch.as_tensor(runs)]  # (m, P)
+        loss, acc, total_loss, total_acc = evaluate(p)
+        evaluated += len(runs)
+        valid = (p.abs().amax(1) <= cfg.max_param_abs).numpy()  # False for NaN / inf too
+        valid &= np.isfinite(total_loss)
+        keep_, reason = selector.select(t, runs, loss, acc, valid)
+        if keep_.any():
+            kept_params.append(p[torch.as_tensor(keep_)])
+            kept_rows.append((runs[keep_], t, selector.phase(t, runs[keep_]), reason[keep_], loss[keep_],
+                              acc[keep_], np.stack([total_loss[keep_], total_acc[keep_]], 1)))
+
+    # Train: all runs step together on the group's minibatch sequence.
+    gen = torch.Generator().manual_seed(_mix(cfg.seed, 3, g))
+    train_seconds = 0.0
+    consider_step(0)
+    t = 0
+    for _ in range(task.epochs):
+        for idx in epoch_batches(len(y), task.batch_size, gen):
+            t += 1
+            started = deletion_step == t - 1  # step t is the first one without the deleted classes
+            if started.any():
+                rows = torch.as_tensor(np.flatnonzero(started))
+                class_w[rows] = torch.where(deleted_mask[rows], 0.0, class_w[rows])
+            yb = y[idx]
+            w = keep[:, idx] * class_w[:, yb]  # (R, B)
+            t0 = time.perf_counter()
+            opt.step(x[idx], yb, w)
+            train_seconds += time.perf_counter() - t0
+            consider_step(t)
+    assert t == T
+
+    n = sum(len(r[0]) for r in kept_rows)
+    if n == 0:
+        params = torch.zeros(0, spec.num_params)
+    else:
+        params = torch.cat(kept_params)
+    run_idx = np.concatenate([r[0] for r in kept_rows]) if n else np.zeros(0, np.int64)
+    step = np.concatenate([np.full(len(r[0]), r[1]) for r in kept_rows]) if n else np.zeros(0, np.int64)
+    order = np.lexsort((step, run_idx))  # by run, then step
+    params = params[torch.as_tensor(order)] if n else params
+
+    def cat(j: int, shape: tuple) -> np.ndarray:
+        return np.concatenate([r[j] for r in kept_rows])[order] if n else np.zeros(shape)
+
+    phase, reason = cat(2, (0,)).astype(np.int64), cat(3, (0,)).astype(np.int64)
+    loss, acc, totals = cat(4, (0, c)), cat(5, (0, c)), cat(6, (0, 2))
+    run_idx, step = run_idx[order], step[order]
+    spe = task.steps_per_epoch
+    cols: dict[str, object] = {
+        "run_id": np.array([plans[i].run_id for i in run_idx], dtype=np.int64),
+        "step": step.astype(np.int32),
+        "epoch": np.maximum(step - 1, 0).astype(np.int32) // spe,
+        "phase": np.array(PHASES, dtype=object)[phase],
+        "reason": np.array(REASONS, dtype=object)[reason],
+        "undersampled": pa.array([list(plans[i].undersampled) for i in run_idx], pa.list_(pa.int8())),
+        "undersample_rates": pa.array([list(plans[i].undersample_rates) for i in run_idx], pa.list_(pa.float32())),
+        "deleted": pa.array([list(plans[i].deleted) for i in run_idx], pa.list_(pa.int8())),
+        "deletion_step": deletion_step[run_idx].astype(np.int32),
+        "seed": np.array([plans[i].seed for i in run_idx], dtype=np.int64),
+        "lr": np.array([plans[i].lr for i in run_idx], dtype=np.float32),
+        "run_kind": np.array([plans[i].kind for i in run_idx], dtype=object),
+    }
+    for k in range(c):
+        cols[f"loss_{k}"] = loss[:, k].astype(np.float32)
+    for k in range(c):
+        cols[f"acc_{k}"] = acc[:, k].astype(np.float32)
+    cols["test_loss"] = totals[:, 0].astype(np.float32)
+    cols["test_acc"] = totals[:, 1].astype(np.float32)
+    params_out, meta = _augment_rows(spec, params, cols, cfg.augment, _mix(cfg.seed, 4, g))
+    return GroupResult(g, params_out.numpy(), meta, len(plans), len(plans) * T, evaluated,
+                       time.perf_counter() - t_start, train_seconds)
+
+
+def _augment_rows(spec, params: torch.Tensor, cols: dict, k: int, seed: int) -> tuple[torch.Tensor, pa.Table]:
+    """Interleave K permuted copies after each original; copies repeat its metadata, reason "augment"."""
+    n = params.shape[0]
+    rows, perm_index = permute_augment(spec, params, k, seed)
+    src = np.repeat(np.arange(n, dtype=np.int64) * (k + 1), k + 1)  # batch offset of each row's original
+    arrays = {}
+    for name, col in cols.items():
+        arr = col if isinstance(col, pa.Array) else pa.array(col)
+        arrays[name] = arr.take(pa.array(np.repeat(np.arange(n), k + 1)))
+    reason = np.array(arrays["reason"].to_pylist(), dtype=object)
+    reason[perm_index > 0] = "augment"
+    arrays["reason"] = pa.array(reason, pa.string())
+    arrays["perm_index"] = pa.array(perm_index)
+    arrays["source_offset"] = pa.array(src)
+    return rows, pa.table(arrays)
+
+
+def _mix(*values: int) -> int:
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Orchestration
+
+
+@dataclass
+class CollectSummary:
+    """What a collection did (this call) and what the zoo holds now."""
+
+    path: str  # the zoo
+    checkpoints: int  # rows in the zoo (originals + permuted copies)
+    originals: int  # rows with perm_index 0
+    runs: int  # distinct run ids in the zoo
+    groups_committed: int  # groups trained and committed by this call
+    groups_skipped: int  # groups already in the zoo (resumed)
+    run_steps: int  # optimizer steps of all runs trained by this call
+    seconds: float  # wall time of this call
+    train_seconds: float  # summed task time spent in optimizer steps
+    per_reason: dict = field(default_factory=dict)  # rows per reason
+    per_phase: dict = field(default_factory=dict)  # rows per phase
+    per_kind: dict = field(default_factory=dict)  # rows per run kind
+    checkpoints_added: int = 0  # rows committed by this call
+
+    @property
+    def rate(self) -> float:
+        """Checkpoints committed per second by this call."""
+        return self.checkpoints_added / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "checkpoints_per_s": round(self.rate, 1)}
+
+
+def _zoo_config(cfg: CollectConfig, task: Task):
+    from zoo.store import ZooConfig
+
+    return ZooConfig(spec=task.spec, classes=tuple(task.preset.classes), pivots=tuple(task.preset.pivots),
+                     dataset=task.data.describe(),
+                     collection={"format": COLLECTION_FORMAT, "collector": "zoo.collect", "config": cfg.to_dict(),
+                                 "epochs": task.epochs, "max_per_run": task.max_per_run,
+                                 "steps_per_run": task.total_steps})
+
+
+def _open_or_create(cfg: CollectConfig, task: Task, out: str):
+    from zoo.store import create_zoo
+
+    w = create_zoo(out, _zoo_config(cfg, task), exist_ok=True)  # a new zoo, or the one to resume
+    try:
+        _check_resume(w.config.collection.get("config"), cfg, w)
+    except BaseException:
+        w.close()
+        raise
+    return w
+
+
+def _check_resume(stored: dict | None, cfg: CollectConfig, w) -> None:
+    if stored is None:
+        raise HyperForgetError(f"the zoo at {w.path} was not built by the collector; choose another --out")
+    old = CollectConfig.from_dict(stored)
+    a, b = old.to_dict(), cfg.to_dict()
+    differ = sorted(k for k in a if k != "runs" and a[k] != b[k])
+    if differ:
+        raise HyperForgetError(
+            f"the zoo at {w.path} was collected with other settings ({', '.join(f'{k}={a[k]!r}' for k in differ)}); "
+            "re-run with the same settings to resume, or choose another --out")
+    if cfg.runs != old.runs:
+        done = [int(k.split("-")[1]) for k in w.committed_keys if k.startswith("group-")]
+        last = max(done, default=-1)
+        if last >= 0 and (cfg.group_runs(last) != old.group_runs(last) or cfg.runs < old.runs):
+            raise HyperForgetError(
+                f"the zoo at {w.path} holds runs of a collection of {old.runs} runs; resume with --runs {old.runs}"
+                + (" or grow it by a multiple of runs_per_group" if old.runs % old.runs_per_group == 0 else ""))
+        w.config.collection["config"] = cfg.to_dict()  # persisted by set_normalization at the end
+
+
+def collect(cfg: CollectConfig, out: str, *, use_dask: bool = True, workers: int | None = None,
+            scheduler: str | None = None, max_in_flight: int | None = None, progress: bool = True,
+            normalize: bool = True, compact: bool = True,
+            on_commit: Callable[[GroupResult, np.ndarray], None] | None = None) -> CollectSummary:
+    """Collect a zoo at ``out`` (created, or resumed if it holds a collection of the same settings).
+
+    Args:
+        use_dask: train groups as dask tasks (False: one after another in this process).
+        workers: LocalCluster worker processes (default: CPU count); ignored with ``scheduler``.
+        scheduler: address of an existing dask.distributed scheduler ("tcp://host:8786").
+        max_in_flight: group results held at once (submitted, running or awaiting their turn to
+            commit); bounds memory. Default: 2 × workers.
+        normalize, compact: finish with compute_normalization + set_normalization and compact().
+        on_commit: called after each commit with the group's result and its checkpoint ids.
+    """
+    from zoo.store import compute_normalization
+
+    started = time.perf_counter()
+    task = resolve_task(cfg)
+    w = _open_or_create(cfg, task, out)
+    try:
+        done = w.committed_keys
+        todo = [g for g in range(cfg.num_groups) if group_key(g) not in done]
+        skipped = cfg.num_groups - len(todo)
+        stats = Counter()
+        with _Progress(progress, cfg, task, skipped) as bar:
+            for res in _results_in_order(cfg, todo, use_dask, workers, scheduler, max_in_flight):
+                if res.params.shape[0] == 0:
+                    raise HyperForgetError(
+                        f"group {res.group} kept no checkpoint; relax the selection (gamma, bins) or train longer")
+                ids = w.commit(res.params, res.meta, group_key(res.group))
+                stats.update(rows=len(ids), steps=res.steps, train=res.train_seconds, groups=1)
+                bar.advance(res.runs, len(ids))
+                if on_commit is not None:
+                    on_commit(res, ids)
+        if normalize:
+            w.set_normalization(compute_normalization(w.reader()))
+        if compact:
+            w.compact()
+        summary = _summarize(w, cfg, stats, skipped, time.perf_counter() - started)
+    finally:
+        w.close()
+    return summary
+
+
+def _summarize(w, cfg: CollectConfig, stats: Counter, skipped: int, seconds: float) -> CollectSummary:
+    meta = w.reader().metadata(columns=["run_id", "phase", "reason", "run_kind", "perm_index"])
+
+    def counts(name: str) -> dict:
+        return dict(sorted(Counter(meta.column(name).to_pylist()).items()))
+
+    import pyarrow.compute as pc
+
+    return CollectSummary(
+        path=w.path, checkpoints=meta.num_rows,
+        originals=int(pc.sum(pc.equal(meta.column("perm_index"), 0)).as_py() or 0),
+        runs=len(pc.unique(meta.column("run_id"))), groups_committed=int(stats["groups"]),
+        groups_skipped=skipped, run_steps=int(stats["steps"]), seconds=seconds,
+        train_seconds=float(stats["train"]), per_reason=counts("reason"), per_phase=counts("phase"),
+        per_kind=counts("run_kind"), checkpoints_added=int(stats["rows"]))
+
+
+def _results_in_order(cfg: CollectConfig, todo: list[int], use_dask: bool, workers: int | None,
+                      scheduler: str | None, max_in_flight: int | None) -> Iterator[GroupResult]:
+    """Group results in group order, whatever order the tasks finish in."""
+    if not todo:
+        return
+    if not use_dask:
+        for g in todo:
+            yield train_group(cfg, g)
+        return
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except (OSError, TimeoutError) as exc:
+            raise HyperForgetError(f"cannot reach the dask scheduler at {scheduler} ({exc}); "
+                                   "check the address or drop --scheduler to use a local cluster") from None
+    else:
+        import os
+
+        n = workers or os.cpu_count() or 1
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR)
+        client = Client(cluster)
+    try:
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})) or (workers or 1))
+        limit = max_in_flight or 2 * n_workers
+        pending = list(todo)
+        futures = as_completed()
+        held: dict[int, GroupResult] = {}
+        submitted = 0
+        next_i = 0  # index into todo of the next group to hand out
+
+        def fill() -> None:
+            nonlocal submitted
+            while submitted < len(pending) and (submitted - next_i) < limit:
+                g = pending[submitted]
+                futures.add(client.submit(train_group, cfg, g, key=f"hyperforget-{group_key(g)}-{cfg.seed}",
+                                          pure=False, retries=2))
+                submitted += 1
+
+        fill()
+        for fut in futures:
+            res = fut.result()
+            held[res.group] = res
+            fut.release()
+            while next_i < len(pending) and pending[next_i] in held:
+                yield held.pop(pending[next_i])
+                next_i += 1
+            fill()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+class _Progress:
+    """rich progress: runs done, checkpoints, checkpoints/s, ETA (on stderr)."""
+
+    def __init__(self, enabled: bool, cfg: CollectConfig, task: Task, skipped_groups: int):
+        self.enabled = enabled
+        self.total = cfg.runs
+        self.done_before = sum(len(cfg.group_runs(g)) for g in range(skipped_groups))
+        self.rows = 0
+        self.t0 = time.perf_counter()
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(TextColumn("collecting runs"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[rows]:,} checkpoints · {task.fields[rate]:,.0f}/s"),
+                                 TimeRemainingColumn(), console=Console(stderr=True))
+            self._bar.__enter__()
+            self._task = self._bar.add_task("runs", total=self.total, completed=self.done_before, rows=0, rate=0.0)
+        return self
+
+    def advance(self, runs: int, rows: int) -> None:
+        self.rows += rows
+        if self.enabled:
+            rate = self.rows / max(time.perf_counter() - self.t0, 1e-9)
+            self._bar.update(self._task, advance=runs, rows=self.rows, rate=rate)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self._bar.__exit__(*exc)
