@@ -164,7 +164,7 @@ class ShardFiles:
             raw = os.pread(fd, nbytes, off)
         finally:
             os.close(fd)
-        body = memoryview(raw)[:-4]
+        body = raw[:-4]
         if len(raw) != nbytes or google_crc32c.value(body) != int.from_bytes(raw[-4:], "little"):
             raise HyperForgetError(f"chunk {c} of {self.root}: checksum mismatch, the zoo is damaged; "
                                    "run `hyperforget zoo verify`")

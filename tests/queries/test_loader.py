@@ -204,3 +204,27 @@ def test_weights_to_device_and_errors(qzoo, tmp_path):
         CheckpointStream(qzoo, "bw", normalize="batch")
     with pytest.raises(HyperForgetError, match="rank"):
         CheckpointStream(qzoo, "bw", rank=2, world_size=2)
+
+
+def test_shard_files_match_zarr_and_catch_damage(qzoo, all_view, zoo_params):
+    import glob
+
+    from queries.loader import ShardFiles
+    from zoo.store import open_zoo
+
+    cfg = open_zoo(qzoo).config
+    files = ShardFiles.open(qzoo, cfg.chunk_rows, cfg.shard_rows, cfg.num_params)
+    assert files is not None and files.blosc
+    for c in range(-(-117 // 8)):
+        n = min(8, 117 - 8 * c)
+        assert np.array_equal(files.chunk(c)[:n], zoo_params[8 * c:8 * c + n])
+    fast = _ids(list(CheckpointStream(qzoo, all_view, batch_size=16, seed=4)))
+    slow = _ids(list(CheckpointStream(qzoo, all_view, batch_size=16, seed=4, fast_reads=False)))
+    assert np.array_equal(fast, slow)
+    # flip one byte inside the first chunk: the checksum catches it
+    shard = sorted(glob.glob(f"{qzoo}/params.zarr/c/0/0"))[0]
+    data = bytearray(open(shard, "rb").read())
+    data[20] ^= 0xFF
+    open(shard, "wb").write(bytes(data))
+    with pytest.raises(HyperForgetError, match="checksum"):
+        ShardFiles.open(qzoo, cfg.chunk_rows, cfg.shard_rows, cfg.num_params).chunk(0)
