@@ -6,7 +6,8 @@
 
 Prints MB/s (raw float32 bytes per second) for: writing (zoo: atomic commits of ``--batch-rows``
 checkpoints with their metadata; memmap: the same batches then flush), a sequential scan, and a
-random read of ``--random`` ids (zoo: chunk-grouped read; memmap: fancy indexing), and the ratio
+random read of ``--random`` ids (zoo: chunk-grouped read; memmap: fancy indexing), a read of
+random whole chunks (what a block-shuffling loader does), and the ratio
 zoo / memmap. Both files live in the same directory; the memmap's reads come from the page cache
 as soon as it was written, so its numbers are an upper bound.
 """
@@ -112,15 +113,28 @@ def main() -> None:
     ref = np.asarray(mm[ids])
     t_mm = time.perf_counter() - t
     assert np.array_equal(got, ref), "zoo and memmap disagree"
-    results.append((f"random read ({args.random:,} ids)", t_zoo, t_mm, got.nbytes / 1e6))
+    results.append((f"random ids ({args.random:,})", t_zoo, t_mm, got.nbytes / 1e6))
+
+    # Random whole chunks (what a block-shuffling loader reads)
+    cr = cfg.chunk_rows
+    n_chunks = -(-args.rows // cr)
+    picks = np.random.default_rng(2).permutation(n_chunks)[:max(1, min(n_chunks, args.random // cr))]
+    t = time.perf_counter()
+    got = [r.read_rows(int(c) * cr, min((int(c) + 1) * cr, args.rows)) for c in picks]
+    t_zoo = time.perf_counter() - t
+    t = time.perf_counter()
+    ref = [np.array(mm[int(c) * cr:(int(c) + 1) * cr]) for c in picks]
+    t_mm = time.perf_counter() - t
+    assert all(np.array_equal(a, b) for a, b in zip(got, ref))
+    results.append((f"random chunks ({len(picks)} x {cr} rows)", t_zoo, t_mm, sum(g.nbytes for g in got) / 1e6))
 
     stored = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(zoo_path, "params.zarr"))
                  for f in fs)
     print(f"params.zarr {stored / 1e6:,.0f} MB on disk (compression ratio {data.nbytes / stored:.2f}); "
           f"memmap {os.path.getsize(mm_path) / 1e6:,.0f} MB")
-    print(f"{'operation':<28}{'zoo MB/s':>10}{'memmap MB/s':>13}{'zoo/memmap':>12}")
+    print(f"{'operation':<32}{'zoo MB/s':>10}{'memmap MB/s':>13}{'zoo/memmap':>12}")
     for name, tz, tm, size in results:
-        print(f"{name:<28}{size / tz:>10,.0f}{size / tm:>13,.0f}{(size / tz) / (size / tm):>12.2f}")
+        print(f"{name:<32}{size / tz:>10,.0f}{size / tm:>13,.0f}{(size / tz) / (size / tm):>12.2f}")
     if args.dir is None:
         shutil.rmtree(base, ignore_errors=True)
 

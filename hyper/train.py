@@ -20,6 +20,7 @@ Output directory MODEL/:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -39,6 +40,7 @@ from hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute_normalizati
 from zoo.errors import HyperForgetError
 from zoo.mlp import MLPSpec
 
+log = logging.getLogger("hyperforget.train")  # step lines at INFO for runs without a progress bar
 CONFIG_FORMAT = "hyperforget-dihyfo"
 CONFIG_VERSION = 1
 LOSS_WEIGHTINGS = ("uniform", "layer")
@@ -604,6 +606,10 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
             if rank == 0 and (step == cfg.steps or (cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0)):
                 save_checkpoint(out, step, model, ema, opt, gen, data.train_stream, epoch, curves)
                 _save_outputs(out, ema, curves)
+            if rank == 0 and step % (10 * cfg.log_every) == 0 and curves["train"]:
+                log.info("step %d/%d  mse %.4f  test %s  %.3f s/step", step, cfg.steps, curves["train"][-1]["mse"],
+                         "-" if last_test is None else f"{last_test:.4f}",
+                         (time.perf_counter() - t0) / max(1, step - start_step))
             if prog:
                 info = f"mse {curves['train'][-1]['mse']:.4f}" if curves["train"] else ""
                 if last_test is not None:

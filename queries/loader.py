@@ -161,18 +161,21 @@ class ShardFiles:
             off, nbytes = (int(v) for v in self._shard_index(shard, fd, size)[inner])
             if off == 2**64 - 1:
                 return None
-            raw = os.pread(fd, nbytes, off)
+            raw = np.empty(nbytes, np.uint8)  # read straight into numpy: no bytes objects to copy
+            got = os.preadv(fd, [raw], off)
         finally:
             os.close(fd)
         body = raw[:-4]
-        if len(raw) != nbytes or google_crc32c.value(body) != int.from_bytes(raw[-4:], "little"):
+        if got != nbytes or google_crc32c.value(body) != int.from_bytes(raw[-4:].tobytes(), "little"):
             raise HyperForgetError(f"chunk {c} of {self.root}: checksum mismatch, the zoo is damaged; "
                                    "run `hyperforget zoo verify`")
         if self.blosc:
             from numcodecs import Blosc
 
-            body = Blosc().decode(body)
-        return np.frombuffer(body, np.float32).reshape(self.chunk_rows, self.num_params)
+            out = np.empty((self.chunk_rows, self.num_params), np.float32)
+            Blosc().decode(body, out=out)
+            return out
+        return body.view(np.float32).reshape(self.chunk_rows, self.num_params)
 
 
 def _resolve_dist(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -190,51 +193,66 @@ def _resolve_dist(rank: int | None, world_size: int | None) -> tuple[int, int]:
 class _BufferPlan:
     """The buffer shuffle of one worker's rows, planned on indices before reading any data.
 
-    Rows arrive in pieces (rows of one chunk, at most PIECE_ROWS); each piece goes to free slots
-    of a store of ``capacity + PIECE_ROWS`` slots; when more than ``capacity`` rows are held,
-    the excess is emitted, chosen uniformly among the held rows. At the end the rest are emitted
-    in random order. ``capacity == 0`` or no rng: rows are emitted in arrival order.
+    Rows arrive in pieces (rows of one chunk, at most PIECE_ROWS) and go to free slots of a
+    store; when more than ``capacity`` rows are held, the excess is emitted, chosen uniformly
+    among the held rows; at the end the rest are emitted in random order. Emitted rows form
+    batches of ``batch_size`` in emission order; a batch's slots are freed only once the whole
+    batch is emitted, so each batch is one gather from the store (no copy per emission), and
+    the store needs ``capacity + PIECE_ROWS + batch_size`` slots. Without an rng (or with
+    capacity 0) rows are emitted in arrival order.
     """
 
-    def __init__(self, piece_bounds: np.ndarray, n: int, capacity: int, rng: np.random.Generator | None):
-        self.piece_bounds = piece_bounds  # (S+1,) offsets of pieces in the worker's row list
-        self.slots = np.empty(n, np.int64)  # slot of each arriving row
-        self.emit_slots: list[np.ndarray] = []  # per step (S pieces + final flush): slots emitted
-        self.emit_rows: list[np.ndarray] = []  # the same, as positions in the worker's row list
+    def __init__(self, piece_bounds: np.ndarray, n: int, capacity: int, rng: np.random.Generator | None,
+                 batch_size: int):
         shuffle = rng is not None and capacity > 0
-        self.store_rows = min(n, capacity + PIECE_ROWS) if shuffle else min(n, PIECE_ROWS)
+        self.store_rows = min(n, (capacity if shuffle else 0) + PIECE_ROWS + batch_size)
+        self.slots = np.empty(n, np.int64)  # slot of each arriving row (by position in the worker's rows)
+        # after piece s has been placed (and, last, after the final flush): batches completed,
+        # each as (slots, row positions) in output order
+        self.ready: list[list[tuple[np.ndarray, np.ndarray]]] = []
         free = list(range(self.store_rows - 1, -1, -1))  # stack of free slots
-        held = np.empty(0, np.int64)  # slots in use
+        held = np.empty(0, np.int64)  # slots holding rows not yet emitted
         content = np.full(self.store_rows, -1, np.int64)  # slot -> row position
+        pending: list[np.ndarray] = []  # emitted slots of the batch being formed
+        pending_n = 0
+
+        def emit(out: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+            nonlocal pending_n
+            done = []
+            pending.append(out)
+            pending_n += len(out)
+            while pending_n >= batch_size or (out is None and pending_n):
+                allp = np.concatenate(pending)
+                take, rest = allp[:batch_size], allp[batch_size:]
+                done.append((take, content[take]))
+                free.extend(take[::-1].tolist())
+                pending[:] = [rest]
+                pending_n = len(rest)
+            return done
+
         for s in range(len(piece_bounds) - 1):
             a, b = int(piece_bounds[s]), int(piece_bounds[s + 1])
-            k = b - a
-            got = np.array([free.pop() for _ in range(k)], np.int64)
+            got = np.array([free.pop() for _ in range(b - a)], np.int64)
             self.slots[a:b] = got
             content[got] = np.arange(a, b)
             if not shuffle:
                 out = got
-                free.extend(got[::-1].tolist())
             else:
                 held = np.concatenate([held, got])
                 excess = len(held) - capacity
+                out = np.empty(0, np.int64)
                 if excess > 0:
                     pick = rng.choice(len(held), excess, replace=False)
                     out = held[pick]
                     held = np.delete(held, pick)
-                    free.extend(out.tolist())
-                else:
-                    out = np.empty(0, np.int64)
-            self.emit_slots.append(out)
-            self.emit_rows.append(content[out])
-        if shuffle and len(held):
-            out = held[rng.permutation(len(held))]
-            self.emit_slots.append(out)
-            self.emit_rows.append(content[out])
-        else:
-            self.emit_slots.append(np.empty(0, np.int64))
-            self.emit_rows.append(np.empty(0, np.int64))
-        order = np.concatenate(self.emit_rows) if self.emit_rows else np.empty(0, np.int64)
+            self.ready.append(emit(out))
+        tail = held[rng.permutation(len(held))] if shuffle else np.empty(0, np.int64)
+        done = emit(tail)
+        if pending_n:  # the short last batch
+            allp = np.concatenate(pending)
+            done.append((allp, content[allp]))
+        self.ready.append(done)
+        order = np.concatenate([r for step in self.ready for _, r in step]) if n else np.empty(0, np.int64)
         assert len(order) == n
         self.out_pos = np.empty(n, np.int64)  # row position -> output index
         self.out_pos[order] = np.arange(n)
@@ -514,12 +532,21 @@ class CheckpointStream(IterableDataset):
             self._cache.move_to_end(c)
         return block
 
-    def _gather(self, ids: np.ndarray, out: np.ndarray) -> None:
-        """out[i] = params of checkpoint ids[i], reading whole chunks."""
+    def _gather(self, ids: np.ndarray, out: np.ndarray, slots: np.ndarray) -> None:
+        """out[slots[i]] = params of checkpoint ids[i], reading whole chunks."""
         chunks = ids // self.chunk_rows
+        first = int(chunks[0])
+        if (chunks == first).all():  # the usual piece: one chunk
+            local = ids - first * self.chunk_rows
+            block = self._chunk(first)
+            if local[-1] - local[0] == len(local) - 1 and (np.diff(local) == 1).all():
+                out[slots] = block[local[0]:local[-1] + 1]  # consecutive rows: one copy, no temp
+            else:
+                out[slots] = block[local]
+            return
         for c in np.unique(chunks):
             sel = np.flatnonzero(chunks == c)
-            out[sel] = self._chunk(int(c))[ids[sel] - int(c) * self.chunk_rows]
+            out[slots[sel]] = self._chunk(int(c))[ids[sel] - int(c) * self.chunk_rows]
 
     # ------------------------------------------------------------------------------------------
     # Iteration
@@ -561,52 +588,28 @@ class CheckpointStream(IterableDataset):
             bounds.append(int(e))
         bounds = np.asarray(bounds, np.int64)
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 0x5B0F]) if self.shuffle else None
-        plan = _BufferPlan(bounds, n, self.shuffle_buffer, rng)
+        plan = _BufferPlan(bounds, n, self.shuffle_buffer, rng, self.batch_size)
 
         p = self.spec.num_params
         store = np.empty((plan.store_rows, p), np.float32)
         tstore = np.empty((plan.store_rows, p), np.float32) if self.pairs else None
         need = plan.out_pos >= skip  # rows still to be yielded
-        bsz = self.batch_size
-        total = n - n % bsz if self.drop_last else n
-        pos = skip  # next output index
-        cur = None  # batch being filled: (rows, params, target params), and its fill level
-        fill = 0
-
-        for s in range(len(plan.emit_slots)):
+        for s, batches in enumerate(plan.ready):
             if s < len(bounds) - 1:
                 a, e = bounds[s], bounds[s + 1]
-                if need[a:e].any():
-                    ids = self.ids[rows[a:e]]
-                    slots = plan.slots[a:e]
-                    buf = np.empty((e - a, p), np.float32)
-                    self._gather(ids, buf)
-                    store[slots] = buf
+                if need[a:e].any():  # on resume, chunks holding only consumed rows are not read
+                    self._gather(self.ids[rows[a:e]], store, plan.slots[a:e])
                     if self.pairs:
-                        self._gather(self.target_ids[rows[a:e]], buf)
-                        tstore[slots] = buf
-            out_slots, out_rows = plan.emit_slots[s], plan.emit_rows[s]
-            keep = need[out_rows]
-            out_slots, out_rows = out_slots[keep], out_rows[keep]
-            i = 0
-            while i < len(out_slots) and pos < total:
-                if cur is None:
-                    size = min(bsz - pos % bsz, total - pos)
-                    cur = (np.empty(size, np.int64), np.empty((size, p), np.float32),
-                           np.empty((size, p), np.float32) if self.pairs else None)
-                    fill = 0
-                k = min(len(out_slots) - i, len(cur[0]) - fill)
-                sl = out_slots[i:i + k]
-                cur[0][fill:fill + k] = rows[out_rows[i:i + k]]
-                np.take(store, sl, axis=0, out=cur[1][fill:fill + k])
-                if self.pairs:
-                    np.take(tstore, sl, axis=0, out=cur[2][fill:fill + k])
-                fill += k
-                i += k
-                pos += k
-                if fill == len(cur[0]):
-                    yield self._finish(*cur)
-                    cur = None
+                        self._gather(self.target_ids[rows[a:e]], tstore, plan.slots[a:e])
+            for slots, pos in batches:
+                if len(slots) < self.batch_size and self.drop_last:
+                    continue
+                keep = need[pos]
+                if not keep.any():
+                    continue
+                if not keep.all():
+                    slots, pos = slots[keep], pos[keep]
+                yield self._finish(rows[pos], store[slots], tstore[slots] if self.pairs else None)
 
     def _finish(self, vrows: np.ndarray, params: np.ndarray, tparams: np.ndarray | None) -> dict[str, torch.Tensor]:
         """Augment, normalize and wrap one batch."""

@@ -147,6 +147,16 @@ def view_sql(kind: str, num_classes: int, pivots: tuple[int, ...], params: Mappi
     return sql, {k: values[k] for k in needed}
 
 
+def compute_view(con: duckdb.DuckDBPyConnection, kind: str, num_classes: int, pivots: tuple[int, ...],
+                 params: Mapping[str, Any], name: str = "") -> pa.Table:
+    """Run a view's SQL on a connection from queries.engine (which has ``checkpoints``) -> Arrow."""
+    sql, values = view_sql(kind, num_classes, pivots, params)
+    try:
+        return con.sql(sql, params=values).to_arrow_table()
+    except duckdb.Error as exc:
+        raise HyperForgetError(f"building view {name or kind!r} ({kind}) failed: {engine.one_line(exc)}") from None
+
+
 def _check_name(name: str) -> None:
     if not engine.VIEW_NAME.match(name) or name in engine.RESERVED_NAMES:
         raise HyperForgetError(f"view name {name!r} must be letters, digits and _ (not starting with a digit, "
@@ -194,13 +204,10 @@ def build_view(zoo: Any, kind: str, name: str | None = None, *, overwrite: bool 
         raise HyperForgetError(f"view {name!r} already exists in {root}; choose another --name or pass overwrite")
     reader = open_zoo(root) if isinstance(zoo, (str, os.PathLike)) else zoo
     cfg = reader.config
-    sql, values = view_sql(kind, cfg.spec.num_classes, cfg.pivots, full)
     limits = engine.SQLLimits(memory_limit=memory_limit, threads=threads or min(4, os.cpu_count() or 1))
     con = engine.connect(reader, confined=False, limits=limits)
     try:
-        table = con.sql(sql, params=values).to_arrow_table()
-    except duckdb.Error as exc:
-        raise HyperForgetError(f"building view {name!r} ({kind}) failed: {engine.one_line(exc)}") from None
+        table = compute_view(con, kind, cfg.spec.num_classes, cfg.pivots, full, name=name)
     finally:
         con.close()
     table = table.replace_schema_metadata({"hyperforget_view": json.dumps({"kind": kind, "params": full})})

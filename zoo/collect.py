@@ -250,6 +250,7 @@ class GroupResult:
     evaluated: int  # candidate checkpoints evaluated
     seconds: float  # wall time of the task
     train_seconds: float  # of which in optimizer steps
+    train_cpu_seconds: float = 0.0  # CPU time of this thread in optimizer steps (robust to a busy machine)
 
 
 def train_group(cfg: CollectConfig, g: int, *, threads: int | None = 1) -> GroupResult:
@@ -310,7 +311,7 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
         runs = selector.candidates(t)
         if not len(runs):
             return
-        p = opt.params[torch.as_tensor(runs)]  # (m, P)
+        p = opt.rows(runs)  # (m, P)
         loss, acc, total_loss, total_acc = evaluate(p)
         evaluated += len(runs)
         valid = (p.abs().amax(1) <= cfg.max_param_abs).numpy()  # False for NaN / inf too
@@ -323,7 +324,7 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
 
     # Train: all runs step together on the group's minibatch sequence.
     gen = torch.Generator().manual_seed(_mix(cfg.seed, 3, g))
-    train_seconds = 0.0
+    train_seconds = train_cpu = 0.0
     consider_step(0)
     t = 0
     for _ in range(task.epochs):
@@ -335,9 +336,10 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
                 class_w[rows] = torch.where(deleted_mask[rows], 0.0, class_w[rows])
             yb = y[idx]
             w = keep[:, idx] * class_w[:, yb]  # (R, B)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             opt.step(x[idx], yb, w)
             train_seconds += time.perf_counter() - t0
+            train_cpu += time.thread_time() - c0
             consider_step(t)
     assert t == T
 
@@ -380,7 +382,7 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
     cols["test_acc"] = totals[:, 1].astype(np.float32)
     params_out, meta = _augment_rows(spec, params, cols, cfg.augment, _mix(cfg.seed, 4, g))
     return GroupResult(g, params_out.numpy(), meta, len(plans), len(plans) * T, evaluated,
-                       time.perf_counter() - t_start, train_seconds)
+                       time.perf_counter() - t_start, train_seconds, train_cpu)
 
 
 def _augment_rows(spec, params: torch.Tensor, cols: dict, k: int, seed: int) -> tuple[torch.Tensor, pa.Table]:

@@ -44,10 +44,15 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 class LockstepSGD:
-    """SGD with momentum on a stack of R flat parameter vectors of one MLPSpec.
+    """SGD with momentum on a stack of R parameter vectors of one MLPSpec.
+
+    The stack is held layer-major in one vector, each layer a contiguous view — W1 (R·H, D),
+    b1 (R, H), W2 (R, C, H), b2 (R, C) — so the first-layer products need no copies and the
+    update is a few passes over one vector; :attr:`params` / :meth:`rows` give the flat (·, P)
+    vectors of the zoo layout.
 
     Attributes:
-        params: (R, P) float32, updated in place; row r is run r's current checkpoint.
+        layers: [W1, b1, W2, b2] as above, views of ``storage`` updated in place.
         lr: (R,) base learning rates.
         total_steps: length of the cosine schedule (lr reaches 0 after it).
     """
@@ -64,49 +69,86 @@ class LockstepSGD:
         if total_steps < 1:
             raise HyperForgetError(f"total_steps must be ≥ 1, got {total_steps}")
         self.spec = spec
-        self.params = torch.as_tensor(params, dtype=torch.float32).clone().contiguous()  # (R, P)
-        spec.layout.check(self.params)
-        r = self.params.shape[0]
+        flat = torch.as_tensor(params, dtype=torch.float32)
+        spec.layout.check(flat)
+        r, h, d, c = flat.shape[0], spec.hidden, spec.input_size, spec.num_classes
+        lay = spec.layout.unflatten(flat)
+        # Layer-major storage: [W1 of all runs | b1 of all runs | W2 ... | b2 ...], so every layer
+        # is a contiguous view and the optimizer update is a handful of passes over one vector.
+        shapes = [(r * h, d), (r, h), (r, c, h), (r, c)]
+        sizes = [int(np.prod(sh)) for sh in shapes]
+        self.storage = torch.cat([lay["fc1.weight"].reshape(-1), lay["fc1.bias"].reshape(-1),
+                                  lay["fc2.weight"].reshape(-1), lay["fc2.bias"].reshape(-1)])  # (R·P,)
+        self.layers = [v.view(sh) for v, sh in zip(self.storage.split(sizes), shapes)]  # W1, b1, W2, b2
+        self.grad_storage = torch.zeros_like(self.storage)
+        self.grads = [v.view(sh) for v, sh in zip(self.grad_storage.split(sizes), shapes)]
+        self.buf = torch.zeros_like(self.storage)  # momentum; a 0 start equals torch's first-step copy
         self.lr = torch.as_tensor(lr, dtype=torch.float32).expand(r).clone()  # (R,)
+        per_row = [self.lr.repeat_interleave(h)[:, None], self.lr[:, None], self.lr[:, None, None], self.lr[:, None]]
+        self._lr_storage = torch.cat([lr_col.expand(sh).reshape(-1) for lr_col, sh in zip(per_row, shapes)])
         self.total_steps = int(total_steps)
         self.momentum, self.nesterov, self.weight_decay = float(momentum), bool(nesterov), float(weight_decay)
         self.schedule = schedule
         # The manual backward covers the activations with a closed-form derivative; others use autograd.
         self.grad_mode = grad_mode if spec.activation in ("relu", "tanh", "sigmoid") else "autograd"
-        self.buf = torch.zeros_like(self.params)  # (R, P) momentum buffer; 0 start == torch's first-step copy
         self.step_count = 0
 
     @property
     def num_runs(self) -> int:
-        return self.params.shape[0]
+        return self.layers[1].shape[0]
+
+    @property
+    def params(self) -> torch.Tensor:
+        """(R, P) flat copies of the current parameters."""
+        return self.rows(None)
+
+    def rows(self, runs: torch.Tensor | np.ndarray | None) -> torch.Tensor:
+        """(m, P) flat copies of the current parameters of the given runs (all when None)."""
+        w1, b1, w2, b2 = self.layers
+        r, h = self.num_runs, self.spec.hidden
+        w1 = w1.view(r, h * self.spec.input_size)
+        if runs is not None:
+            idx = torch.as_tensor(runs, dtype=torch.long)
+            w1, b1, w2, b2 = w1[idx], b1[idx], w2[idx], b2[idx]
+        m = w1.shape[0]
+        return torch.cat([w1, b1, w2.reshape(m, -1), b2], dim=1)
 
     def lr_factor(self, step: int) -> float:
         if self.schedule == "constant":
             return 1.0
         return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
 
-    def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Weighted cross-entropy of every run on one minibatch and its gradient.
 
         Args:
             x: (B, D) inputs, y: (B,) labels, w: (R, B) per-run example weights (≥ 0).
         Returns:
-            loss (R,) = sum_b w·ce / sum_b w (0 where a run has no weight), grad (R, P).
+            loss (R,) = sum_b w·ce / sum_b w (0 where a run has no weight), and :attr:`grads`
+            (views shaped like :attr:`layers`) holding the gradient; the next call overwrites them.
         """
         if self.grad_mode == "autograd":
-            return _autograd_loss_and_grad(self.spec, self.params, x, y, w)
-        return _manual_loss_and_grad(self.spec, self.params, x, y, w)
+            loss, grads = _autograd_loss_and_grad(self.spec, self.layers, x, y, w)
+            for dst, src in zip(self.grads, grads):
+                dst.copy_(src)
+            return loss, self.grads
+        return _manual_loss_and_grad(self.spec, self.layers, x, y, w, self.grads), self.grads
+
+    def flat_grad(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """Layer gradients -> (R, P) in the flat layout."""
+        r = self.num_runs
+        return torch.cat([grads[0].reshape(r, -1), grads[1], grads[2].reshape(r, -1), grads[3]], dim=1)
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """One SGD step of all runs on the shared minibatch; returns the (R,) losses before it."""
-        loss, grad = self.loss_and_grad(x, y, w)
+        loss, _ = self.loss_and_grad(x, y, w)
+        g, p = self.grad_storage, self.storage
         if self.weight_decay:
-            grad.add_(self.params, alpha=self.weight_decay)
-        self.buf.mul_(self.momentum).add_(grad)
-        update = grad.add_(self.buf, alpha=self.momentum) if self.nesterov else self.buf
-        lr = (self.lr * self.lr_factor(self.step_count))[:, None]  # (R, 1)
-        self.params.addcmul_(update, lr, value=-1.0)
+            g.add_(p, alpha=self.weight_decay)
+        self.buf.mul_(self.momentum).add_(g)
+        update = g.add_(self.buf, alpha=self.momentum) if self.nesterov else self.buf
+        p.addcmul_(update, self._lr_storage, value=-self.lr_factor(self.step_count))
         self.step_count += 1
         return loss
 
@@ -116,18 +158,22 @@ def _normalized_weights(w: torch.Tensor) -> torch.Tensor:
     return w / w.sum(1, keepdim=True).clamp_min(1e-12)  # (R, B)
 
 
-def _manual_loss_and_grad(spec: MLPSpec, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                          w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    r, b = params.shape[0], x.shape[0]
-    h_, d, c = spec.hidden, spec.input_size, spec.num_classes
-    lay = spec.layout.unflatten(params)
-    w1 = lay["fc1.weight"].reshape(r * h_, d)  # (R·H, D)
-    w2 = lay["fc2.weight"]  # (R, C, H)
-    # Forward: one product for every run's first layer.
-    pre = torch.addmm(lay["fc1.bias"].reshape(1, r * h_), x, w1.T).view(b, r, h_)  # (B, R, H)
+def _forward(spec: MLPSpec, layers: list[torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    w1, b1, w2, b2 = layers
+    r, b, h_ = b1.shape[0], x.shape[0], spec.hidden
+    # One product for every run's first layer.
+    pre = torch.addmm(b1.view(1, r * h_), x, w1.T).view(b, r, h_)  # (B, R, H)
     hid = ACTIVATIONS[spec.activation](pre)  # (B, R, H)
     hid_r = hid.transpose(0, 1)  # (R, B, H)
-    logits = torch.baddbmm(lay["fc2.bias"][:, None, :], hid_r, w2.transpose(1, 2))  # (R, B, C)
+    logits = torch.baddbmm(b2[:, None, :], hid_r, w2.transpose(1, 2))  # (R, B, C)
+    return pre, hid, hid_r, logits
+
+
+def _manual_loss_and_grad(spec: MLPSpec, layers: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                          w: torch.Tensor, out: list[torch.Tensor]) -> torch.Tensor:
+    """Loss (R,); writes the gradients into ``out`` (tensors shaped like ``layers``)."""
+    r, b, h_ = layers[1].shape[0], x.shape[0], spec.hidden
+    pre, hid, hid_r, logits = _forward(spec, layers, x)
     # torch.log_softmax is slow when the class axis is this short; the explicit form is not.
     z = logits - logits.amax(-1, keepdim=True)
     logp = z - z.exp().sum(-1, keepdim=True).log_()  # (R, B, C)
@@ -139,9 +185,9 @@ def _manual_loss_and_grad(spec: MLPSpec, params: torch.Tensor, x: torch.Tensor, 
     dlogits = logp.exp_()
     dlogits.scatter_add_(-1, yy, torch.full_like(yy, -1.0, dtype=dlogits.dtype))
     dlogits.mul_(wn[..., None])  # (R, B, C)
-    g_w2 = torch.bmm(dlogits.transpose(1, 2), hid_r)  # (R, C, H)
-    g_b2 = dlogits.sum(1)  # (R, C)
-    dhid = torch.bmm(dlogits, w2).transpose(0, 1)  # (B, R, H)
+    torch.bmm(dlogits.transpose(1, 2), hid_r, out=out[2])  # (R, C, H)
+    torch.sum(dlogits, 1, out=out[3])  # (R, C)
+    dhid = torch.bmm(dlogits, layers[2]).transpose(0, 1)  # (B, R, H)
     if spec.activation == "relu":
         dpre = torch.where(pre > 0, dhid, 0.0)
     elif spec.activation == "tanh":
@@ -149,23 +195,20 @@ def _manual_loss_and_grad(spec: MLPSpec, params: torch.Tensor, x: torch.Tensor, 
     else:  # sigmoid
         dpre = dhid * hid * (1 - hid)
     dpre = dpre.reshape(b, r * h_)  # (B, R·H)
-    g_w1 = dpre.T @ x  # (R·H, D): the second big product
-    g_b1 = dpre.sum(0)  # (R·H,)
-    grad = torch.cat([g_w1.view(r, h_ * d), g_b1.view(r, h_), g_w2.reshape(r, c * h_), g_b2], dim=1)
-    return loss, grad
+    torch.mm(dpre.T, x, out=out[0])  # (R·H, D): the second big product
+    torch.sum(dpre, 0, out=out[1].view(r * h_))  # (R·H,)
+    return loss
 
 
-def _autograd_loss_and_grad(spec: MLPSpec, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                            w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from zoo.mlp import batched_logits
-
+def _autograd_loss_and_grad(spec: MLPSpec, layers: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                            w: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     with torch.enable_grad():
-        p = params.detach().requires_grad_(True)
-        logits = batched_logits(spec, p, x)  # (R, B, C)
-        nll = F.cross_entropy(logits.transpose(1, 2), y.expand(p.shape[0], -1), reduction="none")  # (R, B)
+        ps = [p.detach().requires_grad_(True) for p in layers]
+        logits = _forward(spec, ps, x)[3]  # (R, B, C)
+        nll = F.cross_entropy(logits.transpose(1, 2), y.expand(logits.shape[0], -1), reduction="none")  # (R, B)
         loss = (_normalized_weights(w) * nll).sum(1)
-        (grad,) = torch.autograd.grad(loss.sum(), p)
-    return loss.detach(), grad
+        grads = torch.autograd.grad(loss.sum(), ps)
+    return loss.detach(), list(grads)
 
 
 def train_models(spec: MLPSpec, x_train: torch.Tensor | np.ndarray, y_train: torch.Tensor | np.ndarray,

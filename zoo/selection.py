@@ -48,7 +48,7 @@ class SelectionConfig:
     consider_factor: float = 3.0  # β: expected considered iterations per phase, as a multiple of its budget
     early_boost: float = 4.0  # β at the start of a phase divided by β at its end (geometric decay)
     bin_edges: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2, 0.35, 0.6, 1.0, 1.5, 2.5, 4.0)  # loss bins (nats)
-    bin_cap: float = 0.3  # max share of a phase's budget whose loss on one class falls in one bin
+    bin_cap: float = 0.4  # max share of a phase's budget whose loss on one class falls in one bin
     forget_share: float = 0.4  # share of a deletion run's budget reserved for after its deletion step
     relaxed_min_change: float = 0.05  # relaxed runs: min max_k |Δ log loss_k| since the last kept checkpoint
 

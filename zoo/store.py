@@ -963,7 +963,9 @@ class ZooReader:
             try:
                 tables.append(self._loc.read_parquet(p["file"], columns=columns))
             except (OSError, pa.ArrowInvalid) as exc:
-                raise HyperForgetError(f"cannot read {self.path}/{p['file']}: {exc}; run `hyperforget zoo verify`") from None
+                raise HyperForgetError(f"cannot read {self.path}/{p['file']}: {str(exc).splitlines()[0]}; if the zoo "
+                                       "was compacted since this reader opened, call refresh(); else run "
+                                       "`hyperforget zoo verify`") from None
         return pa.concat_tables(tables)
 
     def duckdb(self, con=None):
@@ -979,6 +981,17 @@ class ZooReader:
     def module(self, checkpoint_id: int) -> MLP:
         """The checkpoint as a torch module."""
         return MLP.from_flat(self.spec, self.read([int(checkpoint_id)])[0])
+
+    def __getstate__(self) -> dict:
+        # Pickles as its location and snapshot (for dask tasks, spawned DataLoader workers); the
+        # zarr array is reopened on the other side instead of sharing zarr's event loop state.
+        return {"path": self._loc.display if self._loc.local else self._loc.url, "manifest": self._manifest}
+
+    def __setstate__(self, state: dict) -> None:
+        self._loc = _Location(state["path"])
+        self.config = _load_config(self._loc)
+        self._manifest = state["manifest"]
+        self._arr = _open_params(self._loc, "r")
 
     def __repr__(self) -> str:
         return f"ZooReader({self.path!r}, rows={self.num_rows}, spec={self.spec})"

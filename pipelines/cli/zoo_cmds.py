@@ -78,7 +78,9 @@ def verify(path: PathArg,
         typer.echo(f"{rep.path}: {verdict}: {rep.committed_rows:,} committed rows, {rep.shards_checked} shards "
                    f"decoded, {rep.parts_checked} Parquet parts read in {rep.seconds:.2f} s")
     if not rep.ok:
-        raise typer.Exit(code=1)
+        # SystemExit rather than typer.Exit: main() runs click with standalone_mode=False, which
+        # turns typer.Exit into a return value that would be lost.
+        raise SystemExit(1)
 
 
 @zoo_app.command("compact")

@@ -290,3 +290,24 @@ def test_benchmark_unlearning_cli_runs_every_method_and_prints_the_table(tmp_pat
     assert "| logit_mask |" in res.output and "| ssd |" in res.output and "| Retrained |" in res.output
     metrics = read_json(out / "forget-3" / "metrics.json")
     assert set(metrics["methods"]) == {"original", "retrain", "logit_mask", "ssd"}
+
+
+def test_cli_unlearn_with_a_model_creates_the_run_from_the_models_zoo(tiny_run, fake_hyper, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.unlearn import open_run
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"variant": "dihyfo2", "zoo": tiny_run.config.zoo}))
+    fake_hyper[str(model_dir)] = FakeHypernetwork(tiny_run.spec, "dihyfo2")
+    res = CliRunner().invoke(app, ["unlearn", "--model", str(model_dir), "--run", str(tmp_path / "run"),
+                                   "--forget", "3", "--candidates", "4", "--repeats", "1"])
+    assert res.exit_code == 0, res.output
+    run = open_run(tmp_path / "run")
+    assert run.config.zoo == tiny_run.config.zoo and run.config.models == {"dihyfo2": str(model_dir)}
+    record = read_json(run.forget_dir((3,)) / "dihyfo2" / "record.json")
+    assert record["method"] == "dihyfo2" and len(record["selected"]) == 1

@@ -72,6 +72,7 @@ def test_manual_gradient_matches_autograd(activation):
     auto = LockstepSGD(spec, params, 0.1, 10, grad_mode="autograd")
     lm, gm = man.loss_and_grad(x, y, w)
     la, ga = auto.loss_and_grad(x, y, w)
+    gm, ga = man.flat_grad(gm), auto.flat_grad(ga)
     torch.testing.assert_close(lm, la)
     torch.testing.assert_close(gm, ga, rtol=1e-4, atol=1e-6)
     assert gm[2].abs().sum() == 0

@@ -1,0 +1,236 @@
+"""Benchmark the checkpoint collector against a plain one-model-at-a-time PyTorch loop.
+
+One process run measures, on the same machine and data:
+
+1. the machine's float32 matrix-multiply rate with torch.mm on the collector's shapes
+   ((B, D) @ (D, G·H) and (N_test, D) @ (D, G·H)), one thread, times the worker count: the limit;
+2. the collector (`zoo.collect.collect`, LocalCluster of W single-thread workers): checkpoints/s,
+   run-steps/s, the FLOP rate of its lockstep training steps and of all its work, peak RSS of the
+   process tree;
+3. the same work done plainly for a few runs (nn.Linear MLP, torch.optim.SGD Nesterov, shuffled
+   minibatches of 128, per-class test evaluation of the same share of steps, the kept share of
+   checkpoints copied) on one thread, its rate multiplied by the cores (one such loop per core);
+4. the ratio between them.
+
+    python benchmarks/bench_collect.py                     # default: 128 runs of MNIST-4 on mnist-5k
+    python benchmarks/bench_collect.py --build-200k --out /tmp/zoo200k   # the ≥200k-checkpoint build
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import tempfile
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+
+
+class PeakRSS:
+    """Samples the resident memory of this process and all its descendants (dask workers)."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def matmul_rate(shapes: list[tuple[int, int, int]], seconds: float = 1.0) -> float:
+    """float32 GFLOP/s of torch.mm on one thread, averaged over the given (m, k, n) shapes."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        flops = elapsed = 0.0
+        for m, k, n in shapes:
+            a, b = torch.rand(m, k), torch.rand(k, n)
+            for _ in range(3):
+                a @ b
+            reps, t0 = 0, time.process_time()
+            while time.process_time() - t0 < seconds / len(shapes):
+                a @ b
+                reps += 1
+            elapsed += time.process_time() - t0
+            flops += 2.0 * m * k * n * reps
+        return flops / elapsed / 1e9
+    finally:
+        torch.set_num_threads(old)
+
+
+def plain_loop(task, plans, steps_per_run: int, eval_share: float, keep_share: float, batch_size: int) -> dict:
+    """Train the given runs one at a time the ordinary way; returns seconds and counts."""
+    from zoo.mlp import MLP
+
+    spec = task.spec
+    x, y = torch.as_tensor(task.data.x_train), torch.as_tensor(task.data.y_train)
+    x_test, y_test = torch.as_tensor(task.data.x_test), torch.as_tensor(task.data.y_test)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is the plain loop's best; cores run more such loops
+    t0 = time.perf_counter()
+    run_steps = evaluated = kept = 0
+    rng = np.random.default_rng(0)
+    for plan in plans:
+        torch.manual_seed(plan.seed)
+        model = MLP(spec)
+        opt = torch.optim.SGD(model.parameters(), lr=plan.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps_per_run)
+        class_w = torch.ones(spec.num_classes)
+        for k, rate in zip(plan.undersampled, plan.undersample_rates):
+            class_w[k] = rate  # the plain loop weights instead of subsampling: same cost
+        saved = []
+        step = 0
+        while step < steps_per_run:
+            for idx in torch.randperm(len(y)).split(batch_size):  # a DataLoader's shuffled minibatches
+                if step == plan.deletion_step:
+                    class_w[list(plan.deleted)] = 0.0
+                xb, yb = x[idx], y[idx]
+                loss = (F.cross_entropy(model(xb), yb, reduction="none") * class_w[yb]).sum() / class_w[yb].sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                run_steps += 1
+                if rng.random() < eval_share:
+                    with torch.no_grad():
+                        logits = model(x_test)
+                        nll = F.cross_entropy(logits, y_test, reduction="none")
+                        hit = (logits.argmax(1) == y_test).float()
+                        counts = torch.bincount(y_test, minlength=spec.num_classes)
+                        per_class = (torch.bincount(y_test, nll, spec.num_classes) / counts,
+                                     torch.bincount(y_test, hit, spec.num_classes) / counts)
+                    evaluated += 1
+                    if rng.random() < keep_share:
+                        saved.append((model.flat_params(), per_class))
+                        kept += 1
+                if step >= steps_per_run:
+                    break
+    torch.set_num_threads(old_threads)
+    return {"seconds": time.perf_counter() - t0, "runs": len(plans), "run_steps": run_steps,
+            "evaluated": evaluated, "kept": kept}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="mnist4")
+    ap.add_argument("--dataset", default="mnist-5k")
+    ap.add_argument("--runs", type=int, default=128)
+    ap.add_argument("--runs-per-group", type=int, default=32)
+    ap.add_argument("--augment", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--plain-runs", type=int, default=3, help="runs timed with the plain loop")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="zoo directory (default: a temporary one, deleted)")
+    ap.add_argument("--build-200k", action="store_true",
+                    help="the ≥200k-checkpoint MNIST-4 build: 1,280 runs with 1 permuted copy each")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = ap.parse_args()
+    if args.build_200k:
+        args.runs, args.augment = max(args.runs, 1280), max(args.augment, 1)
+
+    from zoo.collect import CollectConfig, collect, plan_run, resolve_task
+
+    cfg = CollectConfig(preset=args.preset, dataset=args.dataset, runs=args.runs, runs_per_group=args.runs_per_group,
+                        augment=args.augment, seed=args.seed)
+    task = resolve_task(cfg)
+    spec, g = task.spec, min(cfg.runs_per_group, cfg.runs)
+    d, h, b, n_test = spec.input_size, spec.hidden, cfg.batch_size, len(task.data.y_test)
+
+    # 1. The limit: matmuls of the collector's shapes, one thread, times the workers.
+    rate1 = matmul_rate([(b, d, g * h), (n_test, d, g * h)])
+    cores = min(args.workers, os.cpu_count() or 1)
+    limit = rate1 * cores
+
+    # 2. The collector.
+    out = args.out or tempfile.mkdtemp(prefix="bench-zoo-")
+    if os.path.exists(os.path.join(out, "zoo.json")):
+        shutil.rmtree(out)
+    stats = {"train_seconds": 0.0, "train_cpu_seconds": 0.0, "evaluated": 0, "task_seconds": 0.0}
+
+    def on_commit(res, ids):
+        stats["train_seconds"] += res.train_seconds
+        stats["train_cpu_seconds"] += res.train_cpu_seconds
+        stats["evaluated"] += res.evaluated
+        stats["task_seconds"] += res.seconds
+
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        summary = collect(cfg, out, workers=args.workers, progress=True, on_commit=on_commit)
+        wall = time.perf_counter() - t0
+    train_flop = 4.0 * b * d * h * summary.run_steps  # forward + first-layer gradient products
+    eval_flop = 2.0 * n_test * d * h * stats["evaluated"]
+    coll = {
+        "wall_s": wall, "checkpoints": summary.checkpoints, "originals": summary.originals, "runs": cfg.runs,
+        "checkpoints_per_s": summary.checkpoints / wall, "run_steps_per_s": summary.run_steps / wall,
+        "train_gflops_per_core": train_flop / stats["train_cpu_seconds"] / 1e9,  # CPU time, like the limit
+        "train_gflops_per_core_wall": train_flop / stats["train_seconds"] / 1e9,
+        "all_gflops": (train_flop + eval_flop) / wall / 1e9, "evaluated": stats["evaluated"],
+        "peak_rss_gib": rss.peak / 2**30, "per_reason": summary.per_reason, "per_phase": summary.per_phase,
+    }
+
+    # 3. The plain loop on a few runs, the same steps, evaluations and kept share per run.
+    plans = [plan_run(cfg, task, r) for r in range(min(args.plain_runs, cfg.runs))]
+    eval_share = stats["evaluated"] / summary.run_steps
+    keep_share = summary.originals / max(stats["evaluated"], 1)
+    plain = plain_loop(task, plans, task.total_steps, eval_share, keep_share, b)
+    plain_rate = plain["run_steps"] / plain["seconds"]  # one process, one thread
+    ratio = coll["run_steps_per_s"] / (plain_rate * cores)  # against one plain loop per core
+
+    results = {"machine": {"cpus": os.cpu_count(), "torch_threads_plain": 1,
+                           "workers": args.workers, "matmul_gflops_1thread": rate1, "limit_gflops": limit,
+                           "load_avg_1min": os.getloadavg()[0]},
+               "config": cfg.to_dict(), "collector": coll, "plain": {**plain, "run_steps_per_s": plain_rate},
+               "ratio_run_steps": ratio,
+               "train_share_of_limit": coll["train_gflops_per_core"] / rate1,
+               "overall_share_of_limit": coll["all_gflops"] / limit,
+               "peak_rss_self_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    per_ckpt = wall / summary.checkpoints
+    results["extrapolated_1_9M_s"] = per_ckpt * 1.9e6
+
+    print(f"matmul limit: {rate1:.1f} GFLOP/s per thread x {cores} = {limit:.1f} GFLOP/s "
+          f"(torch.mm on ({b}|{n_test}, {d}) @ ({d}, {g * h}))")
+    print(f"collector: {summary.checkpoints:,} checkpoints ({summary.originals:,} originals) from {cfg.runs} runs "
+          f"in {wall:.1f} s -> {coll['checkpoints_per_s']:,.0f} checkpoints/s, {coll['run_steps_per_s']:,.0f} run-steps/s")
+    print(f"  lockstep training: {coll['train_gflops_per_core']:.1f} GFLOP/s per core = "
+          f"{results['train_share_of_limit']:.0%} of the matmul limit; all work (train + eval): "
+          f"{coll['all_gflops']:.1f} GFLOP/s = {results['overall_share_of_limit']:.0%} of {limit:.0f}")
+    print(f"  peak RSS (process tree): {coll['peak_rss_gib']:.2f} GiB; 1-min load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (wall rates suffer on a busy machine)")
+    print(f"plain loop (1 thread): {plain['runs']} runs, {plain['run_steps']:,} steps in {plain['seconds']:.1f} s -> "
+          f"{plain_rate:,.0f} run-steps/s; x {cores} cores = {plain_rate * cores:,.0f}")
+    print(f"ratio collector / plain: {ratio:.1f}x (run-steps/s on {cores} cores, same evaluations and kept share)")
+    print(f"extrapolated 1.9M checkpoints at this rate: {results['extrapolated_1_9M_s'] / 60:.1f} min")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.out is None:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

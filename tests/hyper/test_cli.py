@@ -1,0 +1,88 @@
+"""`hyperforget train` and `hyperforget sample` on a real (tiny) zoo through the streaming loader."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+from zoo.errors import HyperForgetError
+from zoo.mlp import load_mlps
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def zoo_path(tiny_zoo):
+    from zoo.store import ZooWriter, compute_normalization, open_zoo
+
+    path, _ = tiny_zoo(rows=117, chunk_rows=8, shard_rows=32)
+    with ZooWriter.open(path) as w:
+        w.set_normalization(compute_normalization(open_zoo(path)))
+    return path
+
+
+@pytest.mark.parametrize("variant", ["dihyfo1", "dihyfo2"])
+def test_train_then_sample(zoo_path, tmp_path, variant):
+    runner = CliRunner()
+    model = tmp_path / variant
+    res = runner.invoke(app, ["train", "--variant", variant, "--zoo", zoo_path, "--preset", "tiny", "--out",
+                              str(model), "--steps", "6", "--batch-size", "8", "--eval-every", "6", "--quiet"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    cfg = json.load(open(model / "config.json"))
+    assert cfg["variant"] == variant and cfg["zoo"] == zoo_path and cfg["dataset"]["name"] == "digits"
+    assert cfg["train"]["steps"] == 6 and cfg["mlp_spec"]["input_size"] == 64
+    summary = json.load(open(model / "summary.json"))
+    assert summary["steps"] == 6 and len(summary["alignment"]["r2"]) == 4
+
+    out = tmp_path / "sampled.safetensors"
+    args = ["sample", str(model), "--targets", "0.05,0.05,3.0,0.05", "--n", "3", "--steps", "5", "--out", str(out)]
+    if variant == "dihyfo1":
+        args += ["--from-checkpoint", "4"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    spec, params, meta = load_mlps(str(out))
+    assert params.shape == (3, spec.num_params) and json.loads(meta["targets"]) == [0.05, 0.05, 3.0, 0.05]
+    assert len(json.loads(meta["losses"])) == 3
+
+    # Resuming a finished run with more steps continues it.
+    res = runner.invoke(app, ["train", "--variant", variant, "--zoo", zoo_path, "--out", str(model),
+                              "--steps", "8", "--resume", "--quiet"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert json.load(open(model / "summary.json"))["steps"] == 8
+
+
+def test_cli_errors(zoo_path, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--variant", "dihyfo9", "--zoo", zoo_path, "--out", str(tmp_path / "m")])
+    assert isinstance(res.exception, HyperForgetError) and "dihyfo1 or dihyfo2" in str(res.exception)
+    res = runner.invoke(app, ["train", "--variant", "dihyfo2", "--zoo", zoo_path, "--preset", "giant",
+                              "--out", str(tmp_path / "m")])
+    assert isinstance(res.exception, HyperForgetError) and "preset" in str(res.exception)
+    res = runner.invoke(app, ["sample", str(tmp_path / "nothing"), "--targets", "1,1,1,1", "--out", "x.st"])
+    assert isinstance(res.exception, HyperForgetError) and "hyperforget train" in str(res.exception)
+
+
+def test_main_exits_2_on_bad_targets(zoo_path, tmp_path, monkeypatch, capsys):
+    from pipelines.cli import main
+
+    model = tmp_path / "m"
+    res = CliRunner().invoke(app, ["train", "--variant", "dihyfo2", "--zoo", zoo_path, "--preset", "tiny",
+                                   "--out", str(model), "--steps", "2", "--batch-size", "8", "--eval-every", "-1",
+                                   "--quiet"])
+    assert res.exit_code == 0, repr(res.exception)
+    monkeypatch.setattr("sys.argv", ["hyperforget", "sample", str(model), "--targets", "1,2", "--out",
+                                     str(tmp_path / "s.safetensors")])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    assert "--targets gives 2 losses" in capsys.readouterr().err
