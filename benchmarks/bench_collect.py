@@ -215,7 +215,8 @@ def main() -> None:
     print(f"matmul limit: {rate1:.1f} GFLOP/s per thread x {cores} = {limit:.1f} GFLOP/s "
           f"(torch.mm on ({b}|{n_test}, {d}) @ ({d}, {g * h}))")
     print(f"collector: {summary.checkpoints:,} checkpoints ({summary.originals:,} originals) from {cfg.runs} runs "
-          f"in {wall:.1f} s -> {coll['checkpoints_per_s']:,.0f} checkpoints/s, {coll['run_steps_per_s']:,.0f} run-steps/s")
+          f"in {wall:.1f} s -> {coll['checkpoints_per_s']:,.0f} checkpoints/s, "
+          f"{coll['run_steps_per_s']:,.0f} run-steps/s")
     print(f"  lockstep training: {coll['train_gflops_per_core']:.1f} GFLOP/s per core = "
           f"{results['train_share_of_limit']:.0%} of the matmul limit; all work (train + eval): "
           f"{coll['all_gflops']:.1f} GFLOP/s = {results['overall_share_of_limit']:.0%} of {limit:.0f}")

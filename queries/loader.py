@@ -27,9 +27,9 @@ Within an epoch every view row is yielded exactly once over all ranks and worker
 so resuming mid-epoch (:meth:`CheckpointStream.state_dict`) replays the plan, skips the samples
 already consumed without reading chunks that only held those, and yields exactly the rest.
 
-Memory: the shuffle buffer (``shuffle_buffer + 1024`` rows of P floats, twice in pair mode), a
-few cached chunks, and the batches in flight (``prefetch_factor x num_workers``); the view's ids
-and losses (a few numbers per row) stay in memory, the parameters never do.
+Memory: the shuffle buffer (``shuffle_buffer + 1024 + batch_size`` rows of P floats, twice in
+pair mode), a few cached chunks, and the batches in flight (``prefetch_factor x num_workers``);
+the view's ids and losses (a few numbers per row) stay in memory, the parameters never do.
 
 Fork safety: the zoo's zarr array is opened lazily in the process that reads (each DataLoader
 worker opens its own), never pickled or shared.
@@ -221,7 +221,7 @@ class _BufferPlan:
             done = []
             pending.append(out)
             pending_n += len(out)
-            while pending_n >= batch_size or (out is None and pending_n):
+            while pending_n >= batch_size:
                 allp = np.concatenate(pending)
                 take, rest = allp[:batch_size], allp[batch_size:]
                 done.append((take, content[take]))

@@ -417,7 +417,8 @@ class CollectSummary:
     path: str  # the zoo
     checkpoints: int  # rows in the zoo (originals + permuted copies)
     originals: int  # rows with perm_index 0
-    runs: int  # distinct run ids in the zoo
+    runs: int  # distinct run ids in the zoo (a run that never met the selection rules keeps nothing)
+    runs_requested: int  # runs of the collection (0..runs-1)
     groups_committed: int  # groups trained and committed by this call
     groups_skipped: int  # groups already in the zoo (resumed)
     run_steps: int  # optimizer steps of all runs trained by this call
@@ -535,7 +536,7 @@ def _summarize(w, cfg: CollectConfig, stats: Counter, skipped: int, seconds: flo
     return CollectSummary(
         path=w.path, checkpoints=meta.num_rows,
         originals=int(pc.sum(pc.equal(meta.column("perm_index"), 0)).as_py() or 0),
-        runs=len(pc.unique(meta.column("run_id"))), groups_committed=int(stats["groups"]),
+        runs=len(pc.unique(meta.column("run_id"))), runs_requested=cfg.runs, groups_committed=int(stats["groups"]),
         groups_skipped=skipped, run_steps=int(stats["steps"]), seconds=seconds,
         train_seconds=float(stats["train"]), per_reason=counts("reason"), per_phase=counts("phase"),
         per_kind=counts("run_kind"), checkpoints_added=int(stats["rows"]))
@@ -579,8 +580,7 @@ def _results_in_order(cfg: CollectConfig, todo: list[int], use_dask: bool, worke
             nonlocal submitted
             while submitted < len(pending) and (submitted - next_i) < limit:
                 g = pending[submitted]
-                futures.add(client.submit(train_group, cfg, g, key=f"hyperforget-{group_key(g)}-{cfg.seed}",
-                                          pure=False, retries=2))
+                futures.add(client.submit(train_group, cfg, g, pure=False, retries=2))
                 submitted += 1
 
         fill()

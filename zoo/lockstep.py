@@ -118,7 +118,8 @@ class LockstepSGD:
             return 1.0
         return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
 
-    def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def loss_and_grad(self, x: torch.Tensor, y: torch.Tensor,
+                      w: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Weighted cross-entropy of every run on one minibatch and its gradient.
 
         Args:

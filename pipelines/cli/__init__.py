@@ -31,7 +31,10 @@ for _stage in STAGES:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False makes click return a typer.Exit code instead of exiting.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except HyperForgetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -39,7 +39,8 @@ def collect_cmd(
         typer.echo(json.dumps(summary.to_dict(), indent=1))
         return
     typer.echo(f"{summary.path}: {summary.checkpoints:,} checkpoints ({summary.originals:,} originals) "
-               f"from {summary.runs} runs")
+               f"from {summary.runs} of {summary.runs_requested} runs (a run that never met the selection rules "
+               "keeps none)")
     typer.echo(f"this call: {summary.groups_committed} groups trained, {summary.groups_skipped} already there, "
                f"{summary.checkpoints_added:,} checkpoints in {summary.seconds:.1f} s "
                f"({summary.rate:,.0f} checkpoints/s, {summary.run_steps:,} run-steps)")

@@ -228,3 +228,44 @@ def test_shard_files_match_zarr_and_catch_damage(qzoo, all_view, zoo_params):
     open(shard, "wb").write(bytes(data))
     with pytest.raises(HyperForgetError, match="checksum"):
         ShardFiles.open(qzoo, cfg.chunk_rows, cfg.shard_rows, cfg.num_params).chunk(0)
+
+
+def test_each_chunk_is_read_once_per_epoch(qzoo, all_view, monkeypatch):
+    from queries.loader import ShardFiles
+
+    calls = []
+    real = ShardFiles.chunk
+    monkeypatch.setattr(ShardFiles, "chunk", lambda self, c: calls.append(c) or real(self, c))
+    s = CheckpointStream(qzoo, all_view, batch_size=16, shuffle_buffer=30, chunk_cache=1)
+    assert len(_ids(list(s))) == 117
+    assert sorted(calls) == list(range(15))  # 117 rows in chunks of 8
+
+
+@pytest.mark.parametrize("capacity, batch", [(0, 5), (7, 4), (50, 16), (1000, 3)])
+def test_buffer_plan_is_a_bounded_permutation(capacity, batch):
+    from queries.loader import PIECE_ROWS, _BufferPlan
+
+    rng = np.random.default_rng(capacity)
+    sizes = rng.integers(1, 40, size=30)
+    bounds = np.r_[0, np.cumsum(sizes)]
+    n = int(bounds[-1])
+    plan = _BufferPlan(bounds, n, capacity, np.random.default_rng(1), batch)
+    assert sorted(plan.out_pos) == list(range(n))
+    assert plan.store_rows <= capacity + PIECE_ROWS + batch
+    sizes_out = [len(s) for step in plan.ready for s, _ in step]
+    assert all(k == batch for k in sizes_out[:-1]) and 0 < sizes_out[-1] <= batch
+    # no slot is reused while a row in it is still waiting to be gathered
+    live = {}
+    for s in range(len(bounds) - 1):
+        for slot, pos in zip(plan.slots[bounds[s]:bounds[s + 1]], range(bounds[s], bounds[s + 1])):
+            assert slot not in live
+            live[slot] = pos
+        for slots, pos in plan.ready[s]:
+            for slot, q in zip(slots, pos):
+                assert live.pop(slot) == q
+    for slots, pos in plan.ready[-1]:
+        for slot, q in zip(slots, pos):
+            assert live.pop(slot) == q
+    assert not live
+    if capacity == 0:
+        assert np.array_equal(plan.out_pos, np.arange(n))

@@ -14,7 +14,8 @@ from zoo.mlp import MLP, MLPSpec, batched_logits, init_params
 @pytest.mark.parametrize("hidden", [1, 2, 5])
 def test_copies_compute_the_same_logits(hidden):
     spec = MLPSpec(13, hidden, 4)
-    params = init_params(spec, range(7)) + 0.1 * torch.randn(7, spec.num_params, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(7, spec.num_params, generator=torch.Generator().manual_seed(0))
+    params = init_params(spec, range(7)) + 0.1 * noise
     rows, perm_index = augment(spec, params, 3, seed=42)
     assert rows.shape == (7 * 4, spec.num_params)
     assert perm_index.tolist() == [0, 1, 2, 3] * 7
