@@ -91,7 +91,7 @@ def plain_loop(task, plans, steps_per_run: int, eval_share: float, keep_share: f
     x_test, y_test = torch.as_tensor(task.data.x_test), torch.as_tensor(task.data.y_test)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is the plain loop's best; cores run more such loops
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run_steps = evaluated = kept = 0
     rng = np.random.default_rng(0)
     for plan in plans:
@@ -131,7 +131,8 @@ def plain_loop(task, plans, steps_per_run: int, eval_share: float, keep_share: f
                 if step >= steps_per_run:
                     break
     torch.set_num_threads(old_threads)
-    return {"seconds": time.perf_counter() - t0, "runs": len(plans), "run_steps": run_steps,
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "runs": len(plans),
+            "run_steps": run_steps,
             "evaluated": evaluated, "kept": kept}
 
 
@@ -170,13 +171,15 @@ def main() -> None:
     out = args.out or tempfile.mkdtemp(prefix="bench-zoo-")
     if os.path.exists(os.path.join(out, "zoo.json")):
         shutil.rmtree(out)
-    stats = {"train_seconds": 0.0, "train_cpu_seconds": 0.0, "evaluated": 0, "task_seconds": 0.0}
+    stats = {"train_seconds": 0.0, "train_cpu_seconds": 0.0, "evaluated": 0, "task_seconds": 0.0,
+             "task_cpu_seconds": 0.0}
 
     def on_commit(res, ids):
         stats["train_seconds"] += res.train_seconds
         stats["train_cpu_seconds"] += res.train_cpu_seconds
         stats["evaluated"] += res.evaluated
         stats["task_seconds"] += res.seconds
+        stats["task_cpu_seconds"] += res.cpu_seconds
 
     with PeakRSS() as rss:
         t0 = time.perf_counter()
@@ -190,6 +193,9 @@ def main() -> None:
         "train_gflops_per_core": train_flop / stats["train_cpu_seconds"] / 1e9,  # CPU time, like the limit
         "train_gflops_per_core_wall": train_flop / stats["train_seconds"] / 1e9,
         "all_gflops": (train_flop + eval_flop) / wall / 1e9, "evaluated": stats["evaluated"],
+        "task_cpu_seconds": stats["task_cpu_seconds"],
+        "run_steps_per_cpu_s": summary.run_steps / stats["task_cpu_seconds"],
+        "checkpoints_per_cpu_s": summary.checkpoints / stats["task_cpu_seconds"],
         "peak_rss_gib": rss.peak / 2**30, "per_reason": summary.per_reason, "per_phase": summary.per_phase,
     }
 
@@ -200,12 +206,14 @@ def main() -> None:
     plain = plain_loop(task, plans, task.total_steps, eval_share, keep_share, b)
     plain_rate = plain["run_steps"] / plain["seconds"]  # one process, one thread
     ratio = coll["run_steps_per_s"] / (plain_rate * cores)  # against one plain loop per core
+    # Per CPU-second of the work itself: what a busy machine cannot distort much.
+    ratio_cpu = coll["run_steps_per_cpu_s"] / (plain["run_steps"] / plain["cpu_seconds"])
 
     results = {"machine": {"cpus": os.cpu_count(), "torch_threads_plain": 1,
                            "workers": args.workers, "matmul_gflops_1thread": rate1, "limit_gflops": limit,
                            "load_avg_1min": os.getloadavg()[0]},
                "config": cfg.to_dict(), "collector": coll, "plain": {**plain, "run_steps_per_s": plain_rate},
-               "ratio_run_steps": ratio,
+               "ratio_run_steps": ratio, "ratio_run_steps_per_cpu_s": ratio_cpu,
                "train_share_of_limit": coll["train_gflops_per_core"] / rate1,
                "overall_share_of_limit": coll["all_gflops"] / limit,
                "peak_rss_self_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
@@ -225,6 +233,9 @@ def main() -> None:
     print(f"plain loop (1 thread): {plain['runs']} runs, {plain['run_steps']:,} steps in {plain['seconds']:.1f} s -> "
           f"{plain_rate:,.0f} run-steps/s; x {cores} cores = {plain_rate * cores:,.0f}")
     print(f"ratio collector / plain: {ratio:.1f}x (run-steps/s on {cores} cores, same evaluations and kept share)")
+    print(f"ratio per CPU-second of the tasks (collector {coll['run_steps_per_cpu_s']:,.0f} run-steps/CPU-s, "
+          f"{coll['checkpoints_per_cpu_s']:,.0f} checkpoints/CPU-s; plain "
+          f"{plain['run_steps'] / plain['cpu_seconds']:,.0f} run-steps/CPU-s): {ratio_cpu:.1f}x")
     print(f"extrapolated 1.9M checkpoints at this rate: {results['extrapolated_1_9M_s'] / 60:.1f} min")
     if args.json:
         with open(args.json, "w") as f:

@@ -531,6 +531,8 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
             ema.shadow = {k: v.to(dev) for k, v in ck["ema"].items()}
             ema.num_updates = ck["state"]["ema_updates"]
             gen.set_state(ck["optimizer"].pop("rng.generator"))
+            if rank > 0:  # only rank 0's generator was saved; other ranks need their own stream of noise
+                gen.manual_seed(cfg.seed * 7919 + rank + 1_000_003 * ck["state"]["step"])
             _load_optimizer(opt, ck["optimizer"], ck["state"]["optimizer"])
             step, epoch, curves = ck["state"]["step"], ck["state"]["epoch"], ck["state"]["curves"]
             if ck["state"].get("loader") is not None and hasattr(data.train_stream, "load_state_dict"):

@@ -84,6 +84,13 @@ def collect_zoo(cfg: DemoConfig, zoo_dir: Path) -> None:
 
     ccfg = CollectConfig(preset=cfg.preset, dataset=cfg.dataset, runs=cfg.runs, runs_per_group=cfg.runs_per_group,
                          epochs=cfg.zoo_epochs, seed=cfg.seed)
+    if (zoo_dir / "manifest.json").exists():
+        from zoo.collect import group_key
+        from zoo.store import open_zoo
+
+        # A finished collection is an artifact like any other: skip it without re-checking settings.
+        if {group_key(g) for g in range(ccfg.num_groups)} <= set(open_zoo(str(zoo_dir)).committed_keys):
+            return
     collect(ccfg, str(zoo_dir), use_dask=bool(cfg.workers != 0), workers=cfg.workers or None, progress=True)
 
 

@@ -52,19 +52,19 @@ class EvalConfig:
     """How `hyperforget evaluate` scores a run; saved in every forget-X.json."""
 
     n_retrained: int = 128  # retrained models per forget set (½ reference, ¼ attack negatives, ¼ floor)
-    retrain_groups: int = 8  # lockstep groups, each with its own minibatch order (lockstep shares one per group)
+    retrain_groups: int = 2  # lockstep groups, each with its own minibatch order (more groups cost more steps)
     seed_base: int = SEED_BASE  # first reference seed; shifted past any seed the run or its zoo used
     baseline_seeds: int = 3  # models per baseline: saved repeats, topped up with run_baseline if fewer; 0 = saved only
     delta: float = za.DEFAULT_DELTA  # δ of the challenge's per-example ε
     target_fpr: float = 0.01  # FPR of the reported TPR
     max_forget_examples: int = 1000  # D_f examples the attacks and ε use (deterministic subsample)
     max_examples: int = 2000  # rows per other split for MIA / JSD (deterministic subsample)
-    mia_models: int = 16  # models per row whose MIA is computed (one logistic regression each)
-    probe_models: int = 8  # models per row whose hidden layer is probed
-    relearn_models: int = 8  # models per row that relearn
+    mia_models: int = 8  # models per row whose MIA is computed (one logistic regression each)
+    probe_models: int = 4  # models per row whose hidden layer is probed
+    relearn_models: int = 4  # models per row that relearn
     relearn_per_class: int = 16  # examples per class in the relearning subset (forget and retain classes)
     relearn_level: float = 0.8  # relearned when forget-class test accuracy ≥ level × the original's
-    relearn_max_steps: int = 200  # full-batch SGD steps before giving up
+    relearn_max_steps: int = 100  # full-batch SGD steps before giving up
     relearn_lr: float = 0.05  # SGD learning rate (momentum 0.9) of relearning
     nearest_checkpoint: bool = True  # search the zoo for the checkpoint nearest each selected DiHyFo model
     max_zoo_rows: int | None = None  # cap on zoo rows scanned (None: all original, un-permuted rows)
@@ -72,7 +72,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.n_retrained < 8:
-            raise HyperForgetError(f"--retrained must be at least 8 (4 reference, 2+2 evaluation), got {self.n_retrained}")
+            raise HyperForgetError(
+                f"--retrained must be at least 8 (4 reference, 2+2 evaluation), got {self.n_retrained}")
         if self.baseline_seeds < 0:
             raise HyperForgetError(f"--baseline-seeds must be ≥ 0, got {self.baseline_seeds}")
         if not 0 < self.delta < 1 or not 0 < self.target_fpr < 1:
@@ -147,8 +148,8 @@ def permutation_invariant_distance(spec: MLPSpec, a: torch.Tensor, b: torch.Tens
     """min over hidden-unit permutations π of ‖a − π(b)‖₂, for one (P,) vector a and (K, P) vectors b.
 
     Permuting hidden units moves each unit's incoming row, bias and outgoing column together and
-    leaves the function unchanged, so ‖a − π(b)‖² = Σ_h ‖unit_a(h) − unit_b(π(h))‖² + ‖b2_a − b2_b‖²:
-    a linear assignment over an H×H cost matrix, solved exactly (all H! permutations when H ≤ 4,
+    leaves the function unchanged, so
+    ‖a − π(b)‖² = Σ_h ‖unit_a(h) − unit_b(π(h))‖² + ‖b2_a − b2_b‖²:  a linear assignment over an H×H cost matrix, solved exactly (all H! permutations when H ≤ 4,
     the Hungarian method otherwise). Sorting units into a canonical order would be cheaper but is
     not a minimum: two nearby networks can sort differently.
     """
@@ -303,12 +304,11 @@ def _accuracies(ctx: _Context, params: torch.Tensor, masked: Sequence[int]) -> d
     return acc
 
 
-def score_population(ctx: _Context, pop: Population, *, negatives: torch.Tensor | None = None) -> dict:
+def score_population(ctx: _Context, pop: Population) -> dict:
     """Every score of one row (see the module docstring). Returns a JSON-ready dict."""
     cfg = ctx.config
     params = pop.params
-    neg_conf = ctx.conf_neg if negatives is None else za.logit_scaled_confidence(
-        population_logits(ctx.spec, negatives, ctx.x["df"]), ctx.y["df"])
+    neg_conf = ctx.conf_neg
     acc = _accuracies(ctx, params, pop.masked)
     conf_u = za.logit_scaled_confidence(population_logits(ctx.spec, params, ctx.x["df"], pop.masked), ctx.y["df"])
     thr = za.calibrated_threshold_attack(conf_u, neg_conf, ctx.conf_ref, cfg.target_fpr)
@@ -426,9 +426,7 @@ def _method_populations(run, forget, cfg: EvalConfig, log) -> tuple[list[Populat
         if name in DIHYFO_METHODS or record.get("kind") == "dihyfo":
             cand_path = path / "candidates.safetensors"
             if cand_path.exists():
-                from zoo.mlp import load_mlps
-
-                _, cands, _ = load_mlps(str(cand_path))
+                cands = _load_candidates(cand_path, run.spec)
                 finite = torch.isfinite(cands).all(1)
                 pops.append(Population(f"{name} (candidates)", "method", cands[finite], seconds_per_model=secs,
                                        note=f"{name}: all {int(finite.sum())} sampled candidates"))
@@ -442,6 +440,20 @@ def _method_populations(run, forget, cfg: EvalConfig, log) -> tuple[list[Populat
         pops.append(Population(name, "method", params, seconds_per_model=secs,
                                note=f"{name}: {params.shape[0]} runs with different seeds"))
     return pops, selected
+
+
+def _load_candidates(path: Path, spec: MLPSpec) -> torch.Tensor:
+    """(K, P) candidates as sampled. zoo.mlp.load_mlps rejects NaN rows, which a sampler may produce;
+    those rows are dropped by the caller instead."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            params = f.get_tensor("params")
+    except Exception as exc:  # safetensors raises several types for damaged files
+        raise HyperForgetError(f"cannot read candidates {path}: {exc}; re-run the unlearning stage") from None
+    spec.layout.check(params)
+    return params.reshape(-1, spec.num_params).float()
 
 
 def _top_up_baseline(run, forget, name, params, record, cfg: EvalConfig, log) -> torch.Tensor:
@@ -553,14 +565,15 @@ def evaluate_forget_set(run, forget: tuple[int, ...], cfg: EvalConfig) -> dict:
         progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                             TimeElapsedColumn(), transient=True)
     with progress or nullcontext():
-        task = progress.add_task(f"evaluate forget {list(forget)}: retrained population", total=None) if progress else None
+        what = f"evaluate forget {list(forget)}"
+        task = progress.add_task(f"{what}: retrained population", total=None) if progress else None
 
         # Reference populations, from seeds no other model of the run or its zoo used.
         used, seed_check = _used_seeds(run)
         seeds = reference_seeds(cfg.n_retrained, used, cfg.seed_base)
         retrained, train_wall = train_reference(run, forget, seeds, cfg.retrain_groups)
-        half = cfg.n_retrained // 2
-        ref, evaluation = retrained[:half], retrained[half:]
+        # Interleaved splits: every part holds models of every lockstep group (data order).
+        ref, evaluation = retrained[0::2], retrained[1::2]
         neg, floor = evaluation[1::2], evaluation[0::2]
         # One model alone, with the same settings: the retrain time a user would otherwise pay.
         t0 = time.perf_counter()
@@ -579,11 +592,12 @@ def evaluate_forget_set(run, forget: tuple[int, ...], cfg: EvalConfig) -> dict:
         pops += methods
         pops.append(Population("logit_mask (control)", "control", original, masked=tuple(forget),
                                seconds_per_model=0.0,
-                               note="original model with the forget logits set to −∞; probe and relearn use its weights"))
+                               note="original model with the forget logits set to −∞; "
+                                    "probe and relearn use its weights"))
         if cfg.nearest_checkpoint and selected:
             pops += _nearest_controls(run, selected, cfg, log)
         if progress:
-            progress.update(task, description=f"evaluate forget {list(forget)}: scoring", total=len(pops), completed=0)
+            progress.update(task, description=f"{what}: scoring", total=len(pops), completed=0)
         rows = []
         for pop in pops:
             rows.append(score_population(ctx, pop))
@@ -674,7 +688,8 @@ def _nearest_controls(run, selected, cfg: EvalConfig, log) -> list[Population]:
         pops.append(Population(
             f"nearest zoo checkpoint ({name})", "control", near["params"],
             note=f"zoo checkpoint {near['checkpoint_id']} nearest to {name}'s selected model "
-                 f"(permutation-invariant L2 {near['distance']:.3f}; that model is {to_original:.3f} from the original; "
+                 f"(permutation-invariant L2 {near['distance']:.3f}; that model is {to_original:.3f} "
+                 f"from the original; "
                  f"{near['rows_scanned']} zoo rows scanned)",
             extra={"nearest": {"checkpoint_id": near["checkpoint_id"], "distance": near["distance"],
                                "selected_to_original": to_original, "rows_scanned": near["rows_scanned"]}}))
@@ -745,12 +760,14 @@ def render_markdown(result: dict) -> str:
               "than retrained; AUC < 0.5 is a difference in the other direction). LiRA = U-LiRA likelihood ratio "
               "(* = offline variant, retrained Gaussians only, for rows with < 4 models). F = challenge forgetting "
               "quality from per-example ε (δ = %g), F·RA·TA = F·(RA_U/RA_R)·(TA_U/TA_R) with TA on retain-class "
-              "test. ε has a finite-sample floor: compare with the floor row, not with 1; † = fewer than %d models, where ε "
-              "reduces to a range test (ε = ∞ only where the model lies outside every retrained model). ΔMIA = row's MIA − "
+              "test. ε has a finite-sample floor: compare with the floor row, not with 1; † = fewer than %d models, "
+              "where ε reduces to a range test (ε = ∞ only where the model lies outside every retrained model). "
+              "ΔMIA = row's MIA − "
               "retrained MIA (entropy: paper Fig. 22; loss: same recipe on −ln p_y). JSD = textbook base-2 JSD per "
               "example to the reference population's mean prediction, batch mean (not F.kl_div's reverse KL "
               "with mean over N·C). Relearn = full-batch SGD steps on %d examples per class until forget-class "
-              "test accuracy ≥ %.2f." % (result["config"]["delta"], MIN_EPS_MODELS, result["config"]["relearn_per_class"],
+              "test accuracy ≥ %.2f." % (result["config"]["delta"], MIN_EPS_MODELS,
+                                         result["config"]["relearn_per_class"],
                                          result["rows"][0]["relearn"]["level"]), ""]
     lines += [f"- {r['name']}: {r['note']}" for r in result["rows"] if r["note"]]
     cs = result["cost_setup"]

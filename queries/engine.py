@@ -58,6 +58,7 @@ class SQLLimits:
     memory_limit: str = "2GB"  # DuckDB memory_limit; queries past it spill or fail
     threads: int = 2  # DuckDB worker threads
     max_temp_directory_size: str = "0B"  # spilling to disk is writing files: off when confined
+    temp_directory: str = ""  # where unconfined builds spill; "" = the system temp dir
 
 
 def sql_template(name: str) -> str:
@@ -127,7 +128,12 @@ def connect_files(meta_files: Sequence[str] | pa.Table, *, num_classes: int,
         limits: memory and threads.
     """
     views = dict(views or {})
-    con = duckdb.connect(":memory:", config={"threads": limits.threads, "memory_limit": limits.memory_limit})
+    config = {"threads": limits.threads, "memory_limit": limits.memory_limit}
+    if not confined:  # DuckDB's default spill directory is ./.tmp under the caller's working directory
+        import tempfile
+
+        config["temp_directory"] = limits.temp_directory or os.path.join(tempfile.gettempdir(), "hyperforget-duckdb")
+    con = duckdb.connect(":memory:", config=config)
     try:
         allowed: list[str] = []
         if isinstance(meta_files, pa.Table):

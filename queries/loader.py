@@ -106,6 +106,7 @@ class ShardFiles:
         self.per_shard = shard_rows // chunk_rows
         self.blosc, self.sep = blosc, sep
         self._index: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
 
     @classmethod
     def open(cls, zoo_path: str, chunk_rows: int, shard_rows: int, num_params: int) -> "ShardFiles | None":
@@ -145,26 +146,61 @@ class ShardFiles:
                 self._index.popitem(last=False)
         return idx
 
+    def _mapped(self, shard: int, path: str) -> np.ndarray | None:
+        """The shard file mapped read-only (uncompressed zoos): chunks are views, no read copy."""
+        mm = self._maps.get(shard)
+        if mm is None:
+            try:
+                mm = np.memmap(path, dtype=np.uint8, mode="r")
+            except FileNotFoundError:
+                return None
+            self._maps[shard] = mm
+            if len(self._maps) > 4:  # a writer replaces shard files by rename: old maps stay valid
+                self._maps.popitem(last=False)
+        else:
+            self._maps.move_to_end(shard)
+        return mm
+
     def chunk(self, c: int) -> np.ndarray | None:
-        """(chunk_rows, P) float32 of chunk ``c``, or None when it is not stored (fill value)."""
+        """(chunk_rows, P) float32 of chunk ``c``, or None when it is not stored (fill value).
+
+        Uncompressed chunks are read-only views of the mapped shard file.
+        """
         import google_crc32c
 
         shard, inner = divmod(c, self.per_shard)
         path = os.path.join(self.root, "c", f"{shard}{self.sep}0") if self.sep == "/" else \
             os.path.join(self.root, f"c{self.sep}{shard}{self.sep}0")
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            size = os.fstat(fd).st_size
-            off, nbytes = (int(v) for v in self._shard_index(shard, fd, size)[inner])
+        if not self.blosc:
+            mm = self._mapped(shard, path)
+            if mm is None:
+                return None
+            n = self.per_shard * 16
+            if shard not in self._index:
+                tail = mm[len(mm) - n - 4:]
+                if google_crc32c.value(tail[:n]) != int.from_bytes(tail[n:].tobytes(), "little"):
+                    raise HyperForgetError(f"shard {shard} of {self.root}: index checksum mismatch; "
+                                           "run `hyperforget zoo verify`")
+                self._index[shard] = np.frombuffer(tail[:n].tobytes(), "<u8").reshape(self.per_shard, 2)
+            off, nbytes = (int(v) for v in self._index[shard][inner])
             if off == 2**64 - 1:
                 return None
-            raw = np.empty(nbytes, np.uint8)  # read straight into numpy: no bytes objects to copy
-            got = os.preadv(fd, [raw], off)
-        finally:
-            os.close(fd)
+            raw = mm[off:off + nbytes]
+            got = len(raw)
+        else:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return None
+            try:
+                size = os.fstat(fd).st_size
+                off, nbytes = (int(v) for v in self._shard_index(shard, fd, size)[inner])
+                if off == 2**64 - 1:
+                    return None
+                raw = np.empty(nbytes, np.uint8)  # read straight into numpy: no bytes objects to copy
+                got = os.preadv(fd, [raw], off)
+            finally:
+                os.close(fd)
         body = raw[:-4]
         if got != nbytes or google_crc32c.value(body) != int.from_bytes(raw[-4:].tobytes(), "little"):
             raise HyperForgetError(f"chunk {c} of {self.root}: checksum mismatch, the zoo is damaged; "
@@ -210,14 +246,15 @@ class _BufferPlan:
         # after piece s has been placed (and, last, after the final flush): batches completed,
         # each as (slots, row positions) in output order
         self.ready: list[list[tuple[np.ndarray, np.ndarray]]] = []
-        free = list(range(self.store_rows - 1, -1, -1))  # stack of free slots
+        free = np.arange(self.store_rows - 1, -1, -1, dtype=np.int64)  # stack of free slots, top at the end
+        top = self.store_rows
         held = np.empty(0, np.int64)  # slots holding rows not yet emitted
         content = np.full(self.store_rows, -1, np.int64)  # slot -> row position
         pending: list[np.ndarray] = []  # emitted slots of the batch being formed
         pending_n = 0
 
         def emit(out: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-            nonlocal pending_n
+            nonlocal pending_n, top
             done = []
             pending.append(out)
             pending_n += len(out)
@@ -225,14 +262,16 @@ class _BufferPlan:
                 allp = np.concatenate(pending)
                 take, rest = allp[:batch_size], allp[batch_size:]
                 done.append((take, content[take]))
-                free.extend(take[::-1].tolist())
+                free[top:top + len(take)] = take[::-1]
+                top += len(take)
                 pending[:] = [rest]
                 pending_n = len(rest)
             return done
 
         for s in range(len(piece_bounds) - 1):
             a, b = int(piece_bounds[s]), int(piece_bounds[s + 1])
-            got = np.array([free.pop() for _ in range(b - a)], np.int64)
+            got = free[top - (b - a):top][::-1].copy()
+            top -= b - a
             self.slots[a:b] = got
             content[got] = np.arange(a, b)
             if not shuffle:
@@ -366,6 +405,7 @@ class CheckpointStream(IterableDataset):
         self._reader = None
         self._reader_pid = None
         self._files: ShardFiles | None = None
+        self._store_arrays: tuple[np.ndarray, np.ndarray | None] | None = None
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     # ------------------------------------------------------------------------------------------
@@ -420,6 +460,7 @@ class CheckpointStream(IterableDataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_reader"], state["_reader_pid"], state["_cache"], state["_files"] = None, None, OrderedDict(), None
+        state["_store_arrays"] = None
         return state
 
     # ------------------------------------------------------------------------------------------
@@ -590,9 +631,7 @@ class CheckpointStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 0x5B0F]) if self.shuffle else None
         plan = _BufferPlan(bounds, n, self.shuffle_buffer, rng, self.batch_size)
 
-        p = self.spec.num_params
-        store = np.empty((plan.store_rows, p), np.float32)
-        tstore = np.empty((plan.store_rows, p), np.float32) if self.pairs else None
+        store, tstore = self._stores(plan.store_rows)
         need = plan.out_pos >= skip  # rows still to be yielded
         for s, batches in enumerate(plan.ready):
             if s < len(bounds) - 1:
@@ -610,6 +649,15 @@ class CheckpointStream(IterableDataset):
                 if not keep.all():
                     slots, pos = slots[keep], pos[keep]
                 yield self._finish(rows[pos], store[slots], tstore[slots] if self.pairs else None)
+
+    def _stores(self, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Shuffle-buffer arrays, kept between epochs: fresh pages cost a fault and zeroing each."""
+        p = self.spec.num_params
+        have = self._store_arrays
+        if have is None or have[0].shape[0] < rows:
+            have = (np.empty((rows, p), np.float32), np.empty((rows, p), np.float32) if self.pairs else None)
+            self._store_arrays = have
+        return have
 
     def _finish(self, vrows: np.ndarray, params: np.ndarray, tparams: np.ndarray | None) -> dict[str, torch.Tensor]:
         """Augment, normalize and wrap one batch."""

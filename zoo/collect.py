@@ -33,7 +33,7 @@ from zoo.augment import augment as permute_augment
 from zoo.datasets import Dataset, load_dataset
 from zoo.errors import HyperForgetError
 from zoo.lockstep import LockstepSGD, epoch_batches, steps_per_epoch
-from zoo.mlp import TaskPreset, get_preset, init_params
+from zoo.mlp import ACTIVATIONS, TaskPreset, get_preset, init_params
 from zoo.selection import PHASES, REASONS, SelectionConfig, Selector, consider_mask
 
 COLLECTION_FORMAT = 1  # version of the "collection" block this module writes into zoo.json
@@ -126,15 +126,25 @@ class ClassEvaluator:
         self.onehot = torch.nn.functional.one_hot(self.y, c).to(torch.float32)  # (N, C)
         self.counts = self.onehot.sum(0)  # (C,)
         self.models_per_pass = max(1, max_elements // max(1, len(self.y) * c))
+        h, d = spec.hidden, spec.input_size
+        self._offsets = (h * d, h * d + h, h * d + h + c * h)  # ends of fc1.weight, fc1.bias, fc2.weight
+        self._act = ACTIVATIONS[spec.activation]
+
+    def logits(self, params: torch.Tensor) -> torch.Tensor:
+        """(m, P) -> (m, N, C) logits on the test inputs (zoo.mlp.batched_logits with the layout cached)."""
+        m, (h, d, c) = params.shape[0], (self.spec.hidden, self.spec.input_size, self.spec.num_classes)
+        o1, o2, o3 = self._offsets
+        w1 = params[:, :o1].reshape(m * h, d)
+        pre = torch.addmm(params[:, o1:o2].reshape(1, m * h), self.x, w1.T)  # (N, m·H): one product
+        hid = self._act(pre).view(-1, m, h).transpose(0, 1)  # (m, N, H)
+        return torch.baddbmm(params[:, None, o3:], hid, params[:, o2:o3].reshape(m, c, h).transpose(1, 2))
 
     @torch.no_grad()
     def __call__(self, params: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(m, P) params -> loss (m, C), acc (m, C), total_loss (m,), total_acc (m,) as float32 numpy."""
-        from zoo.mlp import batched_logits
-
         loss_sum, correct = [], []
         for m0 in range(0, params.shape[0], self.models_per_pass):
-            logits = batched_logits(self.spec, params[m0:m0 + self.models_per_pass], self.x)  # (m, N, C)
+            logits = self.logits(params[m0:m0 + self.models_per_pass])  # (m, N, C)
             z = logits - logits.amax(-1, keepdim=True)
             lse = z.exp().sum(-1).log_()  # (m, N)
             nll = lse - z.gather(-1, self.y.expand(z.shape[0], -1)[..., None])[..., 0]  # (m, N)
@@ -251,6 +261,7 @@ class GroupResult:
     seconds: float  # wall time of the task
     train_seconds: float  # of which in optimizer steps
     train_cpu_seconds: float = 0.0  # CPU time of this thread in optimizer steps (robust to a busy machine)
+    cpu_seconds: float = 0.0  # CPU time of this thread for the whole task
 
 
 def train_group(cfg: CollectConfig, g: int, *, threads: int | None = 1) -> GroupResult:
@@ -259,14 +270,16 @@ def train_group(cfg: CollectConfig, g: int, *, threads: int | None = 1) -> Group
     ``threads`` bounds torch's intra-op threads for the task (1 by default, so results do not
     depend on the machine and dask workers do not oversubscribe cores); None leaves it as is.
     """
-    t_start = time.perf_counter()
+    t_start, c_start = time.perf_counter(), time.thread_time()
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _train_group(cfg, g, t_start)
+        res = _train_group(cfg, g, t_start)
     finally:
         torch.set_num_threads(old_threads)
+    res.cpu_seconds = time.thread_time() - c_start
+    return res
 
 
 def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:

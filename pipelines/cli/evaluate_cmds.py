@@ -14,9 +14,11 @@ def register(app: typer.Typer) -> None:
         run_dir: Annotated[Path, typer.Argument(help="unlearning run directory (holds run.json)")],
         forget: Annotated[Optional[list[str]], typer.Option(
             help="forget set to evaluate, e.g. --forget 2 --forget 2,3 (default: every set in run.json)")] = None,
-        retrained: Annotated[int, typer.Option(help="models retrained per forget set (½ reference, ½ evaluation)")] = 128,
+        retrained: Annotated[int, typer.Option(
+            help="models retrained per forget set (½ reference, ½ evaluation)")] = 128,
         baseline_seeds: Annotated[int, typer.Option(help="models per baseline (saved repeats, topped up)")] = 3,
-        nearest: Annotated[bool, typer.Option(help="search the zoo for the checkpoint nearest each DiHyFo model")] = True,
+        nearest: Annotated[bool, typer.Option(
+            help="search the zoo for the checkpoint nearest each DiHyFo model")] = True,
         max_zoo_rows: Annotated[Optional[int], typer.Option(help="scan at most this many zoo rows")] = None,
         progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
     ) -> None:

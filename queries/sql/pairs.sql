@@ -5,8 +5,10 @@
 -- At most $cap pairs per run, the ones with the smallest hash(θ id, θ* id, $seed): a uniform,
 -- deterministic sample kept by a bounded top-n aggregate (memory: runs x $cap, not pairs).
 -- $max_gap < 0 means any gap; otherwise target_step - step <= $max_gap.
-WITH c AS (
-    SELECT checkpoint_id, run_id, step, phase, perm_index, {{losses}}
+-- Only the four key columns go through the self-join (a CTE that carried the losses made the
+-- 10^8-row join five times slower); losses and phases are joined to the few picked pairs.
+WITH keys AS (
+    SELECT checkpoint_id, run_id, step, perm_index
     FROM checkpoints
     WHERE ($split = 'all' OR run_split(run_id, $split_seed, $test_fraction) = $split)
       AND ($include_augmented OR perm_index = 0)
@@ -14,7 +16,7 @@ WITH c AS (
 candidates AS (
     SELECT a.run_id, a.checkpoint_id, b.checkpoint_id AS target_id,
            hash(CAST(a.checkpoint_id AS BIGINT), CAST(b.checkpoint_id AS BIGINT), CAST($seed AS BIGINT)) AS h
-    FROM c AS a JOIN c AS b
+    FROM keys AS a JOIN keys AS b
       ON a.run_id = b.run_id AND a.perm_index = b.perm_index AND a.step < b.step
     WHERE $max_gap < 0 OR b.step - a.step <= $max_gap
 ),
@@ -27,6 +29,6 @@ SELECT a.run_id, a.perm_index, p.checkpoint_id, p.target_id,
        a.step, b.step AS target_step, a.phase, b.phase AS target_phase,
        {{pair_losses}}
 FROM picked AS p
-JOIN c AS a ON a.checkpoint_id = p.checkpoint_id
-JOIN c AS b ON b.checkpoint_id = p.target_id
+JOIN checkpoints AS a ON a.checkpoint_id = p.checkpoint_id
+JOIN checkpoints AS b ON b.checkpoint_id = p.target_id
 ORDER BY p.checkpoint_id, p.target_id
