@@ -66,6 +66,11 @@ class Hypernetwork:
         self._test: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
+    def sampling(self) -> dict:
+        """Recommended sampler settings from the preset: {"method", "steps", "guidance"}."""
+        return dict(self.config.get("sampling") or {"method": "ddim", "steps": 50, "guidance": None})
+
+    @property
     def loss_stats(self) -> dict:
         """Per-class loss quantiles of the training zoo ({"min", "q05", "q10", "q50", "q95", "max"} -> (C,))."""
         return self.config.get("loss_stats") or {}
@@ -95,7 +100,9 @@ class Hypernetwork:
             current_losses: (K, C) class losses of ``current_params``; None measures them on the
                 zoo's test split.
             method: "ddim" (``steps`` steps, ``eta``) or "ddpm" (all T steps, fixed variance).
-            guidance: classifier-free guidance scale (needs a model trained with cond_dropout > 0).
+            guidance: classifier-free guidance scale, one for all rows or (K,) one per row (a sweep in
+                one batch); needs a model trained with cond_dropout > 0. ``self.sampling`` holds the
+                preset's recommendation.
         Returns:
             (K, P) float32 raw MLP parameters; deterministic for a seed.
         """
@@ -109,8 +116,14 @@ class Hypernetwork:
         if not torch.isfinite(targets).all() or (targets < 0).any():
             raise HyperForgetError("target losses must be finite and ≥ 0")
         k = targets.shape[0]
-        if guidance is not None and float(self.config["train"].get("cond_dropout", 0)) == 0:
-            raise HyperForgetError("guidance needs a model trained with cond_dropout > 0; drop --guidance")
+        if guidance is not None:
+            g = torch.as_tensor(np.asarray(guidance, dtype=np.float32))
+            if g.ndim > 1 or (g.ndim == 1 and len(g) != k) or not torch.isfinite(g).all():
+                raise HyperForgetError(f"guidance must be one finite scale or one per target row ({k}), "
+                                       f"got shape {tuple(g.shape)}")
+            if float(self.config["train"].get("cond_dropout", 0)) == 0 and not bool((g == 1).all()):
+                raise HyperForgetError("guidance needs a model trained with cond_dropout > 0; drop --guidance")
+            guidance = g
         cur = cur_l = None
         if self.variant == "dihyfo1":
             if current_params is None:

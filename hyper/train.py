@@ -295,17 +295,24 @@ def build(variant: str, spec: MLPSpec, normalization: dict, model_cfg: DiTConfig
 
 def make_model_fn(model: torch.nn.Module, tokenizer: ParamTokenizer, target_losses: torch.Tensor,
                   current: torch.Tensor | None, current_losses: torch.Tensor | None,
-                  drop: torch.Tensor | None = None, guidance: float | None = None):
+                  drop: torch.Tensor | None = None, guidance=None):
     """Close over the conditions: normalized flat x_t (B, P), t (B,) -> normalized flat x0_hat (B, P).
 
-    current: normalized flat θ (B, P) or None. With ``guidance`` s (classifier-free):
-    x̂0 = x̂0_uncond + s · (x̂0_cond − x̂0_uncond).
+    current: normalized flat θ (B, P) or None. With ``guidance`` s, a scalar or one scale per row
+    (B,) (classifier-free): x̂0 = x̂0_uncond + s · (x̂0_cond − x̂0_uncond).
     """
     cur_tok = tokenizer.to_tokens(current) if current is not None else None
+    scale = None
+    if guidance is not None:
+        scale = torch.as_tensor(guidance, dtype=torch.float32).to(target_losses.device)
+        if scale.ndim == 0 and float(scale) == 1.0:
+            scale = None  # s = 1 is the plain conditional model
+        elif scale.ndim == 1:
+            scale = scale[:, None]  # (B, 1)
 
     def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_tok = tokenizer.to_tokens(x_t)
-        if guidance is None or guidance == 1.0:
+        if scale is None:
             return tokenizer.from_tokens(model(x_tok, t, target_losses, cur_tok, current_losses, drop))
         b = x_t.shape[0]
         both = model(torch.cat([x_tok, x_tok]), torch.cat([t, t]), torch.cat([target_losses, target_losses]),
@@ -313,7 +320,7 @@ def make_model_fn(model: torch.nn.Module, tokenizer: ParamTokenizer, target_loss
                      None if current_losses is None else torch.cat([current_losses, current_losses]),
                      torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x_t.device))
         cond, uncond = tokenizer.from_tokens(both[:b]), tokenizer.from_tokens(both[b:])
-        return uncond + guidance * (cond - uncond)
+        return uncond + scale.to(cond.dtype) * (cond - uncond)
 
     return fn
 
@@ -463,6 +470,14 @@ def resolve_configs(preset: str, variant: str, overrides: dict | None = None
     return DiTConfig(**model_kw), TokenizerConfig(**tok_kw), DiffusionConfig(**diff_kw), TrainConfig(**train_kw)
 
 
+def sampling_defaults(preset: str, cfg: TrainConfig) -> dict:
+    """The preset's recommended sampler settings; guidance only where the model learned a null condition."""
+    d = dict(get_preset(preset).get("sample") or {"method": "ddim", "steps": 50, "guidance": None})
+    if cfg.cond_dropout <= 0:
+        d["guidance"] = None
+    return d
+
+
 def _dist_info() -> tuple[int, int]:
     """Initialize torch.distributed under torchrun (WORLD_SIZE > 1) and return (rank, world_size)."""
     if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -499,6 +514,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
         if saved["variant"] != variant:
             raise HyperForgetError(f"{out} holds a {saved['variant']} model; resume it with --variant {saved['variant']}")
         zoo = zoo or saved.get("zoo")
+        preset = saved.get("preset", preset)
     else:
         if out.exists() and (out / "checkpoints" / "latest.json").exists() and not resume:
             raise HyperForgetError(f"{out} already holds a training run; pass --resume or choose another --out")
@@ -523,6 +539,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
               "train": cfg.to_dict(), "zoo": data.zoo, "mlp_spec": data.spec.to_dict(), "classes": data.classes,
               "pivots": data.pivots, "normalization": data.normalization, "loss_stats": data.loss_stats,
               "dataset": data.dataset, "tokens": tokenizer.describe(), "world_size": world,
+              "sampling": sampling_defaults(preset, cfg),
               "model_parameters": model.num_parameters()}
     if resume:
         ck = load_checkpoint(out)

@@ -275,8 +275,8 @@ class _Context:
     conf_ref: np.ndarray  # (R/2, N_f) φ of the reference on D_f
     conf_neg: np.ndarray  # (R/4, N_f) φ of the negatives on D_f
     ref_logits: dict  # split -> (R/2, N, C) reference logits for JSD
-    retrained_acc: dict  # RA_R, TA_R and other accuracies of the evaluation half (means)
-    retrained_mia: dict  # "entropy", "loss": mean MIA of the evaluation half
+    retrained_acc: dict  # RA_R, TA_R and other accuracies of the reference half (means)
+    retrained_mia: dict  # "entropy", "loss": mean MIA of the reference half
     original_forget_test_acc: float
     relearn_subset: tuple[torch.Tensor, torch.Tensor]
     retrain_seconds: float
@@ -580,7 +580,7 @@ def evaluate_forget_set(run, forget: tuple[int, ...], cfg: EvalConfig) -> dict:
         train_reference(run, forget, [seeds[-1] + 1], 1)
         retrain_seconds = time.perf_counter() - t0
 
-        ctx = _build_context(run, forget, retain, ref, neg, floor, evaluation, retrain_seconds, cfg)
+        ctx = _build_context(run, forget, retain, ref, neg, floor, retrain_seconds, cfg)
         cloud = _accuracies(ctx, retrained, ())
 
         # Rows: floor, ceiling, methods, controls.
@@ -633,7 +633,7 @@ def evaluate_forget_set(run, forget: tuple[int, ...], cfg: EvalConfig) -> dict:
     }
 
 
-def _build_context(run, forget, retain, ref, neg, floor, evaluation, retrain_seconds, cfg) -> _Context:
+def _build_context(run, forget, retain, ref, neg, floor, retrain_seconds, cfg) -> _Context:
     d = run.data()
     y_fit, y_test = d.y_fit.numpy(), d.y_test.numpy()
     fmask = np.isin(y_fit, forget)
@@ -662,12 +662,13 @@ def _build_context(run, forget, retain, ref, neg, floor, evaluation, retrain_sec
                    ref_logits={s: population_logits(spec, ref, x[s]) for s in ("df", "test_r", "test_f")},
                    retrained_acc={}, retrained_mia={}, original_forget_test_acc=float(orig_acc),
                    relearn_subset=(d.x_fit[sub], d.y_fit[sub]), retrain_seconds=retrain_seconds, config=cfg)
-    acc = _accuracies(ctx, evaluation, ())
+    # Retrained reference values come from the reference half, which no row (the floor included) reuses.
+    acc = _accuracies(ctx, ref, ())
     ctx.retrained_acc = {k: float(np.nanmean(v)) for k, v in acc.items()}
-    k = min(evaluation.shape[0], cfg.probe_models)
-    ctx.retrained_acc["probe"] = float(np.mean(probe_forget_accuracy(spec, evaluation[:k], x["fit"], y["fit"],
+    k = min(ref.shape[0], cfg.probe_models)
+    ctx.retrained_acc["probe"] = float(np.mean(probe_forget_accuracy(spec, ref[:k], x["fit"], y["fit"],
                                                                      x["test"], y["test"], forget)))
-    mia = _mia(ctx, evaluation, ())
+    mia = _mia(ctx, ref, ())
     ctx.retrained_mia = {key: float(np.nanmean(v)) for key, v in mia.items()}
     return ctx
 
@@ -721,7 +722,7 @@ def render_markdown(result: dict) -> str:
              f"Reference: {ref['n_retrained']} models retrained without the forget classes "
              f"({ref['reference_models']} reference, {ref['negative_models']} attack negatives, "
              f"{ref['floor_models']} floor); {ref['seed_check']}.",
-             f"Retrained evaluation half: retain-train acc {ra['retain_train']:.3f}, retain-class test acc "
+             f"Retrained reference half: retain-train acc {ra['retain_train']:.3f}, retain-class test acc "
              f"{ra['test_retain']:.3f}, forget-class test acc {ra['test_forget']:.3f}.", "",
              "| row | M | acc D_r | acc D_f | test retain | test forget | thr AUC | thr TPR@1% | LiRA AUC "
              "| LiRA TPR@1% | F | F·RA·TA |",

@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
 
 import numpy as np
@@ -106,7 +108,8 @@ class ShardFiles:
         self.per_shard = shard_rows // chunk_rows
         self.blosc, self.sep = blosc, sep
         self._index: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._maps: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()  # the loader's prefetch thread reads chunks too
 
     @classmethod
     def open(cls, zoo_path: str, chunk_rows: int, shard_rows: int, num_params: int) -> "ShardFiles | None":
@@ -131,7 +134,14 @@ class ShardFiles:
         return cls(root, chunk_rows, shard_rows, num_params, "blosc" in names, sep) if ok else None
 
     def _shard_index(self, shard: int, fd: int, size: int) -> np.ndarray:
-        idx = self._index.get(shard)
+        with self._lock:
+            return self._shard_index_locked(shard, fd, size)
+
+    def _shard_index_locked(self, shard: int, fd: int, size: int) -> np.ndarray:
+        # Keyed by the file's identity: a writer that rewrites a shard (temp + rename) makes a new one.
+        st = os.fstat(fd)
+        key = (shard, st.st_ino, st.st_mtime_ns, size)
+        idx = self._index.get(key)
         if idx is None:
             import google_crc32c
 
@@ -141,25 +151,41 @@ class ShardFiles:
                 raise HyperForgetError(f"shard {shard} of {self.root}: index checksum mismatch; "
                                        "run `hyperforget zoo verify`")
             idx = np.frombuffer(raw[:n], "<u8").reshape(self.per_shard, 2)
-            self._index[shard] = idx
+            self._index[key] = idx
             if len(self._index) > 256:
                 self._index.popitem(last=False)
         return idx
 
-    def _mapped(self, shard: int, path: str) -> np.ndarray | None:
-        """The shard file mapped read-only (uncompressed zoos): chunks are views, no read copy."""
-        mm = self._maps.get(shard)
-        if mm is None:
+    def _mapped(self, shard: int, path: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(shard file mapped read-only, its chunk index), for uncompressed zoos: chunks are views.
+
+        A mapping and its index stay together: a writer replaces shard files by rename, and the
+        old mapping keeps showing the old file, consistent with its own index.
+        """
+        with self._lock:
+            return self._mapped_locked(shard, path)
+
+    def _mapped_locked(self, shard: int, path: str) -> tuple[np.ndarray, np.ndarray] | None:
+        import google_crc32c
+
+        got = self._maps.get(shard)
+        if got is None:
             try:
                 mm = np.memmap(path, dtype=np.uint8, mode="r")
             except FileNotFoundError:
                 return None
-            self._maps[shard] = mm
-            if len(self._maps) > 4:  # a writer replaces shard files by rename: old maps stay valid
+            n = self.per_shard * 16
+            tail = mm[len(mm) - n - 4:]
+            if google_crc32c.value(tail[:n]) != int.from_bytes(tail[n:].tobytes(), "little"):
+                raise HyperForgetError(f"shard {shard} of {self.root}: index checksum mismatch; "
+                                       "run `hyperforget zoo verify`")
+            got = (mm, np.frombuffer(tail[:n].tobytes(), "<u8").reshape(self.per_shard, 2))
+            self._maps[shard] = got
+            if len(self._maps) > 4:
                 self._maps.popitem(last=False)
         else:
             self._maps.move_to_end(shard)
-        return mm
+        return got
 
     def chunk(self, c: int) -> np.ndarray | None:
         """(chunk_rows, P) float32 of chunk ``c``, or None when it is not stored (fill value).
@@ -172,17 +198,11 @@ class ShardFiles:
         path = os.path.join(self.root, "c", f"{shard}{self.sep}0") if self.sep == "/" else \
             os.path.join(self.root, f"c{self.sep}{shard}{self.sep}0")
         if not self.blosc:
-            mm = self._mapped(shard, path)
-            if mm is None:
+            got_map = self._mapped(shard, path)
+            if got_map is None:
                 return None
-            n = self.per_shard * 16
-            if shard not in self._index:
-                tail = mm[len(mm) - n - 4:]
-                if google_crc32c.value(tail[:n]) != int.from_bytes(tail[n:].tobytes(), "little"):
-                    raise HyperForgetError(f"shard {shard} of {self.root}: index checksum mismatch; "
-                                           "run `hyperforget zoo verify`")
-                self._index[shard] = np.frombuffer(tail[:n].tobytes(), "<u8").reshape(self.per_shard, 2)
-            off, nbytes = (int(v) for v in self._index[shard][inner])
+            mm, index = got_map
+            off, nbytes = (int(v) for v in index[inner])
             if off == 2**64 - 1:
                 return None
             raw = mm[off:off + nbytes]
@@ -270,7 +290,8 @@ class _BufferPlan:
 
         for s in range(len(piece_bounds) - 1):
             a, b = int(piece_bounds[s]), int(piece_bounds[s + 1])
-            got = free[top - (b - a):top][::-1].copy()
+            # Ascending slots: the piece's copy into the store then walks memory forwards.
+            got = np.sort(free[top - (b - a):top])
             top -= b - a
             self.slots[a:b] = got
             content[got] = np.arange(a, b)
@@ -317,6 +338,8 @@ class CheckpointStream(IterableDataset):
         chunk_cache: whole zarr chunks kept decoded per worker (pair targets often share chunks).
         fast_reads: read chunks straight from the shard files (see ShardFiles); False goes
             through zarr (ZooReader.read_rows) for every chunk.
+        prefetch: chunks a background thread reads and decodes ahead (Blosc and pread release
+            the GIL, so decoding overlaps the copies); 0 reads in the iterating thread only.
 
     Batches (dicts of tensors):
         single mode: params (B, P) float32, losses (B, C) float32, ids (B,) int64,
@@ -328,7 +351,7 @@ class CheckpointStream(IterableDataset):
                  shuffle: bool = True, seed: int = 0, shuffle_buffer: int = 16384, normalize: str | None = None,
                  permute: bool = False, drop_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, even_ranks: bool | str = False, chunk_cache: int = 4,
-                 fast_reads: bool = True):
+                 fast_reads: bool = True, prefetch: int = 2):
         from zoo.store import open_zoo
 
         super().__init__()
@@ -386,6 +409,7 @@ class CheckpointStream(IterableDataset):
         self.even_ranks = "pad" if even_ranks is True else even_ranks
         self.chunk_cache = max(1, int(chunk_cache))
         self.fast_reads = bool(fast_reads)
+        self.prefetch = max(0, int(prefetch))
         self._given_rank, self._given_world = rank, world_size
         self.rank, self.world_size = _resolve_dist(rank, world_size)
         self.epoch = 0
@@ -407,6 +431,7 @@ class CheckpointStream(IterableDataset):
         self._files: ShardFiles | None = None
         self._store_arrays: tuple[np.ndarray, np.ndarray | None] | None = None
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._prefetched: dict[int, Future] = {}
 
     # ------------------------------------------------------------------------------------------
     # Setup helpers
@@ -460,7 +485,7 @@ class CheckpointStream(IterableDataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_reader"], state["_reader_pid"], state["_cache"], state["_files"] = None, None, OrderedDict(), None
-        state["_store_arrays"] = None
+        state["_store_arrays"], state["_prefetched"] = None, {}
         return state
 
     # ------------------------------------------------------------------------------------------
@@ -563,7 +588,9 @@ class CheckpointStream(IterableDataset):
         block = self._cache.get(c)
         if block is None:
             r = self._zoo()
-            block = self._files.chunk(c) if self._files is not None else None
+            pending = self._prefetched.pop(c, None)
+            block = pending.result() if pending is not None else \
+                self._files.chunk(c) if self._files is not None else None
             if block is None:  # not a layout ShardFiles reads, or a chunk left at its fill value
                 block = r.read_rows(c * self.chunk_rows, min((c + 1) * self.chunk_rows, r.num_rows))
             self._cache[c] = block
@@ -633,10 +660,32 @@ class CheckpointStream(IterableDataset):
 
         store, tstore = self._stores(plan.store_rows)
         need = plan.out_pos >= skip  # rows still to be yielded
+        self._zoo()
+        # Chunks to read, in order; a thread decodes the next few while this one copies.
+        wanted = [int(chunk[bounds[s]]) for s in range(len(bounds) - 1) if need[bounds[s]:bounds[s + 1]].any()]
+        pool = ThreadPoolExecutor(1) if self.prefetch and self._files is not None else None
+        try:
+            yield from self._emit(rows, bounds, plan, need, store, tstore, wanted, pool)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            self._prefetched.clear()
+
+    def _emit(self, rows, bounds, plan, need, store, tstore, wanted, pool) -> Iterator[dict[str, torch.Tensor]]:
+        """Place pieces in the store in plan order and yield the plan's batches as they complete."""
+        nxt = 0  # next entry of `wanted` to hand to the prefetch thread
+        done = 0  # entries of `wanted` consumed
         for s, batches in enumerate(plan.ready):
+            if pool is not None:
+                while nxt < len(wanted) and nxt <= done + self.prefetch:
+                    c = wanted[nxt]
+                    if c not in self._prefetched and c not in self._cache:
+                        self._prefetched[c] = pool.submit(self._files.chunk, c)
+                    nxt += 1
             if s < len(bounds) - 1:
                 a, e = bounds[s], bounds[s + 1]
                 if need[a:e].any():  # on resume, chunks holding only consumed rows are not read
+                    done += 1
                     self._gather(self.ids[rows[a:e]], store, plan.slots[a:e])
                     if self.pairs:
                         self._gather(self.target_ids[rows[a:e]], tstore, plan.slots[a:e])

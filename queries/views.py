@@ -19,6 +19,7 @@ goes last, so a view without its JSON is incomplete and ignored.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -220,8 +221,10 @@ def build_view(zoo: Any, kind: str, name: str | None = None, *, overwrite: bool 
         "duckdb": duckdb.__version__,
     }
     # JSON out first when overwriting, so a crash between the two renames leaves no stale record.
-    if os.path.exists(js_path):
+    try:
         os.remove(js_path)
+    except FileNotFoundError:
+        pass
     tmp = f"{pq_path}.tmp-{os.getpid()}"
     pq.write_table(table, tmp, row_group_size=1 << 17)
     os.replace(tmp, pq_path)
@@ -275,6 +278,19 @@ def list_views(zoo: Any) -> list[dict]:
     return out
 
 
+@contextlib.contextmanager
+def _views_lock(root: str):
+    """An exclusive lock on ZOO/views/.lock (released by the kernel if the holder dies)."""
+    import fcntl
+
+    fd = os.open(os.path.join(engine.views_dir(root), ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 # The trainer's entry point: which view kind feeds which DiHyFo variant.
 VARIANT_KINDS = {"dihyfo1": "pairs", "dihyfo2": "balanced"}
 
@@ -295,16 +311,18 @@ def ensure_training_views(zoo: Any, variant: str, seed: int = 0, **params: Any) 
     zoo_rows = open_zoo(root).num_rows
     base = {"seed": seed, "split_seed": seed, **params}
     names = []
-    for side in ("train", "test"):
-        p = resolve_params(kind, {**base, "split": side})
-        name = f"{variant}_{side}_{params_digest(kind, p)}"
-        try:
-            rec = view_record(root, name)
-            # A zoo that grew since the build makes the view stale.
-            fresh = rec["params"] == p and rec["kind"] == kind and rec["zoo_rows"] == zoo_rows
-        except HyperForgetError:
-            fresh = False
-        if not fresh:
-            build_view(root, kind, name, **p)
-        names.append(name)
+    os.makedirs(engine.views_dir(root), exist_ok=True)
+    with _views_lock(root):  # DDP ranks may all call this at once: one builds, the others reuse
+        for side in ("train", "test"):
+            p = resolve_params(kind, {**base, "split": side})
+            name = f"{variant}_{side}_{params_digest(kind, p)}"
+            try:
+                rec = view_record(root, name)
+                # A zoo that grew since the build makes the view stale.
+                fresh = rec["params"] == p and rec["kind"] == kind and rec["zoo_rows"] == zoo_rows
+            except HyperForgetError:
+                fresh = False
+            if not fresh:
+                build_view(root, kind, name, **p)
+            names.append(name)
     return names[0], names[1]

@@ -434,6 +434,7 @@ class CollectSummary:
     runs_requested: int  # runs of the collection (0..runs-1)
     groups_committed: int  # groups trained and committed by this call
     groups_skipped: int  # groups already in the zoo (resumed)
+    groups_empty: int  # groups trained by this call whose runs all kept nothing (nothing committed)
     run_steps: int  # optimizer steps of all runs trained by this call
     seconds: float  # wall time of this call
     train_seconds: float  # summed task time spent in optimizer steps
@@ -510,6 +511,10 @@ def collect(cfg: CollectConfig, out: str, *, use_dask: bool = True, workers: int
     """
     from zoo.store import compute_normalization
 
+    if max_in_flight is not None and max_in_flight < 1:
+        raise HyperForgetError(f"max_in_flight must be ≥ 1, got {max_in_flight}")
+    if workers is not None and workers < 1:
+        raise HyperForgetError(f"workers must be ≥ 1, got {workers}")
     started = time.perf_counter()
     task = resolve_task(cfg)
     w = _open_or_create(cfg, task, out)
@@ -518,17 +523,19 @@ def collect(cfg: CollectConfig, out: str, *, use_dask: bool = True, workers: int
         todo = [g for g in range(cfg.num_groups) if group_key(g) not in done]
         skipped = cfg.num_groups - len(todo)
         stats = Counter()
-        with _Progress(progress, cfg, task, skipped) as bar:
+        with _Progress(progress, cfg, todo) as bar:
             for res in _results_in_order(cfg, todo, use_dask, workers, scheduler, max_in_flight):
                 if res.params.shape[0] == 0:
-                    raise HyperForgetError(
-                        f"group {res.group} kept no checkpoint; relax the selection (gamma, bins) or train longer")
+                    # Nothing to commit (every run missed the rules); a re-run retrains it, to the same end.
+                    stats.update(empty_groups=1, steps=res.steps)
+                    bar.advance(res.runs, 0)
+                    continue
                 ids = w.commit(res.params, res.meta, group_key(res.group))
                 stats.update(rows=len(ids), steps=res.steps, train=res.train_seconds, groups=1)
                 bar.advance(res.runs, len(ids))
                 if on_commit is not None:
                     on_commit(res, ids)
-        if normalize:
+        if normalize and w.num_rows:
             w.set_normalization(compute_normalization(w.reader()))
         if compact:
             w.compact()
@@ -539,7 +546,8 @@ def collect(cfg: CollectConfig, out: str, *, use_dask: bool = True, workers: int
 
 
 def _summarize(w, cfg: CollectConfig, stats: Counter, skipped: int, seconds: float) -> CollectSummary:
-    meta = w.reader().metadata(columns=["run_id", "phase", "reason", "run_kind", "perm_index"])
+    cols = ["run_id", "phase", "reason", "run_kind", "perm_index"]
+    meta = w.reader().metadata(columns=cols) if w.num_rows else pa.table({c: pa.array([], pa.int64()) for c in cols})
 
     def counts(name: str) -> dict:
         return dict(sorted(Counter(meta.column(name).to_pylist()).items()))
@@ -550,7 +558,7 @@ def _summarize(w, cfg: CollectConfig, stats: Counter, skipped: int, seconds: flo
         path=w.path, checkpoints=meta.num_rows,
         originals=int(pc.sum(pc.equal(meta.column("perm_index"), 0)).as_py() or 0),
         runs=len(pc.unique(meta.column("run_id"))), runs_requested=cfg.runs, groups_committed=int(stats["groups"]),
-        groups_skipped=skipped, run_steps=int(stats["steps"]), seconds=seconds,
+        groups_skipped=skipped, groups_empty=int(stats["empty_groups"]), run_steps=int(stats["steps"]), seconds=seconds,
         train_seconds=float(stats["train"]), per_reason=counts("reason"), per_phase=counts("phase"),
         per_kind=counts("run_kind"), checkpoints_added=int(stats["rows"]))
 
@@ -614,10 +622,10 @@ def _results_in_order(cfg: CollectConfig, todo: list[int], use_dask: bool, worke
 class _Progress:
     """rich progress: runs done, checkpoints, checkpoints/s, ETA (on stderr)."""
 
-    def __init__(self, enabled: bool, cfg: CollectConfig, task: Task, skipped_groups: int):
+    def __init__(self, enabled: bool, cfg: CollectConfig, todo: list[int]):
         self.enabled = enabled
         self.total = cfg.runs
-        self.done_before = sum(len(cfg.group_runs(g)) for g in range(skipped_groups))
+        self.done_before = cfg.runs - sum(len(cfg.group_runs(g)) for g in todo)
         self.rows = 0
         self.t0 = time.perf_counter()
 

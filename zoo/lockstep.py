@@ -11,8 +11,11 @@ per-example weights w (R, B). A weight of 0 removes an example from a run (under
 class deletion), and each run's loss is the weighted mean  sum_b w·ce / sum_b w.
 
 The optimizer is SGD as in G.pt's zoo (Nesterov momentum 0.9, weight decay 5e-4, lr cosine to
-0 per step), written on the stacked (R, P) parameter matrix so one update serves all runs and
-the result matches ``torch.optim.SGD`` on each run alone (tests check this).
+0 per step), written on one layer-major vector holding all runs, so one update of five passes
+serves them all; the result matches ``torch.optim.SGD`` on each run alone (tests check this).
+The backward pass is written out: on MNIST-4 shapes (R = 64, B = 128) it measured about 1.5×
+faster per step than autograd on the same stacked tensors (``grad_mode="autograd"`` remains,
+and is used for activations without a closed-form derivative here).
 """
 
 from __future__ import annotations

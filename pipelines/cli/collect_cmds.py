@@ -44,6 +44,8 @@ def collect_cmd(
     typer.echo(f"this call: {summary.groups_committed} groups trained, {summary.groups_skipped} already there, "
                f"{summary.checkpoints_added:,} checkpoints in {summary.seconds:.1f} s "
                f"({summary.rate:,.0f} checkpoints/s, {summary.run_steps:,} run-steps)")
+    if summary.groups_empty:
+        typer.echo(f"  {summary.groups_empty} groups kept no checkpoint (their runs never met the selection rules)")
     for name, counts in (("reason", summary.per_reason), ("phase", summary.per_phase),
                          ("run kind", summary.per_kind)):
         typer.echo(f"  by {name}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))

@@ -72,10 +72,11 @@ def sample_cmd(
     from_params: Annotated[Optional[Path], typer.Option("--from", help="DiHyFo-1 start: MLP safetensors")] = None,
     from_checkpoint: Annotated[Optional[int], typer.Option(help="DiHyFo-1 start: checkpoint id in the zoo")] = None,
     n: Annotated[int, typer.Option(help="models to sample")] = 8,
-    method: Annotated[str, typer.Option(help="ddim or ddpm")] = "ddim",
-    steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
+    method: Annotated[Optional[str], typer.Option(help="ddim or ddpm (default: the model's preset)")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="DDIM steps (default: the model's preset)")] = None,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
-    guidance: Annotated[Optional[float], typer.Option(help="classifier-free guidance scale")] = None,
+    guidance: Annotated[Optional[float], typer.Option(
+        help="classifier-free guidance scale (default: the model's preset; 1 turns it off)")] = None,
 ) -> None:
     """Sample MLP parameters with chosen per-class losses; writes them and their measured losses."""
     import numpy as np
@@ -106,10 +107,15 @@ def sample_cmd(
         current = torch.as_tensor(open_zoo(net.config["zoo"]).read([from_checkpoint]))
     if current is not None and net.variant != "dihyfo1":
         raise HyperForgetError("--from/--from-checkpoint apply to DiHyFo-1; DiHyFo-2 samples from targets only")
+    rec = net.sampling
+    method = method or rec["method"]
+    steps = steps or rec["steps"]
+    guidance = guidance if guidance is not None else rec.get("guidance")
     params = net.sample(torch.tensor([target] * n), current_params=current, method=method, steps=steps, seed=seed,
-                        guidance=guidance)
+                        guidance=None if guidance == 1.0 else guidance)
     metrics = net.evaluate(params)
-    meta = {"targets": target, "method": method, "steps": steps, "seed": seed, "hypernetwork": str(model),
+    meta = {"targets": target, "method": method, "steps": steps, "seed": seed, "guidance": guidance,
+            "hypernetwork": str(model),
             "variant": net.variant, "losses": metrics.loss.tolist(), "accuracies": metrics.acc.tolist()}
     save_mlps(str(out), net.spec, params, meta)
     table = Table(title=f"{n} models from {model} → {out}")

@@ -20,15 +20,17 @@ candidates AS (
       ON a.run_id = b.run_id AND a.perm_index = b.perm_index AND a.step < b.step
     WHERE $max_gap < 0 OR b.step - a.step <= $max_gap
 ),
+-- The pair travels packed in one BIGINT (θ id * 2^32 + θ* id; ids < 2^31, else DuckDB raises an
+-- overflow error): twice as fast as a struct through the top-n and the unnest.
 picked AS (
-    SELECT unnest(min_by(struct_pack(checkpoint_id, target_id), h, $cap), recursive := true)
+    SELECT unnest(min_by(CAST(checkpoint_id AS BIGINT) * 4294967296 + target_id, h, $cap)) AS code
     FROM candidates
     GROUP BY run_id
 )
-SELECT a.run_id, a.perm_index, p.checkpoint_id, p.target_id,
+SELECT a.run_id, a.perm_index, a.checkpoint_id, b.checkpoint_id AS target_id,
        a.step, b.step AS target_step, a.phase, b.phase AS target_phase,
        {{pair_losses}}
 FROM picked AS p
-JOIN checkpoints AS a ON a.checkpoint_id = p.checkpoint_id
-JOIN checkpoints AS b ON b.checkpoint_id = p.target_id
-ORDER BY p.checkpoint_id, p.target_id
+JOIN checkpoints AS a ON a.checkpoint_id = p.code // 4294967296
+JOIN checkpoints AS b ON b.checkpoint_id = p.code % 4294967296
+ORDER BY a.checkpoint_id, b.checkpoint_id

@@ -59,24 +59,31 @@ def test_pair_mode(qzoo, pair_view, zoo_params):
         assert np.allclose(b["target_losses"].numpy(), view[[f"target_loss_{k}" for k in range(4)]].values[r])
 
 
-def test_every_row_once_across_two_ranks_and_two_workers(qzoo, all_view, zoo_params):
+@pytest.mark.parametrize("pairs", [False, True])
+def test_every_row_once_across_two_ranks_and_two_workers(qzoo, all_view, pair_view, zoo_params, pairs):
+    view = pair_view if pairs else all_view
+    n_rows = load_view(qzoo, view)[1]["rows"]
     seen = []
     counts = []
     for rank in range(2):
-        s = CheckpointStream(qzoo, all_view, batch_size=7, shuffle_buffer=16, rank=rank, world_size=2, seed=5)
+        s = CheckpointStream(qzoo, view, batch_size=7, shuffle_buffer=16, rank=rank, world_size=2, seed=5,
+                             permute=pairs)
         s.set_epoch(1)
         batches = list(make_loader(s, num_workers=2, pin_memory=False))
         assert len(batches) == len(s)
         counts.append(sum(len(b["ids"]) for b in batches))
         for b in batches:
-            assert np.array_equal(b["params"].numpy(), zoo_params[b["ids"].numpy()])
-        seen.append(_ids(batches))
-    allids = np.concatenate(seen)
-    assert sorted(allids) == list(range(117)) and abs(counts[0] - counts[1]) <= 1
+            if not pairs:
+                assert np.array_equal(b["params"].numpy(), zoo_params[b["ids"].numpy()])
+        seen.append(_ids(batches, "rows"))
+    allrows = np.concatenate(seen)
+    assert sorted(allrows) == list(range(n_rows)) and abs(counts[0] - counts[1]) <= 1
+    if pairs:
+        return
     # the same epoch read in one process gives the same per-rank sets (workers only split the work)
     s = CheckpointStream(qzoo, all_view, batch_size=7, shuffle_buffer=16, rank=0, world_size=2, seed=5)
     s.set_epoch(1)
-    assert set(_ids(list(s))) == set(seen[0])
+    assert set(_ids(list(s), "rows")) == set(seen[0])
 
 
 @pytest.mark.parametrize("even, per_rank", [("pad", 30), ("trim", 29)])
@@ -269,3 +276,44 @@ def test_buffer_plan_is_a_bounded_permutation(capacity, batch):
     assert not live
     if capacity == 0:
         assert np.array_equal(plan.out_pos, np.arange(n))
+
+
+def test_uncompressed_zoo_reads_through_mapped_shards(tmp_path, tiny_spec):
+    from queries.loader import ShardFiles
+    from zoo.store import ZooConfig, create_zoo, open_zoo
+
+    path = str(tmp_path / "raw-zoo")
+    rng = np.random.default_rng(0)
+    cfg = ZooConfig(tiny_spec, (0, 1, 2, 3), pivots=(0, 1), compressor="none", chunk_rows=8, shard_rows=16)
+    with create_zoo(path, cfg) as w:
+        for start, n in [(0, 21), (21, 30)]:  # the second commit rewrites the half-filled shard 1
+            ids = np.arange(start, start + n)
+            meta = {"run_id": ids // 10, "step": ids % 10, "epoch": np.zeros(n), "phase": ["learning"] * n,
+                    "test_loss": rng.random(n), "test_acc": rng.random(n)}
+            for k in range(4):
+                meta[f"loss_{k}"], meta[f"acc_{k}"] = rng.random(n), rng.random(n)
+            w.commit(rng.normal(size=(n, tiny_spec.num_params)).astype(np.float32), meta, key=f"k{start}")
+    r = open_zoo(path)
+    files = ShardFiles.open(path, 8, 16, tiny_spec.num_params)
+    assert files is not None and not files.blosc
+    for c in range(7):
+        n = min(8, 51 - 8 * c)
+        assert np.array_equal(files.chunk(c)[:n], r.read_rows(8 * c, 8 * c + n))
+    build_view(path, "split", "all_rows")
+    batches = list(CheckpointStream(path, "all_rows", batch_size=5, shuffle_buffer=9))
+    ids = _ids(batches)
+    assert sorted(ids) == list(range(51))
+    assert np.array_equal(torch.cat([b["params"] for b in batches]).numpy(), r.read_rows(0, 51)[ids])
+
+
+def test_rank_and_world_size_come_from_torch_distributed(qzoo, all_view, monkeypatch):
+    import torch.distributed as dist
+
+    s = CheckpointStream(qzoo, all_view, batch_size=10, seed=3)  # built before the process group
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    got = _ids(list(s))
+    assert (s.rank, s.world_size) == (1, 2) and s.state_dict()["world_size"] == 2
+    explicit = CheckpointStream(qzoo, all_view, batch_size=10, seed=3, rank=1, world_size=2)
+    assert np.array_equal(got, _ids(list(explicit))) and len(got) == 117 - 117 // 2

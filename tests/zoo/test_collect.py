@@ -261,6 +261,15 @@ def test_rerun_skips_committed_groups_and_rejects_other_settings(tiny_zoo):
         collect(tiny_config(runs=13), out, use_dask=False, progress=False)
 
 
+def test_groups_that_keep_nothing_are_reported(tmp_path):
+    # One epoch: the binned runs never reach gamma on the pivots, so nothing is kept.
+    cfg = tiny_config(runs=2, runs_per_group=2, epochs=1, lr_min=0.001, lr_max=0.001,
+                      selection=SelectionConfig(random_share=0.0))
+    summary = collect(cfg, str(tmp_path / "empty"), use_dask=False, progress=False)
+    assert (summary.checkpoints, summary.groups_committed, summary.groups_empty) == (0, 0, 1)
+    assert verify_zoo(str(tmp_path / "empty")).ok
+
+
 def test_group_results_do_not_depend_on_threads():
     cfg = tiny_config(runs=3, runs_per_group=3, epochs=4)
     a = train_group(cfg, 0, threads=1)
