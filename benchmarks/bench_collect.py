@@ -12,7 +12,7 @@ One process run measures, on the same machine and data:
    checkpoints copied) on one thread, its rate multiplied by the cores (one such loop per core);
 4. the ratio between them.
 
-    python benchmarks/bench_collect.py                     # default: 128 runs of MNIST-4 on mnist-5k
+    python benchmarks/bench_collect.py                     # default: 256 runs of MNIST-4 on mnist-5k
     python benchmarks/bench_collect.py --build-200k --out /tmp/zoo200k   # the ≥200k-checkpoint build
 """
 
@@ -140,7 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="mnist4")
     ap.add_argument("--dataset", default="mnist-5k")
-    ap.add_argument("--runs", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=256)
     ap.add_argument("--runs-per-group", type=int, default=32)
     ap.add_argument("--augment", type=int, default=0)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -193,6 +193,7 @@ def main() -> None:
         "train_gflops_per_core": train_flop / stats["train_cpu_seconds"] / 1e9,  # CPU time, like the limit
         "train_gflops_per_core_wall": train_flop / stats["train_seconds"] / 1e9,
         "all_gflops": (train_flop + eval_flop) / wall / 1e9, "evaluated": stats["evaluated"],
+        "all_gflops_per_cpu_s": (train_flop + eval_flop) / stats["task_cpu_seconds"] / 1e9,
         "task_cpu_seconds": stats["task_cpu_seconds"],
         "run_steps_per_cpu_s": summary.run_steps / stats["task_cpu_seconds"],
         "checkpoints_per_cpu_s": summary.checkpoints / stats["task_cpu_seconds"],
@@ -227,7 +228,9 @@ def main() -> None:
           f"{coll['run_steps_per_s']:,.0f} run-steps/s")
     print(f"  lockstep training: {coll['train_gflops_per_core']:.1f} GFLOP/s per core = "
           f"{results['train_share_of_limit']:.0%} of the matmul limit; all work (train + eval): "
-          f"{coll['all_gflops']:.1f} GFLOP/s = {results['overall_share_of_limit']:.0%} of {limit:.0f}")
+          f"{coll['all_gflops']:.1f} GFLOP/s = {results['overall_share_of_limit']:.0%} of {limit:.0f} "
+          f"(per task CPU-second: {coll['all_gflops_per_cpu_s']:.1f} GFLOP/s = "
+          f"{coll['all_gflops_per_cpu_s'] / rate1:.0%} of one thread's limit)")
     print(f"  peak RSS (process tree): {coll['peak_rss_gib']:.2f} GiB; 1-min load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (wall rates suffer on a busy machine)")
     print(f"plain loop (1 thread): {plain['runs']} runs, {plain['run_steps']:,} steps in {plain['seconds']:.1f} s -> "

@@ -256,7 +256,8 @@ PRESETS: dict[str, dict] = {
                   "tokenizer": dict(token_size=112, normalization="layer"),
                   "train": dict(steps=800, batch_size=64, lr=2e-3, warmup_steps=30, ema_decay=0.995,
                                 cond_dropout=0.1, eval_every=400, test_every=200, checkpoint_every=200),
-                  "sample": dict(method="ddim", steps=10, guidance=8.0)},
+                  # guidance_sweep: scales to spread K candidates over (one per row of Hypernetwork.sample).
+                  "sample": dict(method="ddim", steps=10, guidance=8.0, guidance_sweep=[1.0, 4.0, 8.0, 16.0, 24.0])},
     # A larger CPU run (tens of minutes), or a quick GPU run.
     "cpu-base": {"model": dict(hidden=256, layers=6, heads=8, num_freqs=64, freq_max_exp=10.0),
                  "tokenizer": dict(token_size=200, normalization="layer"),

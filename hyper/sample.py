@@ -67,7 +67,10 @@ class Hypernetwork:
 
     @property
     def sampling(self) -> dict:
-        """Recommended sampler settings from the preset: {"method", "steps", "guidance"}."""
+        """Recommended sampler settings from the preset: {"method", "steps", "guidance", "guidance_sweep"}.
+
+        ``guidance_sweep`` lists scales to spread best-of-K candidates over (pass one scale per row).
+        """
         return dict(self.config.get("sampling") or {"method": "ddim", "steps": 50, "guidance": None})
 
     @property

@@ -474,7 +474,7 @@ def sampling_defaults(preset: str, cfg: TrainConfig) -> dict:
     """The preset's recommended sampler settings; guidance only where the model learned a null condition."""
     d = dict(get_preset(preset).get("sample") or {"method": "ddim", "steps": 50, "guidance": None})
     if cfg.cond_dropout <= 0:
-        d["guidance"] = None
+        d["guidance"], d["guidance_sweep"] = None, None
     return d
 
 

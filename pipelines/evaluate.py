@@ -149,7 +149,8 @@ def permutation_invariant_distance(spec: MLPSpec, a: torch.Tensor, b: torch.Tens
 
     Permuting hidden units moves each unit's incoming row, bias and outgoing column together and
     leaves the function unchanged, so
-    ‖a − π(b)‖² = Σ_h ‖unit_a(h) − unit_b(π(h))‖² + ‖b2_a − b2_b‖²:  a linear assignment over an H×H cost matrix, solved exactly (all H! permutations when H ≤ 4,
+    ‖a − π(b)‖² = Σ_h ‖unit_a(h) − unit_b(π(h))‖² + ‖b2_a − b2_b‖²,
+    a linear assignment over an H×H cost matrix, solved exactly (all H! permutations when H ≤ 4,
     the Hungarian method otherwise). Sorting units into a canonical order would be cheaper but is
     not a minimum: two nearby networks can sort differently.
     """
@@ -795,7 +796,7 @@ def plot_eps_histogram(result: dict, path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4))
     for i, r in enumerate(rows):
         h = np.asarray(r["epsilon"]["histogram"], float)
-        ax.bar(np.arange(bins) + i * width, h / max(h.sum(), 1), width, label=r["name"])
+        ax.bar(np.arange(bins) + i * width, h / max(h.sum(), 1), width, label=r["name"], color=plt.cm.tab20(i % 20))
     labels = [f"[{k * za.EPS_BIN_WIDTH:g},{(k + 1) * za.EPS_BIN_WIDTH:g})" for k in range(bins - 1)] + ["≥6 / ∞"]
     ax.set_xticks(np.arange(bins) + 0.4 - width / 2, labels, rotation=45, fontsize=7)
     ax.set_xlabel("per-example ε (bin)")
@@ -816,13 +817,15 @@ def plot_retain_vs_forget(result: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 5))
-    for r in result["rows"]:
+    markers = {"floor": "o", "ceiling": "*", "method": "s", "control": "X"}
+    for i, r in enumerate(result["rows"]):
         a = r["accuracy"]
         x, y = a["test_forget"], a["test_retain"]
         if x["mean"] is None or y["mean"] is None:
             continue
-        line = ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], marker="s", linestyle="none",
-                           capsize=3, label=f"{r['name']} (M={r['num_models']})")
+        line = ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], marker=markers.get(r["kind"], "s"),
+                           linestyle="none", capsize=3, color=plt.cm.tab20(i % 20),
+                           label=f"{r['name']} (M={r['num_models']})")
         pm = r.get("per_model") or {}
         if len(pm.get("test_forget", [])) > 1:
             ax.scatter(pm["test_forget"], pm["test_retain"], s=6, alpha=0.35, color=line[0].get_color())

@@ -211,7 +211,7 @@ def fig_training(curves: dict, variant: str, classes: Sequence[int], path: Path)
     ax.set_xlabel("step")
     ax.set_title(f"{_label(variant)}: learning curves (MSE, Eq. 5)", fontsize=10)
     ax.legend(fontsize=7)
-    for ax, key, title in ((axes[1], "r2", "prompt alignment R²"), (axes[2], "pearson", "Pearson r")):
+    for ax, key, title in ((axes[1], "r2", "prompt alignment R² (axis from −1)"), (axes[2], "pearson", "Pearson r")):
         if ev and isinstance(ev[0].get(key), list):
             steps = [p["step"] for p in ev]
             for k in range(len(ev[0][key])):

@@ -39,6 +39,34 @@ def retrain_without(spec: MLPSpec, x: torch.Tensor, y: torch.Tensor, forget: Seq
     return train_mlps(spec, x[keep], y[keep], seeds, epochs=epochs, lr=lr, batch_size=batch_size)
 
 
+def keep_converged(val_acc: np.ndarray, wanted: int, margin: float | None) -> tuple[list[int], list[int]]:
+    """Indices of the first ``wanted`` models (in seed order) that trained successfully.
+
+    A model failed when its validation accuracy is more than ``margin`` below the best model's
+    (None: none failed). Returns (kept indices, failed indices among those passed over).
+    """
+    acc = np.asarray(val_acc, dtype=np.float64)
+    ok = np.ones(len(acc), dtype=bool) if margin is None else np.nan_to_num(acc, nan=-1.0) >= np.nanmax(acc) - margin
+    keep = [i for i in range(len(acc)) if ok[i]][:wanted]
+    if len(keep) < wanted:
+        raise HyperForgetError(f"only {len(keep)} of {len(acc)} seeds trained successfully (validation accuracy "
+                               f"within {margin} of the best); raise spare_seeds or failure_margin in the run config")
+    return keep, [i for i in range(keep[-1] + 1) if not ok[i]]
+
+
+def _keep(run: Run, params: torch.Tensor, seeds: Sequence[int], retain: Sequence[int], wanted: int,
+          margin: float | None) -> tuple[torch.Tensor, list[int], list[dict]]:
+    acc = _eval_split(run, params, "val").acc[:, list(retain)].mean(1)  # (R,) mean retain-class accuracy
+    keep, failed = keep_converged(acc, wanted, margin)
+    return params[keep], [int(seeds[i]) for i in keep], [{"seed": int(seeds[i]), "val_acc": float(acc[i])}
+                                                         for i in failed]
+
+
+def _spares(seeds: Sequence[int], n: int) -> list[int]:
+    top = max(seeds)
+    return [int(s) for s in seeds] + [top + 1 + i for i in range(n)]
+
+
 def _summary(run: Run, params: torch.Tensor) -> dict:
     out = {}
     for split in ("fit", "val", "test"):
@@ -55,12 +83,15 @@ def train_original_into(run: Run, *, force: bool = False) -> torch.Tensor:
     c = run.config
     d = run.data()
     t0 = time.perf_counter()
-    params = train_mlps(run.spec, d.x_fit, d.y_fit, [c.seed], epochs=c.epochs, lr=c.lr, batch_size=c.batch_size)
+    seeds = _spares([c.seed], c.spare_seeds if c.failure_margin is not None else 0)
+    trained = train_mlps(run.spec, d.x_fit, d.y_fit, seeds, epochs=c.epochs, lr=c.lr, batch_size=c.batch_size)
+    params, kept, dropped = _keep(run, trained, seeds, range(run.num_classes), 1, c.failure_margin)
     wall = time.perf_counter() - t0
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_mlps(str(path), run.spec, params[0], {"method": "original", "seed": c.seed})
+    save_mlps(str(path), run.spec, params[0], {"method": "original", "seed": kept[0]})
     write_json(run.path / "original" / "original.json",
-               {"seed": c.seed, "epochs": c.epochs, "lr": c.lr, "batch_size": c.batch_size,
+               {"seed": kept[0], "dropped_seeds": dropped, "epochs": c.epochs, "lr": c.lr,
+                "batch_size": c.batch_size,
                 "trained_on": "fit split (training split minus validation), all task classes",
                 "run_config": asdict(c), "wall_seconds": wall, "sha256": params_sha256(params[0]),
                 "metrics": _summary(run, params)})
@@ -90,21 +121,25 @@ def retrain_into(run: Run, forget: Sequence[int], *, seeds: Sequence[int] | None
     c = run.config
     d = run.data()
     t0 = time.perf_counter()
-    params = retrain_without(run.spec, d.x_fit, d.y_fit, forget, seeds, epochs=c.epochs, lr=c.lr,
-                             batch_size=c.batch_size)
+    trained_seeds = _spares(seeds, c.spare_seeds if c.failure_margin is not None else 0)
+    trained = retrain_without(run.spec, d.x_fit, d.y_fit, forget, trained_seeds, epochs=c.epochs, lr=c.lr,
+                              batch_size=c.batch_size)
+    retain = [k for k in range(run.num_classes) if k not in forget]
+    params, kept, dropped = _keep(run, trained, trained_seeds, retain, len(seeds), c.failure_margin)
     wall = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     save_mlps(str(out / "models.safetensors"), run.spec, params, {"method": "retrain", "forget": list(forget)})
     summary = _summary(run, params)
     write_json(out / "record.json", {
         "method": "retrain", "kind": "gold standard", "forget": list(forget),
-        "retain": [k for k in range(run.num_classes) if k not in forget], "seeds": list(seeds),
+        "retain": retain, "seeds": list(seeds), "kept_seeds": kept, "dropped_seeds": dropped,
+        "failure_margin": c.failure_margin,
         "epochs": c.epochs, "lr": c.lr, "batch_size": c.batch_size,
         "trained_on": "fit split without the forget classes",
         # All seeds train in one lockstep pass; per-model time is the fair comparison with one unlearned model.
-        "wall_seconds": wall / len(seeds), "timings": {"total_s": wall, "models": len(seeds)},
+        "wall_seconds": wall / len(trained_seeds), "timings": {"total_s": wall, "models_trained": len(trained_seeds)},
         "metrics": summary,
-        "summary": {"retain_acc_test": float(np.nanmean(np.asarray(summary["test"]["acc"])[:, [k for k in range(run.num_classes) if k not in forget]])),
+        "summary": {"retain_acc_test": float(np.nanmean(np.asarray(summary["test"]["acc"])[:, retain])),
                     "forget_acc_test": float(np.nanmean(np.asarray(summary["test"]["acc"])[:, list(forget)]))},
     })
     run.note(timing=(f"retrain_{forget_dir_name(forget)}_s", wall))

@@ -431,7 +431,7 @@ class CheckpointStream(IterableDataset):
         self._files: ShardFiles | None = None
         self._store_arrays: tuple[np.ndarray, np.ndarray | None] | None = None
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._prefetched: dict[int, Future] = {}
+        self._store_busy = False  # an iteration is using _store_arrays
 
     # ------------------------------------------------------------------------------------------
     # Setup helpers
@@ -485,7 +485,7 @@ class CheckpointStream(IterableDataset):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_reader"], state["_reader_pid"], state["_cache"], state["_files"] = None, None, OrderedDict(), None
-        state["_store_arrays"], state["_prefetched"] = None, {}
+        state["_store_arrays"], state["_store_busy"] = None, False
         return state
 
     # ------------------------------------------------------------------------------------------
@@ -584,11 +584,11 @@ class CheckpointStream(IterableDataset):
                 if self.fast_reads and "://" not in self.zoo_path else None
         return self._reader
 
-    def _chunk(self, c: int) -> np.ndarray:
+    def _chunk(self, c: int, prefetched: dict[int, Future] | None = None) -> np.ndarray:
         block = self._cache.get(c)
         if block is None:
             r = self._zoo()
-            pending = self._prefetched.pop(c, None)
+            pending = prefetched.pop(c, None) if prefetched else None
             block = pending.result() if pending is not None else \
                 self._files.chunk(c) if self._files is not None else None
             if block is None:  # not a layout ShardFiles reads, or a chunk left at its fill value
@@ -600,13 +600,14 @@ class CheckpointStream(IterableDataset):
             self._cache.move_to_end(c)
         return block
 
-    def _gather(self, ids: np.ndarray, out: np.ndarray, slots: np.ndarray) -> None:
+    def _gather(self, ids: np.ndarray, out: np.ndarray, slots: np.ndarray,
+                prefetched: dict[int, Future] | None = None) -> None:
         """out[slots[i]] = params of checkpoint ids[i], reading whole chunks."""
         chunks = ids // self.chunk_rows
         first = int(chunks[0])
         if (chunks == first).all():  # the usual piece: one chunk
             local = ids - first * self.chunk_rows
-            block = self._chunk(first)
+            block = self._chunk(first, prefetched)
             if local[-1] - local[0] == len(local) - 1 and (np.diff(local) == 1).all():
                 out[slots] = block[local[0]:local[-1] + 1]  # consecutive rows: one copy, no temp
             else:
@@ -614,7 +615,7 @@ class CheckpointStream(IterableDataset):
             return
         for c in np.unique(chunks):
             sel = np.flatnonzero(chunks == c)
-            out[slots[sel]] = self._chunk(int(c))[ids[sel] - int(c) * self.chunk_rows]
+            out[slots[sel]] = self._chunk(int(c), prefetched)[ids[sel] - int(c) * self.chunk_rows]
 
     # ------------------------------------------------------------------------------------------
     # Iteration
@@ -658,37 +659,41 @@ class CheckpointStream(IterableDataset):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 0x5B0F]) if self.shuffle else None
         plan = _BufferPlan(bounds, n, self.shuffle_buffer, rng, self.batch_size)
 
-        store, tstore = self._stores(plan.store_rows)
         need = plan.out_pos >= skip  # rows still to be yielded
         self._zoo()
         # Chunks to read, in order; a thread decodes the next few while this one copies.
         wanted = [int(chunk[bounds[s]]) for s in range(len(bounds) - 1) if need[bounds[s]:bounds[s + 1]].any()]
         pool = ThreadPoolExecutor(1) if self.prefetch and self._files is not None else None
+        own = not self._store_busy  # the kept buffer, unless another iteration holds it
+        store, tstore = self._stores(plan.store_rows, reuse=own)
+        self._store_busy = True
         try:
             yield from self._emit(rows, bounds, plan, need, store, tstore, wanted, pool)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-            self._prefetched.clear()
+            if own:
+                self._store_busy = False
 
     def _emit(self, rows, bounds, plan, need, store, tstore, wanted, pool) -> Iterator[dict[str, torch.Tensor]]:
         """Place pieces in the store in plan order and yield the plan's batches as they complete."""
+        prefetched: dict[int, Future] = {}
         nxt = 0  # next entry of `wanted` to hand to the prefetch thread
         done = 0  # entries of `wanted` consumed
         for s, batches in enumerate(plan.ready):
             if pool is not None:
                 while nxt < len(wanted) and nxt <= done + self.prefetch:
                     c = wanted[nxt]
-                    if c not in self._prefetched and c not in self._cache:
-                        self._prefetched[c] = pool.submit(self._files.chunk, c)
+                    if c not in prefetched and c not in self._cache:
+                        prefetched[c] = pool.submit(self._files.chunk, c)
                     nxt += 1
             if s < len(bounds) - 1:
                 a, e = bounds[s], bounds[s + 1]
                 if need[a:e].any():  # on resume, chunks holding only consumed rows are not read
                     done += 1
-                    self._gather(self.ids[rows[a:e]], store, plan.slots[a:e])
+                    self._gather(self.ids[rows[a:e]], store, plan.slots[a:e], prefetched)
                     if self.pairs:
-                        self._gather(self.target_ids[rows[a:e]], tstore, plan.slots[a:e])
+                        self._gather(self.target_ids[rows[a:e]], tstore, plan.slots[a:e], prefetched)
             for slots, pos in batches:
                 if len(slots) < self.batch_size and self.drop_last:
                     continue
@@ -699,13 +704,17 @@ class CheckpointStream(IterableDataset):
                     slots, pos = slots[keep], pos[keep]
                 yield self._finish(rows[pos], store[slots], tstore[slots] if self.pairs else None)
 
-    def _stores(self, rows: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Shuffle-buffer arrays, kept between epochs: fresh pages cost a fault and zeroing each."""
+    def _stores(self, rows: int, reuse: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Shuffle-buffer arrays, kept between epochs (fresh pages cost a fault and zeroing each).
+
+        ``reuse=False`` (another iteration of this stream is still running) gives private ones.
+        """
         p = self.spec.num_params
-        have = self._store_arrays
+        have = self._store_arrays if reuse else None
         if have is None or have[0].shape[0] < rows:
             have = (np.empty((rows, p), np.float32), np.empty((rows, p), np.float32) if self.pairs else None)
-            self._store_arrays = have
+            if reuse:
+                self._store_arrays = have
         return have
 
     def _finish(self, vrows: np.ndarray, params: np.ndarray, tparams: np.ndarray | None) -> dict[str, torch.Tensor]:

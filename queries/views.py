@@ -71,6 +71,10 @@ VIEW_KINDS: dict[str, ViewKind] = {
     "pairs": ViewKind("pairs", "pairs", {
         "cap": 256,  # pairs kept per run
         "max_gap": -1,  # largest target_step - step; -1 = any
+        # Originals only by default: the collector draws each checkpoint's copies independently
+        # (zoo/augment.py), so copy j of θ and copy j of θ* are in general permuted differently
+        # when H > 2. Augment pairs with the loader's permute=True (one permutation for both).
+        "include_augmented": False,
     }, "run-grouped (θ, θ*) pairs, θ from an earlier step of the same run"),
 }
 
@@ -186,7 +190,8 @@ def build_view(zoo: Any, kind: str, name: str | None = None, *, overwrite: bool 
         kind: "split", "balanced" or "pairs" (see VIEW_KINDS for their parameters).
         name: view name; default ``KIND_<digest of the parameters>``.
         overwrite: replace an existing view of that name (else raise).
-        memory_limit, threads: DuckDB limits for the build (spills are not written: it fails instead).
+        memory_limit, threads: DuckDB limits for the build (past the memory limit it spills to the
+            system temp directory).
         **params: the kind's parameters; missing ones take their defaults.
     Returns:
         the JSON record: format, version, name, kind, mode, params, rows, zoo_rows, num_classes,

@@ -294,7 +294,8 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
     y = torch.as_tensor(data.y_train)
     evaluate = ClassEvaluator(spec, torch.as_tensor(data.x_test), torch.as_tensor(data.y_test))
 
-    # Per-run example weights: undersampling keeps a fixed random subset of each chosen class.
+    # Per-run example weights: undersampling keeps a fixed random subset of each chosen class;
+    # a deletion zeroes the run's deleted classes once past its deletion step.
     keep = torch.ones(r_, len(y))  # (R, N)
     consider = np.zeros((r_, T + 1), dtype=bool)
     for i, p in enumerate(plans):
@@ -309,7 +310,7 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
     deleted_mask = torch.zeros(r_, c, dtype=torch.bool)  # (R, C) classes deleted by each run
     for i, p in enumerate(plans):
         deleted_mask[i, list(p.deleted)] = True
-    class_w = torch.ones(r_, c)  # (R, C) becomes 0 for deleted classes once past the deletion step
+    in_deleted = deleted_mask[:, y]  # (R, N) True where an example belongs to a run's deleted class
 
     selector = Selector(cfg.selection, [p.kind for p in plans], deletion_step, T, task.max_per_run,
                         tuple(task.preset.pivots), c, consider)
@@ -346,9 +347,9 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
             started = deletion_step == t - 1  # step t is the first one without the deleted classes
             if started.any():
                 rows = torch.as_tensor(np.flatnonzero(started))
-                class_w[rows] = torch.where(deleted_mask[rows], 0.0, class_w[rows])
+                keep[rows] = keep[rows].masked_fill(in_deleted[rows], 0.0)
             yb = y[idx]
-            w = keep[:, idx] * class_w[:, yb]  # (R, B)
+            w = keep[:, idx]  # (R, B)
             t0, c0 = time.perf_counter(), time.thread_time()
             opt.step(x[idx], yb, w)
             train_seconds += time.perf_counter() - t0

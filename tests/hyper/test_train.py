@@ -169,3 +169,20 @@ def _ddp_worker(rank: int, world: int, port: int, z: dict, out: str) -> None:
     save_file({k: v.detach().contiguous() for k, v in captured["model"].state_dict().items()},
               f"{out}/rank{rank}.safetensors")
     dist.destroy_process_group()
+
+
+def test_classifier_free_guidance_per_row(ckpt_zoo, tmp_path):
+    out = tmp_path / "cfg"
+    train(variant="dihyfo2", out=out, preset="tiny", data=_data(ckpt_zoo, "dihyfo2"),
+          overrides={"steps": 30, "eval_every": -1, "test_every": 0, "cond_dropout": 0.3}, progress=False)
+    _with_dataset(out, ckpt_zoo)
+    net = load_hypernetwork(out)
+    t = np.tile(np.array(net.loss_stats["q50"]), (3, 1))
+    plain = net.sample(t, steps=5, seed=3)
+    swept = net.sample(t, steps=5, seed=3, guidance=[1.0, 3.0, 3.0])
+    torch.testing.assert_close(swept[0], plain[0], atol=1e-4, rtol=1e-4)  # scale 1 is the conditional model
+    assert not torch.allclose(swept[1], plain[1], atol=1e-3)
+    torch.testing.assert_close(swept[1:], net.sample(t, steps=5, seed=3, guidance=3.0)[1:])
+    with pytest.raises(HyperForgetError, match="one per target row"):
+        net.sample(t, guidance=[1.0, 2.0])
+    assert net.sampling["method"] == "ddim"

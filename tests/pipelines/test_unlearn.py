@@ -311,3 +311,14 @@ def test_cli_unlearn_with_a_model_creates_the_run_from_the_models_zoo(tiny_run, 
     assert run.config.zoo == tiny_run.config.zoo and run.config.models == {"dihyfo2": str(model_dir)}
     record = read_json(run.forget_dir((3,)) / "dihyfo2" / "record.json")
     assert record["method"] == "dihyfo2" and len(record["selected"]) == 1
+
+
+def test_keep_converged_replaces_failed_trainings_by_spares():
+    from pipelines.retrain import keep_converged
+
+    acc = np.array([0.97, 0.66, 0.98, 0.33, 0.96, 0.95, 0.97])
+    keep, failed = keep_converged(acc, 3, 0.1)
+    assert keep == [0, 2, 4] and failed == [1, 3]
+    assert keep_converged(acc, 2, None) == ([0, 1], [])
+    with pytest.raises(HyperForgetError, match="spare_seeds"):
+        keep_converged(acc, 6, 0.1)

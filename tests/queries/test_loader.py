@@ -317,3 +317,12 @@ def test_rank_and_world_size_come_from_torch_distributed(qzoo, all_view, monkeyp
     assert (s.rank, s.world_size) == (1, 2) and s.state_dict()["world_size"] == 2
     explicit = CheckpointStream(qzoo, all_view, batch_size=10, seed=3, rank=1, world_size=2)
     assert np.array_equal(got, _ids(list(explicit))) and len(got) == 117 - 117 // 2
+
+
+def test_two_iterations_at_once_do_not_share_buffers(qzoo, all_view, zoo_params):
+    s = CheckpointStream(qzoo, all_view, batch_size=10, shuffle_buffer=40)
+    a, b = iter(s), iter(s)
+    for x, y in zip(a, b):
+        assert torch.equal(x["ids"], y["ids"])
+        assert np.array_equal(x["params"].numpy(), zoo_params[x["ids"].numpy()])
+        assert np.array_equal(y["params"].numpy(), zoo_params[y["ids"].numpy()])

@@ -53,7 +53,7 @@ def _all_pairs(meta: pd.DataFrame, max_gap: int = -1) -> pd.DataFrame:
 
 
 def test_pairs_follow_their_definition(qzoo, zoo_meta):
-    pairs = _build(qzoo, "pairs", "p", cap=20)
+    pairs = _build(qzoo, "pairs", "p", cap=20, include_augmented=True)
     allp = _all_pairs(zoo_meta)
     meta = zoo_meta.set_index("checkpoint_id")
     a, b = meta.loc[pairs.checkpoint_id], meta.loc[pairs.target_id]
@@ -73,14 +73,19 @@ def test_pairs_follow_their_definition(qzoo, zoo_meta):
     assert {"learning", "forgetting"} <= set(pairs.target_phase)
     assert ((pairs.phase == "learning") & (pairs.target_phase == "forgetting")).any()
     # deterministic for a seed; another seed picks other pairs
-    assert _build(qzoo, "pairs", "p_again", cap=20).equals(pairs)
-    other = _build(qzoo, "pairs", "p_seed", cap=20, seed=1)
+    assert _build(qzoo, "pairs", "p_again", cap=20, include_augmented=True).equals(pairs)
+    other = _build(qzoo, "pairs", "p_seed", cap=20, seed=1, include_augmented=True)
     assert set(zip(other.checkpoint_id, other.target_id)) != set(zip(pairs.checkpoint_id, pairs.target_id))
 
 
 def test_pairs_uncapped_gap_and_split(qzoo, zoo_meta):
-    full = _build(qzoo, "pairs", "pall", cap=10_000, max_gap=30)
+    full = _build(qzoo, "pairs", "pall", cap=10_000, max_gap=30, include_augmented=True)
     brute = _all_pairs(zoo_meta, max_gap=30)
+    originals = _build(qzoo, "pairs", "porig", cap=10_000)  # default: originals only (see VIEW_KINDS)
+    brute0 = _all_pairs(zoo_meta[zoo_meta.perm_index == 0])
+    assert (originals.perm_index == 0).all()
+    assert set(zip(originals.checkpoint_id, originals.target_id)) == set(zip(brute0.checkpoint_id,
+                                                                            brute0.checkpoint_id_t))
     assert set(zip(full.checkpoint_id, full.target_id)) == set(zip(brute.checkpoint_id, brute.checkpoint_id_t))
     split = _build(qzoo, "split", "s_test", split="test", test_fraction=0.4)
     tr = _build(qzoo, "pairs", "p_tr", split="train", test_fraction=0.4)
