@@ -681,7 +681,8 @@ def _unlearn_baseline(run: Run, forget: tuple[int, ...], config: UnlearnConfig, 
         "method": config.method, "kind": "baseline", "forget": list(forget),
         "retain": [c for c in range(run.num_classes) if c not in forget],
         "config": asdict(config),
-        "hyperparameters": {**spec_entry.defaults, **config.overrides}, "overrides": config.overrides,
+        "hyperparameters": {"defaults": spec_entry.defaults, "overrides": config.overrides,
+                            "effective": {**spec_entry.defaults, **config.overrides}},
         "reference": spec_entry.reference, "notes": spec_entry.notes,
         # Classes whose logits the method masks to -inf at inference (the logit_mask control); the
         # saved parameters are then the original's and every evaluation applies the mask.

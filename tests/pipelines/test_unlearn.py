@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 
@@ -149,7 +150,10 @@ def test_unlearn_with_a_baseline_writes_the_method_folder(tiny_run, method):
     assert params.shape == (2, spec.num_params)
     saved = read_json(folder / "record.json")
     assert saved["method"] == method and saved["forget"] == [2] and saved["wall_seconds"] >= 0
-    assert saved["hyperparameters"] is not None and saved["config"]["repeats"] == 2
+    assert saved["config"]["repeats"] == 2 and saved["hyperparameters"]["overrides"] == {}
+    from pipelines.baselines import BASELINES
+
+    assert saved["hyperparameters"]["effective"] == json.loads(json.dumps(BASELINES[method].defaults))
     assert saved["selected_sha256"] == [params_sha256(p) for p in params]
     assert torch.equal(run.original_params(), before)  # the model to unlearn is untouched
     d = run.data()
