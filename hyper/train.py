@@ -525,6 +525,9 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
         if zoo is None:
             raise HyperForgetError("give a zoo (--zoo ZOO) to train on")
         data = data_from_zoo(zoo, variant, cfg.batch_size, cfg.seed, rank, world, cfg.permute)
+    if saved is not None:
+        # The resumed network was built on the saved statistics; a zoo that grew since must not change them.
+        data.normalization, data.loss_stats = saved["normalization"], saved["loss_stats"]
     torch.manual_seed(cfg.seed)
     model, tokenizer = build(variant, data.spec, data.normalization, model_cfg, tok_cfg)
     model.to(dev)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -38,6 +39,7 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/checkpoints")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 is fastest on a busy machine)")] = None,
 ) -> None:
     """Train a diffusion hypernetwork (DiHyFo-1 or DiHyFo-2) on a zoo; works under torchrun."""
     from rich.console import Console
@@ -47,11 +49,19 @@ def train_cmd(
 
     if variant not in ("dihyfo1", "dihyfo2"):
         raise HyperForgetError(f"unknown --variant {variant!r}: choose dihyfo1 or dihyfo2")
+    if threads is not None:
+        if threads < 1:
+            raise HyperForgetError(f"--threads must be ≥ 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
     overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "eval_every": eval_every,
                  "token_size": token_size, "normalization": normalization, "loss_weighting": loss_weighting,
                  "cond_dropout": cond_dropout, "seed": seed}
     result = train(variant=variant, out=out, preset=preset, zoo=zoo, overrides=overrides, resume=resume,
                    progress=not quiet, device=device)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun only rank 0 reports
     table = Table(title=f"{variant} → {result.out}")
     table.add_column("measure"), table.add_column("value", justify="right")
     table.add_row("steps", str(result.steps))
