@@ -24,7 +24,7 @@ import torch
 
 from hyper.diffusion import GaussianDiffusion
 from hyper.model import get_preset
-from hyper.tokenizer import TokenizerConfig, compute_normalization
+from hyper.tokenizer import compute_normalization
 from hyper.train import TrainConfig, build, make_model_fn, make_optimizer, resolve_configs, sample_params
 from zoo.mlp import MLPSpec, init_params
 

@@ -250,20 +250,22 @@ PRESETS: dict[str, dict] = {
              "train": dict(steps=300, batch_size=64, lr=2e-3, warmup_steps=20, ema_decay=0.99, eval_every=0),
              "sample": dict(method="ddim", steps=20, guidance=None)},
     # The CPU demo (MNIST-4, 784-2-4: 17 tokens of ≤ 112 values): ~0.2 s/step on 2 idle cores.
-    # Condition dropout enables classifier-free guidance, which the measured unlearning needs:
-    # after 600-800 steps DiHyFo-1 moves in the right direction but too little without it.
+    # Condition dropout enables classifier-free guidance, which DiHyFo-1's measured unlearning needs:
+    # after 600-800 steps it moves in the right direction but too little without it. Its sampler
+    # default spreads candidates over guidance scales (row i gets scale i mod 4); DiHyFo-2 did best
+    # unguided (docs/readme/hyper.md).
     "cpu-small": {"model": dict(hidden=128, layers=3, heads=4, num_freqs=32, freq_max_exp=8.0),
                   "tokenizer": dict(token_size=112, normalization="layer"),
                   "train": dict(steps=800, batch_size=64, lr=2e-3, warmup_steps=30, ema_decay=0.995,
                                 cond_dropout=0.1, eval_every=400, test_every=200, checkpoint_every=200),
-                  # guidance_sweep: scales to spread K candidates over (one per row of Hypernetwork.sample).
-                  "sample": dict(method="ddim", steps=10, guidance=8.0, guidance_sweep=[1.0, 4.0, 8.0, 16.0, 24.0])},
+                  "sample": dict(method="ddim", steps=10,
+                                 guidance={"dihyfo1": [4.0, 8.0, 16.0, 24.0], "dihyfo2": None})},
     # A larger CPU run (tens of minutes), or a quick GPU run.
     "cpu-base": {"model": dict(hidden=256, layers=6, heads=8, num_freqs=64, freq_max_exp=10.0),
                  "tokenizer": dict(token_size=200, normalization="layer"),
                  "train": dict(steps=3000, batch_size=256, lr=6e-4, warmup_steps=200, ema_decay=0.999,
                                cond_dropout=0.1, eval_every=500),
-                 "sample": dict(method="ddim", steps=20, guidance=4.0)},
+                 "sample": dict(method="ddim", steps=20, guidance={"dihyfo1": [2.0, 4.0, 8.0], "dihyfo2": None})},
     # The reference text's DiT (G.pt's MNIST configuration): hidden 1536, 12 layers, 16 heads, for a GPU.
     "paper": {"model": dict(hidden=1536, layers=12, heads=16, num_freqs=128, freq_max_exp=14.0),
               "tokenizer": dict(token_size=1000, normalization="global"),

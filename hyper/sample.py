@@ -67,11 +67,19 @@ class Hypernetwork:
 
     @property
     def sampling(self) -> dict:
-        """Recommended sampler settings from the preset: {"method", "steps", "guidance", "guidance_sweep"}.
+        """Recommended sampler settings from the preset: {"method", "steps", "guidance"}.
 
-        ``guidance_sweep`` lists scales to spread best-of-K candidates over (pass one scale per row).
+        "guidance" is None, one scale, or a list of scales that candidate rows cycle through.
         """
         return dict(self.config.get("sampling") or {"method": "ddim", "steps": 50, "guidance": None})
+
+    def auto_guidance(self, k: int) -> torch.Tensor | None:
+        """The recommended guidance for K rows: None, or (K,) scales (a list cycles over the rows)."""
+        g = self.sampling.get("guidance")
+        if g is None:
+            return None
+        scales = torch.as_tensor(np.atleast_1d(np.asarray(g, dtype=np.float32)))
+        return scales[torch.arange(k) % len(scales)]
 
     @property
     def loss_stats(self) -> dict:
@@ -92,7 +100,7 @@ class Hypernetwork:
         return evaluate_per_class(self.spec, params, x, y)
 
     def sample(self, target_losses, current_params=None, current_losses=None, *, method: str = "ddim",
-               steps: int = 50, seed: int = 0, guidance: float | None = None, eta: float = 0.0,
+               steps: int = 50, seed: int = 0, guidance="auto", eta: float = 0.0,
                progress=None) -> torch.Tensor:
         """Sample K parameter vectors.
 
@@ -103,9 +111,11 @@ class Hypernetwork:
             current_losses: (K, C) class losses of ``current_params``; None measures them on the
                 zoo's test split.
             method: "ddim" (``steps`` steps, ``eta``) or "ddpm" (all T steps, fixed variance).
-            guidance: classifier-free guidance scale, one for all rows or (K,) one per row (a sweep in
-                one batch); needs a model trained with cond_dropout > 0. ``self.sampling`` holds the
-                preset's recommendation.
+            guidance: classifier-free guidance: "auto" (default) uses the preset's recommendation in
+                ``self.sampling`` (for cpu-small DiHyFo-1, rows cycle through scales 4, 8, 16, 24 so a
+                best-of-K selection sees all; DiHyFo-2 unguided); None or 1 turns it off; a number
+                applies to all rows; a (K,) sequence gives one scale per row. Scales other than 1
+                need a model trained with cond_dropout > 0.
         Returns:
             (K, P) float32 raw MLP parameters; deterministic for a seed.
         """
@@ -119,6 +129,11 @@ class Hypernetwork:
         if not torch.isfinite(targets).all() or (targets < 0).any():
             raise HyperForgetError("target losses must be finite and ≥ 0")
         k = targets.shape[0]
+        if isinstance(guidance, str):
+            if guidance != "auto":
+                raise HyperForgetError(f"guidance {guidance!r} is not a scale: give a number, one per row, "
+                                       "None or 'auto'")
+            guidance = self.auto_guidance(k)
         if guidance is not None:
             g = torch.as_tensor(np.asarray(guidance, dtype=np.float32))
             if g.ndim > 1 or (g.ndim == 1 and len(g) != k) or not torch.isfinite(g).all():

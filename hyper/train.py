@@ -470,12 +470,18 @@ def resolve_configs(preset: str, variant: str, overrides: dict | None = None
     return DiTConfig(**model_kw), TokenizerConfig(**tok_kw), DiffusionConfig(**diff_kw), TrainConfig(**train_kw)
 
 
-def sampling_defaults(preset: str, cfg: TrainConfig) -> dict:
-    """The preset's recommended sampler settings; guidance only where the model learned a null condition."""
-    d = dict(get_preset(preset).get("sample") or {"method": "ddim", "steps": 50, "guidance": None})
-    if cfg.cond_dropout <= 0:
-        d["guidance"], d["guidance_sweep"] = None, None
-    return d
+def sampling_defaults(preset: str, variant: str, cfg: TrainConfig) -> dict:
+    """The preset's sampler recommendation for a variant: {"method", "steps", "guidance"}.
+
+    "guidance" is None, one scale, or a list of scales that candidates cycle through; never set
+    for a model trained without condition dropout (it has no unconditional mode).
+    """
+    d = dict(get_preset(preset).get("sample") or {})
+    g = d.get("guidance")
+    if isinstance(g, dict):
+        g = g.get(variant)
+    return {"method": d.get("method", "ddim"), "steps": int(d.get("steps", 50)),
+            "guidance": g if cfg.cond_dropout > 0 else None}
 
 
 def _dist_info() -> tuple[int, int]:
@@ -542,7 +548,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
               "train": cfg.to_dict(), "zoo": data.zoo, "mlp_spec": data.spec.to_dict(), "classes": data.classes,
               "pivots": data.pivots, "normalization": data.normalization, "loss_stats": data.loss_stats,
               "dataset": data.dataset, "tokens": tokenizer.describe(), "world_size": world,
-              "sampling": sampling_defaults(preset, cfg),
+              "sampling": sampling_defaults(preset, variant, cfg),
               "model_parameters": model.num_parameters()}
     if resume:
         ck = load_checkpoint(out)

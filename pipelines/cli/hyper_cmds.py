@@ -120,9 +120,10 @@ def sample_cmd(
     rec = net.sampling
     method = method or rec["method"]
     steps = steps or rec["steps"]
-    guidance = guidance if guidance is not None else rec.get("guidance")
+    scales = net.auto_guidance(n) if guidance is None else (None if guidance == 1.0 else guidance)
     params = net.sample(torch.tensor([target] * n), current_params=current, method=method, steps=steps, seed=seed,
-                        guidance=None if guidance == 1.0 else guidance)
+                        guidance=scales)
+    guidance = None if scales is None else torch.as_tensor(scales).tolist()
     metrics = net.evaluate(params)
     meta = {"targets": target, "method": method, "steps": steps, "seed": seed, "guidance": guidance,
             "hypernetwork": str(model),

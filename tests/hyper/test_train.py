@@ -185,4 +185,10 @@ def test_classifier_free_guidance_per_row(ckpt_zoo, tmp_path):
     torch.testing.assert_close(swept[1:], net.sample(t, steps=5, seed=3, guidance=3.0)[1:])
     with pytest.raises(HyperForgetError, match="one per target row"):
         net.sample(t, guidance=[1.0, 2.0])
-    assert net.sampling["method"] == "ddim"
+    assert net.sampling["method"] == "ddim" and net.sampling["guidance"] is None  # tiny: unguided
+    # "auto" (the default) follows the recommendation saved with the model; a list cycles over rows.
+    net.config["sampling"]["guidance"] = [1.0, 3.0]
+    torch.testing.assert_close(net.sample(t, steps=5, seed=3), net.sample(t, steps=5, seed=3, guidance=[1.0, 3.0, 1.0]))
+    torch.testing.assert_close(net.sample(t, steps=5, seed=3, guidance=None), plain)
+    with pytest.raises(HyperForgetError, match="not a scale"):
+        net.sample(t, guidance="strong")
