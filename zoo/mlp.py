@@ -11,6 +11,7 @@ Batched evaluation treats a stack of M vectors as M models and runs them in one 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -79,6 +80,10 @@ class ParamLayout:
 
     @classmethod
     def for_spec(cls, spec: MLPSpec) -> "ParamLayout":
+        return _layout_for(spec)
+
+    @classmethod
+    def _build(cls, spec: MLPSpec) -> "ParamLayout":
         shapes = [("fc1.weight", (spec.hidden, spec.input_size)), ("fc1.bias", (spec.hidden,)),
                   ("fc2.weight", (spec.num_classes, spec.hidden)), ("fc2.bias", (spec.num_classes,))]
         slots, offset = [], 0
@@ -125,6 +130,12 @@ class ParamLayout:
         if flat.shape[-1] != self.num_params:
             raise HyperForgetError(
                 f"parameter vector has {flat.shape[-1]} values, the MLP spec needs {self.num_params}")
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_for(spec: MLPSpec) -> ParamLayout:
+    # Specs are frozen and hashable; hot loops ask for the layout on every call.
+    return ParamLayout._build(spec)
 
 
 class MLP(nn.Module):
