@@ -22,12 +22,8 @@ Notation (paper, Appendix A.4):
   MIA = mean(LR.predict(H(F(D_f)))).  (The figure's line 7 reads H(P_r); the text and the public
   code apply the classifier to the forget set, which is what this module does.)
 
-Distribution-level scores (for judging against many retrained models, not one): the NeurIPS 2023
-unlearning challenge's per-example ε = max over attacks of
-max(log(1 − δ − FPR) − log FNR, log(1 − δ − FNR) − log FPR), scored H = 2 / 2^b over 0.5-wide ε
-bins b = 1, 2, …, F = mean H, final F·(RA_U/RA_R)·(TA_U/TA_R); and U-LiRA's Gaussian likelihood
-ratio on the logit-scaled true-class confidence log(p_y / (1 − p_y)), read out as AUC and TPR at
-a low FPR.
+Distribution-level scores against many retrained models (U-LiRA, the NeurIPS 2023 challenge's
+ε-score) live in :mod:`zoo.attacks`.
 
 Tables 1–4 report each metric "averaged over the sampled models and over the retrained seeds,
 with their spread": :func:`summarize` gives mean, std, min, max and n, and
@@ -47,9 +43,7 @@ __all__ = [
     "as_numpy", "softmax", "predictions", "accuracy", "split_masks", "split_accuracies", "entropy",
     "per_example_loss", "entropy_mia", "loss_mia", "output_overlap", "kl_divergence", "js_divergence",
     "unlearning_score", "kl_div_public_variant", "prompt_alignment_r2", "pearson", "confusion_matrix",
-    "logit_scaled_confidence", "summarize", "unlearning_metrics", "roc_auc", "tpr_at_fpr", "gaussian_llr",
-    "threshold_attack_rates", "epsilon_from_rates", "epsilon_per_example", "forgetting_quality",
-    "challenge_score",
+    "summarize", "unlearning_metrics",
 ]
 
 
@@ -225,17 +219,6 @@ def loss_mia(probs_retain, y_retain, probs_test, y_test, probs_forget, y_forget,
                             per_example_loss(probs_forget, y_forget), seed)
 
 
-def logit_scaled_confidence(probs, y, eps: float = 1e-12) -> np.ndarray:
-    """(N, C) probabilities, (N,) labels -> (N,) log(p_y / (1 − p_y)), the U-LiRA statistic.
-
-    p_y is clipped to [eps, 1 − eps] so that certain predictions stay finite.
-    """
-    p = _check_probs(probs, "probs")
-    y = _labels(y, p.shape[0])
-    py = np.clip(p[np.arange(len(y)), y], eps, 1.0 - eps)
-    return np.log(py) - np.log1p(-py)
-
-
 # ----------------------------------------------------------------------------------------------
 # Comparing two models' outputs
 
@@ -348,127 +331,6 @@ def pearson(target, observed) -> float:
     if denom == 0.0 or not math.isfinite(denom):
         return math.nan
     return float(np.clip(np.sum(tc * oc) / denom, -1.0, 1.0))
-
-
-# ----------------------------------------------------------------------------------------------
-# Distribution-level attacks (NeurIPS 2023 unlearning challenge, U-LiRA): unlearned vs retrained
-
-
-def roc_auc(scores_pos, scores_neg) -> float:
-    """Area under the ROC curve for "higher score = positive", ties counting one half.
-
-    AUC = P(s⁺ > s⁻) + ½ P(s⁺ = s⁻) over all (positive, negative) pairs (Mann–Whitney U / n⁺n⁻).
-    0.5: the scores cannot tell the two groups apart; 1 (or 0): they separate them completely.
-    """
-    pos, neg = as_numpy(scores_pos).ravel(), as_numpy(scores_neg).ravel()
-    if pos.size == 0 or neg.size == 0:
-        raise HyperForgetError("roc_auc needs at least one positive and one negative score")
-    neg_sorted = np.sort(neg)
-    below = np.searchsorted(neg_sorted, pos, side="left")  # negatives strictly below each positive
-    ties = np.searchsorted(neg_sorted, pos, side="right") - below
-    return float((below.sum() + 0.5 * ties.sum()) / (pos.size * neg.size))
-
-
-def tpr_at_fpr(scores_pos, scores_neg, fpr: float = 0.01) -> float:
-    """Largest true-positive rate of a threshold rule "positive if score > t" whose false-positive
-    rate is at most ``fpr`` (the U-LiRA paper reports TPR at 1 % FPR)."""
-    pos, neg = as_numpy(scores_pos).ravel(), as_numpy(scores_neg).ravel()
-    if pos.size == 0 or neg.size == 0:
-        raise HyperForgetError("tpr_at_fpr needs at least one positive and one negative score")
-    if not 0.0 <= fpr <= 1.0:
-        raise HyperForgetError(f"fpr must be in [0, 1], got {fpr}")
-    neg_sorted = np.sort(neg)
-    # Allowed false positives k = floor(fpr·n⁻): threshold at the (k+1)-th largest negative.
-    k = int(math.floor(fpr * neg.size + 1e-12))
-    t = neg_sorted[neg.size - 1 - k] if k < neg.size else -np.inf
-    return float(np.mean(pos > t))
-
-
-def gaussian_llr(stat, mu_pos, sd_pos, mu_neg, sd_neg, min_sd: float = 1e-6) -> np.ndarray:
-    """Per-example log-likelihood ratio log N(x; μ⁺, σ⁺) − log N(x; μ⁻, σ⁻) (U-LiRA, Hayes et al.).
-
-    Args broadcast: stat (..., N) observed statistics (e.g. :func:`logit_scaled_confidence`),
-    mu/sd (N,) Gaussian fits per example from the positive (unlearned) and negative (retrained)
-    shadow models. σ is floored at ``min_sd`` so that a population with one value stays usable.
-    """
-    x = as_numpy(stat)
-    sp, sn = np.maximum(as_numpy(sd_pos), min_sd), np.maximum(as_numpy(sd_neg), min_sd)
-    mp, mn = as_numpy(mu_pos), as_numpy(mu_neg)
-    return (-0.5 * ((x - mp) / sp) ** 2 - np.log(sp)) - (-0.5 * ((x - mn) / sn) ** 2 - np.log(sn))
-
-
-def threshold_attack_rates(stat_unlearned, stat_retrained) -> tuple[np.ndarray, np.ndarray]:
-    """FPR and FNR of every threshold attack on one example's statistic.
-
-    Positives: K unlearned models' values (K,); negatives: S retrained models' values (S,). Each
-    distinct value t gives two attacks, "unlearned if x ≥ t" and "unlearned if x < t".
-    FPR = fraction of retrained models called unlearned; FNR = fraction of unlearned models missed.
-    Returns (fpr, fnr), each (2·T,).
-    """
-    u, r = np.sort(as_numpy(stat_unlearned).ravel()), np.sort(as_numpy(stat_retrained).ravel())
-    if u.size == 0 or r.size == 0:
-        raise HyperForgetError("threshold attacks need at least one unlearned and one retrained value")
-    t = np.unique(np.concatenate([u, r]))
-    u_ge = (u.size - np.searchsorted(u, t, side="left")) / u.size  # P(x ≥ t | unlearned)
-    r_ge = (r.size - np.searchsorted(r, t, side="left")) / r.size  # P(x ≥ t | retrained)
-    fpr = np.concatenate([r_ge, 1.0 - r_ge])
-    fnr = np.concatenate([1.0 - u_ge, u_ge])
-    return fpr, fnr
-
-
-def epsilon_from_rates(fpr, fnr, delta: float = 0.01) -> float:
-    """Empirical ε of a set of attacks (NeurIPS 2023 Machine Unlearning Challenge).
-
-    Per attack: ε = max(log(1 − δ − FPR) − log FNR, log(1 − δ − FNR) − log FPR); an attack with
-    FPR = FNR = 0 gives ∞, one with exactly one of them 0 is discarded; NaN halves (log of a
-    negative) are ignored. The example's ε is the maximum over attacks, at least 0.
-    """
-    fpr, fnr = as_numpy(fpr).ravel(), as_numpy(fnr).ravel()
-    if fpr.shape != fnr.shape:
-        raise HyperForgetError(f"fpr and fnr need the same length, got {fpr.size} and {fnr.size}")
-    eps = [0.0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for a, b in zip(fpr, fnr):
-            if a == 0 and b == 0:
-                eps.append(math.inf)
-            elif a == 0 or b == 0:
-                continue
-            else:
-                e1 = np.log(1.0 - delta - a) - np.log(b)
-                e2 = np.log(1.0 - delta - b) - np.log(a)
-                eps.append(math.inf if np.isnan(e1) and np.isnan(e2) else float(np.nanmax([e1, e2])))
-    return float(max(eps))
-
-
-def epsilon_per_example(stat_unlearned, stat_retrained, delta: float = 0.01) -> np.ndarray:
-    """(K, N) unlearned and (S, N) retrained per-example statistics -> (N,) ε of the threshold attacks."""
-    u, r = as_numpy(stat_unlearned), as_numpy(stat_retrained)
-    if u.ndim != 2 or r.ndim != 2 or u.shape[1] != r.shape[1]:
-        raise HyperForgetError(f"expected (K, N) and (S, N) statistics, got {u.shape} and {r.shape}")
-    return np.array([epsilon_from_rates(*threshold_attack_rates(u[:, n], r[:, n]), delta=delta)
-                     for n in range(u.shape[1])])
-
-
-def forgetting_quality(eps, bin_width: float = 0.5, num_bins: int = 13) -> float:
-    """F = mean over examples of H = 2 / 2^b, b = index of ε among bins [0, 0.5), [0.5, 1), … (b ≥ 1).
-
-    ε < 0.5 scores 1, each further half-unit halves it; ε ≥ (num_bins − 1)·bin_width (and ∞) lands
-    in the last bin.
-    """
-    e = as_numpy(eps).ravel()
-    if e.size == 0:
-        return math.nan
-    b = np.digitize(e, np.arange(num_bins) * bin_width)  # 1 for [0, w), ..., num_bins for ≥ (B−1)·w
-    return float(np.mean(2.0 / 2.0 ** b))
-
-
-def challenge_score(f: float, retain_acc_u: float, retain_acc_r: float, test_acc_u: float,
-                    test_acc_r: float) -> float:
-    """The challenge's final score F · (RA_U / RA_R) · (TA_U / TA_R): forgetting quality scaled by
-    the unlearned models' retain and test accuracy relative to the retrained models'."""
-    if retain_acc_r <= 0 or test_acc_r <= 0:
-        raise HyperForgetError("retrained accuracies must be positive to scale the challenge score")
-    return float(f * (retain_acc_u / retain_acc_r) * (test_acc_u / test_acc_r))
 
 
 # ----------------------------------------------------------------------------------------------
