@@ -114,3 +114,23 @@ def tiny_zoo(tmp_path, tiny_dataset):
         return path, params
 
     return make
+
+
+@pytest.fixture
+def normalized_zoo(tiny_zoo):
+    """Path of a 117-row zoo of the 64-3-4 MLP (pivots 0, 1) with normalization statistics."""
+    from zoo.store import ZooWriter, compute_normalization, open_zoo
+
+    path, _ = tiny_zoo(rows=117, chunk_rows=8, shard_rows=32)
+    with ZooWriter.open(path) as w:
+        w.set_normalization(compute_normalization(open_zoo(path)))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    # Two CPU cores shared by test sessions and dask workers: keep torch from oversubscribing them.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

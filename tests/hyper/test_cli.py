@@ -13,22 +13,9 @@ from zoo.errors import HyperForgetError
 from zoo.mlp import load_mlps
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
-def zoo_path(tiny_zoo):
-    from zoo.store import ZooWriter, compute_normalization, open_zoo
-
-    path, _ = tiny_zoo(rows=117, chunk_rows=8, shard_rows=32)
-    with ZooWriter.open(path) as w:
-        w.set_normalization(compute_normalization(open_zoo(path)))
-    return path
+def zoo_path(normalized_zoo):
+    return normalized_zoo
 
 
 @pytest.mark.parametrize("variant", ["dihyfo1", "dihyfo2"])

@@ -16,14 +16,6 @@ from hyper.train import data_from_tensors, lr_at, TrainConfig, train
 from zoo.errors import HyperForgetError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(z, variant, batch_size=64, rank=0, world=1):
     return data_from_tensors(z["spec"], z["params"], z["losses"], variant=variant, run_ids=z["run_ids"],
                              steps=z["steps"], x_test=z["x_test"], y_test=z["y_test"], batch_size=batch_size,

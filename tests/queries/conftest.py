@@ -6,25 +6,10 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two CPU cores shared by several test sessions: keep torch from oversubscribing them.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
-def qzoo(tiny_zoo):
+def qzoo(normalized_zoo):
     """Path of a 117-row zoo of the 64-3-4 MLP (pivots 0, 1), with normalization statistics."""
-    from zoo.store import ZooWriter, compute_normalization, open_zoo
-
-    path, _ = tiny_zoo(rows=117, chunk_rows=8, shard_rows=32)
-    stats = compute_normalization(open_zoo(path))
-    with ZooWriter.open(path) as w:
-        w.set_normalization(stats)
-    return path
+    return normalized_zoo
 
 
 @pytest.fixture
