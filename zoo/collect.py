@@ -33,7 +33,7 @@ from zoo.augment import augment as permute_augment
 from zoo.datasets import Dataset, load_dataset
 from zoo.errors import HyperForgetError
 from zoo.lockstep import LockstepSGD, epoch_batches, steps_per_epoch
-from zoo.mlp import ACTIVATIONS, TaskPreset, get_preset, init_params
+from zoo.mlp import PerClassEvaluator, TaskPreset, get_preset, init_params
 from zoo.selection import PHASES, REASONS, SelectionConfig, Selector, consider_mask
 
 COLLECTION_FORMAT = 1  # version of the "collection" block this module writes into zoo.json
@@ -108,56 +108,6 @@ class CollectConfig:
         if unknown:
             raise HyperForgetError(f"unknown collection settings {unknown}; known: {sorted(names)}")
         return cls(**d)
-
-
-class ClassEvaluator:
-    """Per-class test loss and accuracy of many models, tuned for the collector's hot loop.
-
-    Same results as ``zoo.mlp.evaluate_per_class`` (tests compare them) but with the test split,
-    its one-hot matrix and class counts prepared once, float32 sums, and log-softmax written
-    out, which is several times faster than ``torch.log_softmax`` over a class axis of 4-10.
-    """
-
-    def __init__(self, spec, x: torch.Tensor, y: torch.Tensor, max_elements: int = 1 << 22):
-        self.spec = spec
-        self.x = torch.as_tensor(x, dtype=torch.float32)  # (N, D)
-        self.y = torch.as_tensor(y, dtype=torch.long)  # (N,)
-        c = spec.num_classes
-        self.onehot = torch.nn.functional.one_hot(self.y, c).to(torch.float32)  # (N, C)
-        self.counts = self.onehot.sum(0)  # (C,)
-        self.models_per_pass = max(1, max_elements // max(1, len(self.y) * c))
-        h, d = spec.hidden, spec.input_size
-        self._offsets = (h * d, h * d + h, h * d + h + c * h)  # ends of fc1.weight, fc1.bias, fc2.weight
-        self._act = ACTIVATIONS[spec.activation]
-
-    def logits(self, params: torch.Tensor) -> torch.Tensor:
-        """(m, P) -> (m, N, C) logits on the test inputs (zoo.mlp.batched_logits with the layout cached)."""
-        m, (h, d, c) = params.shape[0], (self.spec.hidden, self.spec.input_size, self.spec.num_classes)
-        o1, o2, o3 = self._offsets
-        w1 = params[:, :o1].reshape(m * h, d)
-        pre = torch.addmm(params[:, o1:o2].reshape(1, m * h), self.x, w1.T)  # (N, m·H): one product
-        hid = self._act(pre).view(-1, m, h).transpose(0, 1)  # (m, N, H)
-        return torch.baddbmm(params[:, None, o3:], hid, params[:, o2:o3].reshape(m, c, h).transpose(1, 2))
-
-    @torch.no_grad()
-    def __call__(self, params: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(m, P) params -> loss (m, C), acc (m, C), total_loss (m,), total_acc (m,) as float32 numpy."""
-        loss_sum, correct = [], []
-        for m0 in range(0, params.shape[0], self.models_per_pass):
-            logits = self.logits(params[m0:m0 + self.models_per_pass])  # (m, N, C)
-            z = logits - logits.amax(-1, keepdim=True)
-            zy = z.gather(-1, self.y.expand(z.shape[0], -1)[..., None])[..., 0]  # (m, N) true-class logit − max
-            nll = z.exp().sum(-1).log_() - zy  # (m, N)
-            # A hit when the true class holds the largest logit (argmax is slower over 4-10 classes;
-            # the two differ only on exact ties).
-            hit = (zy >= 0).to(torch.float32)  # (m, N)
-            loss_sum.append(nll @ self.onehot)
-            correct.append(hit @ self.onehot)
-        ls, cr = torch.cat(loss_sum), torch.cat(correct)  # (m, C)
-        n = self.counts.sum()
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return ((ls / self.counts).numpy(), (cr / self.counts).numpy(), (ls.sum(1) / n).numpy(),
-                    (cr.sum(1) / n).numpy())
 
 
 def group_key(g: int) -> str:
@@ -294,7 +244,7 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
     r_, c, T = len(plans), spec.num_classes, task.total_steps
     x = torch.as_tensor(data.x_train)
     y = torch.as_tensor(data.y_train)
-    evaluate = ClassEvaluator(spec, torch.as_tensor(data.x_test), torch.as_tensor(data.y_test))
+    evaluate = PerClassEvaluator(spec, data.x_test, data.y_test)
 
     # Per-run example weights: undersampling keeps a fixed random subset of each chosen class;
     # a deletion zeroes the run's deleted classes once past its deletion step.
@@ -328,7 +278,8 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
         if not len(runs):
             return
         p = opt.rows(runs)  # (m, P)
-        loss, acc, total_loss, total_acc = evaluate(p)
+        metrics = evaluate(p)
+        loss, acc, total_loss, total_acc = metrics.loss, metrics.acc, metrics.total_loss, metrics.total_acc
         evaluated += len(runs)
         valid = (p.abs().amax(1) <= cfg.max_param_abs).numpy()  # False for NaN / inf too
         valid &= np.isfinite(total_loss)

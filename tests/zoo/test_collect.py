@@ -15,9 +15,9 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from zoo.collect import ClassEvaluator, CollectConfig, collect, plan_run, resolve_task, train_group
+from zoo.collect import CollectConfig, collect, plan_run, resolve_task, train_group
 from zoo.errors import HyperForgetError
-from zoo.mlp import batched_logits, evaluate_per_class, init_params
+from zoo.mlp import PerClassEvaluator, batched_logits, evaluate_per_class, init_params
 from zoo.selection import REASONS, SelectionConfig, Selector, consider_mask
 from zoo.store import open_zoo, verify_zoo
 
@@ -135,12 +135,12 @@ def test_config_errors():
     assert CollectConfig.from_dict(tiny_config().to_dict()) == tiny_config()
 
 
-def test_class_evaluator_matches_evaluate_per_class():
+def test_collector_evaluator_passes_match_one_pass():
     task = resolve_task(tiny_config())
     params = init_params(task.spec, range(9)) * 3
-    ev = ClassEvaluator(task.spec, torch.as_tensor(task.data.x_test), torch.as_tensor(task.data.y_test),
-                        max_elements=2000)  # several passes
-    loss, acc, tl, ta = ev(params)
+    ev = PerClassEvaluator(task.spec, task.data.x_test, task.data.y_test, max_elements=2000)  # several passes
+    got = ev(params)
+    loss, acc, tl, ta = got.loss, got.acc, got.total_loss, got.total_acc
     ref = evaluate_per_class(task.spec, params, task.data.x_test, task.data.y_test)
     np.testing.assert_allclose(loss, ref.loss, rtol=1e-5)
     np.testing.assert_allclose(acc, ref.acc, rtol=1e-6)
