@@ -121,6 +121,17 @@ def comparison_table(entry: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def render_comparison(entry: dict) -> tuple[dict, str]:
+    """One forget set's side-by-side table as JSON ({"header", "rows"}) and as Markdown.
+
+    ``entry`` has the shape of forget-X/metrics.json ({"forget", "methods": {name: metrics}}); a run's
+    report and ``python -m pipelines.baselines`` (whose compare_baselines returns that shape) both
+    print their tables through here.
+    """
+    header, rows = comparison_table(entry)
+    return {"header": header, "rows": rows}, _md_table(header, rows)
+
+
 def _method_order(methods: dict) -> list[str]:
     first = [m for m in DIHYFO_METHODS if m in methods]
     last = [m for m in ("logit_mask", "retrain", "original") if m in methods]
@@ -338,9 +349,9 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
                       "comparison": {}}
     md += ["## All methods side by side", ""]
     for entry in data["forget_sets"]:
-        h, b = comparison_table(entry)
-        data["tables"]["comparison"][entry["dir"]] = {"header": h, "rows": b}
-        md += [f"### {_set_label(entry['forget'])}", "", _md_table(h, b), ""]
+        table, text = render_comparison(entry)
+        data["tables"]["comparison"][entry["dir"]] = table
+        md += [f"### {_set_label(entry['forget'])}", "", text, ""]
 
     if figures:
         md += ["## Figures", ""]

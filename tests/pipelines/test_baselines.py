@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,29 +170,49 @@ def test_registry_and_input_errors(case):
         B.run_baseline("finetune", torch.nn.Linear(64, 4), x, y, [2])
 
 
-def test_compare_baselines_rows_and_table(case):
-    import json
-    import math
+def test_compare_baselines_records_render_through_the_report(case):
+    from pipelines.report import render_comparison
+    from pipelines.retrain import retrain_without
 
     model, x, y = case
-    keep = y != 2
-    retrained = [B._train_plain(model.spec, x[keep], y[keep], epochs=3, seed=s, batch_size=64) for s in (1, 2)]
+    params = retrain_without(model.spec, x, y, [2], [1, 2], epochs=3, batch_size=64)  # (2, P)
+    retrained = [MLP.from_flat(model.spec, p) for p in params]
     methods = ["logit_mask", "finetune"]
-    rows = B.compare_baselines(model, retrained, x, y, x[:97], y[:97], [2], methods=methods, progress=False)
-    assert list(rows) == ["original", "retrained", *methods]
-    assert rows["logit_mask"]["metrics"]["acc_forget"]["mean"] == 0.0
-    assert rows["retrained"]["metrics"]["acc_forget"]["max"] == 0.0
-    assert rows["retrained"]["metrics"]["phi_test"]["n"] == 2  # seed 1 vs 2 and 2 vs 1, never itself
-    assert rows["finetune"]["metrics"]["phi_test"]["n"] == 2 and rows["finetune"]["seconds"] > 0
-    assert rows["finetune"]["hparams"]["lr"] == 0.02
+    entry = B.compare_baselines(model, retrained, x, y, x[:97], y[:97], [2], methods=methods, progress=False,
+                                retrain_seconds=0.5)
+    rows = entry["methods"]
+    assert entry["forget"] == [2] and entry["num_retrained"] == 2
+    assert list(rows) == ["original", "retrain", *methods]
+    assert rows["logit_mask"]["acc_forget"]["mean"] == 0.0
+    assert rows["retrain"]["acc_forget"]["max"] == 0.0
+    assert rows["retrain"]["phi_test"]["n"] == 2  # seed 1 vs 2 and 2 vs 1, never itself
+    assert rows["finetune"]["phi"] == rows["finetune"]["phi_test"] and rows["finetune"]["phi_test"]["n"] == 2
+    assert rows["finetune"]["wall_seconds"] > 0 and rows["finetune"]["hparams"]["lr"] == 0.02
+    assert rows["original"]["wall_seconds"] is None and rows["retrain"]["wall_seconds"] == 0.5
     # The masked model's test accuracy is the original's on the retain classes, 0 on the forget class.
     with torch.no_grad():
         pred = model(x[:97]).argmax(1)
     expected = float(((pred == y[:97]) & (y[:97] != 2)).float().mean())
-    assert rows["logit_mask"]["metrics"]["acc_test"]["mean"] == pytest.approx(expected)
-    table = B.format_table(rows)
-    assert table.count("\n") == 1 + len(rows) and "| logit_mask |" in table
-    assert json.loads(json.dumps(rows, default=float))["finetune"]["hparams"]["epochs"] == 5
-    assert math.isnan(rows["retrained"]["seconds"])
+    assert rows["logit_mask"]["acc_test"]["mean"] == pytest.approx(expected)
+    table, text = render_comparison(entry)
+    assert [r[0] for r in table["rows"]] == ["finetune", "logit_mask", "Retrained", "Original"]
+    assert text.count("\n") == 1 + len(rows) and "| logit_mask | 1 | " in text and "| 500 ms |" in text
+    assert json.loads(json.dumps(entry, default=float))["methods"]["finetune"]["hparams"]["epochs"] == 5
     with pytest.raises(HyperForgetError, match="retrained"):
         B.compare_baselines(model, [], x, y, x, y, [2])
+
+
+def test_cli_prints_the_comparison_table(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    B.main(["--dataset", "digits", "--hidden", "8", "--epochs", "2", "--retrained", "2", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert text.lstrip().startswith("| method | models | acc D_r |") and "| Retrained | 2 |" in text
+    for name in B.BASELINES:
+        assert f"| {name} | 1 |" in text
+    saved = json.loads(out.read_text())
+    assert saved["forget"] == [2] and saved["table"]["header"][-1] == "wall time / model"
+    assert set(saved["dropped_seeds"]) == {"original", "retrain"}
+    with pytest.raises(HyperForgetError, match="--retrained must be >= 1"):
+        B.main(["--dataset", "digits", "--retrained", "0"])
+    with pytest.raises(HyperForgetError, match="comma-separated"):
+        B.main(["--dataset", "digits", "--forget", "two"])
