@@ -2,9 +2,11 @@
 
 One process run measures, on the same machine and data:
 
-1. the machine's float32 matrix-multiply rate with torch.mm on the collector's shapes
-   ((B, D) @ (D, G·H) and (N_test, D) @ (D, G·H)), one thread, times the worker count: the limit;
-2. the collector (`zoo.collect.collect`, LocalCluster of W single-thread workers): checkpoints/s,
+1. the machine's float32 matrix-multiply rate with torch.mm on the collector's own shapes
+   (training: (B, D) @ (D, G·H) and (G·H, B) @ (B, D); evaluation: (N_test, D) @ (D, G·H)), one
+   thread as in each worker, before and after the collection (the higher counts): the limit;
+2. one group trained in the benchmark process (no second worker on the cores), then
+   the collector (`zoo.collect.collect`, LocalCluster of W single-thread workers): checkpoints/s,
    run-steps/s, the FLOP rate of its lockstep training steps and of all its work, peak RSS of the
    process tree;
 3. the same work done plainly for a few runs (nn.Linear MLP, torch.optim.SGD Nesterov, shuffled
@@ -61,14 +63,18 @@ class PeakRSS:
         self._thread.join()
 
 
-def matmul_rate(shapes: list[tuple[int, int, int]], seconds: float = 1.0) -> float:
-    """float32 GFLOP/s of torch.mm on one thread, averaged over the given (m, k, n) shapes."""
+def matmul_rate(shapes: list[tuple[int, int, int, bool]], seconds: float = 1.0) -> float:
+    """float32 GFLOP/s of torch.mm on one thread, averaged over (m, k, n, a_transposed) shapes.
+
+    a_transposed: the (m, k) operand is the transpose of a contiguous (k, m) tensor, as the
+    collector's weight-gradient product (dpreᵀ @ X) reads it.
+    """
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         flops = elapsed = 0.0
-        for m, k, n in shapes:
-            a, b = torch.rand(m, k), torch.rand(k, n)
+        for m, k, n, a_t in shapes:
+            a, b = (torch.rand(k, m).T if a_t else torch.rand(m, k)), torch.rand(k, n)
             for _ in range(3):
                 a @ b
             reps, t0 = 0, time.process_time()
@@ -80,6 +86,30 @@ def matmul_rate(shapes: list[tuple[int, int, int]], seconds: float = 1.0) -> flo
         return flops / elapsed / 1e9
     finally:
         torch.set_num_threads(old)
+
+
+def _matmul_worker(shapes, seconds, barrier, out) -> None:
+    barrier.wait()  # start together, so the processes really share the cores
+    out.put(matmul_rate(shapes, seconds))
+
+
+def matmul_rate_concurrent(shapes: list[tuple[int, int, int, bool]], processes: int, seconds: float = 2.0) -> float:
+    """Mean per-process GFLOP/s (CPU time) of ``processes`` single-thread matmul loops run at once.
+
+    The collector's W workers compute side by side; on cores that share execution units or
+    caches (e.g. hyperthreads of one physical core) each gets less than a lone thread does.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(processes), ctx.Queue()
+    procs = [ctx.Process(target=_matmul_worker, args=(shapes, seconds, barrier, out)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    rates = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(rates) / len(rates)
 
 
 def plain_loop(task, plans, steps_per_run: int, eval_share: float, keep_share: float, batch_size: int) -> dict:
@@ -137,11 +167,13 @@ def plain_loop(task, plans, steps_per_run: int, eval_share: float, keep_share: f
 
 
 def main() -> None:
+    from zoo.collect import CollectConfig
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="mnist4")
     ap.add_argument("--dataset", default="mnist-5k")
     ap.add_argument("--runs", type=int, default=256)
-    ap.add_argument("--runs-per-group", type=int, default=32)
+    ap.add_argument("--runs-per-group", type=int, default=CollectConfig.runs_per_group)
     ap.add_argument("--augment", type=int, default=0)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--plain-runs", type=int, default=3, help="runs timed with the plain loop")
@@ -151,10 +183,10 @@ def main() -> None:
                     help="the ≥200k-checkpoint MNIST-4 build: 1,280 runs with 1 permuted copy each")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
+    from zoo.collect import collect, plan_run, resolve_task
+
     if args.build_200k:
         args.runs, args.augment = max(args.runs, 1280), max(args.augment, 1)
-
-    from zoo.collect import CollectConfig, collect, plan_run, resolve_task
 
     cfg = CollectConfig(preset=args.preset, dataset=args.dataset, runs=args.runs, runs_per_group=args.runs_per_group,
                         augment=args.augment, seed=args.seed)
@@ -162,12 +194,26 @@ def main() -> None:
     spec, g = task.spec, min(cfg.runs_per_group, cfg.runs)
     d, h, b, n_test = spec.input_size, spec.hidden, cfg.batch_size, len(task.data.y_test)
 
-    # 1. The limit: matmuls of the collector's shapes, one thread, times the workers.
-    rate1 = matmul_rate([(b, d, g * h), (n_test, d, g * h)])
+    # 1. The limit: torch.mm on the collector's own shapes, one thread (as each worker), times the
+    # workers. Training: the forward (B, D) @ (D, G·H) and the weight gradient (G·H, B) @ (B, D);
+    # evaluation adds (N_test, D) @ (D, G·H). Measured before and after the collection, and the
+    # higher rate is the limit, so a machine that got busier cannot flatter the collector.
+    train_shapes = [(b, d, g * h, False), (g * h, b, d, True)]
+    eval_shapes = [(n_test, d, g * h, False)]
+    load_before = os.getloadavg()[0]
+    rate_train_before, rate_eval_before = matmul_rate(train_shapes), matmul_rate(eval_shapes)
     cores = min(args.workers, os.cpu_count() or 1)
-    limit = rate1 * cores
+    rate_train_side_by_side = matmul_rate_concurrent(train_shapes, cores)
 
-    # 2. The collector.
+    # 2a. One group trained in this process with the workers not yet started: what the lockstep
+    # code reaches without a second worker (and other jobs' caches) on the same cores. The
+    # second of two runs counts (the first pays one-time costs a long-lived worker pays once).
+    from zoo.collect import train_group
+
+    quiet = min((train_group(cfg, 0) for _ in range(2)), key=lambda res: res.train_cpu_seconds)
+    quiet_flop = 4.0 * d * h * len(task.data.y_train) * task.epochs * quiet.runs
+
+    # 2b. The collector.
     out = args.out or tempfile.mkdtemp(prefix="bench-zoo-")
     if os.path.exists(os.path.join(out, "zoo.json")):
         shutil.rmtree(out)
@@ -185,7 +231,15 @@ def main() -> None:
         t0 = time.perf_counter()
         summary = collect(cfg, out, workers=args.workers, progress=True, on_commit=on_commit)
         wall = time.perf_counter() - t0
-    train_flop = 4.0 * b * d * h * summary.run_steps  # forward + first-layer gradient products
+    load_during = os.getloadavg()[0]
+    rate_train = max(rate_train_before, matmul_rate(train_shapes))
+    rate_eval = max(rate_eval_before, matmul_rate(eval_shapes))
+    rate1 = (rate_train * 2 + rate_eval) / 3  # one thread, all three shapes
+    limit = rate1 * cores
+    # Forward + first-layer gradient products over the examples really processed (the last
+    # minibatch of an epoch is short); the small second-layer and update work is not counted.
+    runs_trained = summary.run_steps / task.total_steps
+    train_flop = 4.0 * d * h * len(task.data.y_train) * task.epochs * runs_trained
     eval_flop = 2.0 * n_test * d * h * stats["evaluated"]
     coll = {
         "wall_s": wall, "checkpoints": summary.checkpoints, "originals": summary.originals, "runs": cfg.runs,
@@ -212,27 +266,45 @@ def main() -> None:
 
     results = {"machine": {"cpus": os.cpu_count(), "torch_threads_plain": 1,
                            "workers": args.workers, "matmul_gflops_1thread": rate1, "limit_gflops": limit,
+                           "matmul_gflops_train_shapes": rate_train, "matmul_gflops_eval_shape": rate_eval,
+                           "load_avg_1min_before": load_before, "load_avg_1min_after_collect": load_during,
                            "load_avg_1min": os.getloadavg()[0]},
                "config": cfg.to_dict(), "collector": coll, "plain": {**plain, "run_steps_per_s": plain_rate},
                "ratio_run_steps": ratio, "ratio_run_steps_per_cpu_s": ratio_cpu,
-               "train_share_of_limit": coll["train_gflops_per_core"] / rate1,
+               "train_share_of_limit": coll["train_gflops_per_core"] / rate_train,
+               "matmul_gflops_train_shapes_side_by_side": rate_train_side_by_side,
+               "train_share_of_side_by_side_limit": coll["train_gflops_per_core"] / rate_train_side_by_side,
+               "one_group_in_process": {"runs": quiet.runs, "train_cpu_seconds": quiet.train_cpu_seconds,
+                                        "cpu_seconds": quiet.cpu_seconds,
+                                        "train_gflops": quiet_flop / quiet.train_cpu_seconds / 1e9,
+                                        "train_share_of_limit": quiet_flop / quiet.train_cpu_seconds / 1e9 / rate_train,
+                                        "run_steps_per_cpu_s": quiet.steps / quiet.cpu_seconds},
                "overall_share_of_limit": coll["all_gflops"] / limit,
                "peak_rss_self_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     per_ckpt = wall / summary.checkpoints
     results["extrapolated_1_9M_s"] = per_ckpt * 1.9e6
 
-    print(f"matmul limit: {rate1:.1f} GFLOP/s per thread x {cores} = {limit:.1f} GFLOP/s "
-          f"(torch.mm on ({b}|{n_test}, {d}) @ ({d}, {g * h}))")
+    print(f"matmul limit (torch.mm, 1 thread, higher of before/after the collection): training shapes "
+          f"({b}, {d}) @ ({d}, {g * h}) and ({g * h}, {b}) @ ({b}, {d}): {rate_train:.1f} GFLOP/s "
+          f"(before {rate_train_before:.1f}); evaluation ({n_test}, {d}) @ ({d}, {g * h}): {rate_eval:.1f}; "
+          f"all x {cores} = {limit:.1f} GFLOP/s")
+    print(f"load average (1 min): {load_before:.1f} before, {load_during:.1f} after the collection, "
+          f"{os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} CPUs")
     print(f"collector: {summary.checkpoints:,} checkpoints ({summary.originals:,} originals) from {cfg.runs} runs "
           f"in {wall:.1f} s -> {coll['checkpoints_per_s']:,.0f} checkpoints/s, "
           f"{coll['run_steps_per_s']:,.0f} run-steps/s")
-    print(f"  lockstep training: {coll['train_gflops_per_core']:.1f} GFLOP/s per core = "
-          f"{results['train_share_of_limit']:.0%} of the matmul limit; all work (train + eval): "
+    print(f"  lockstep training: {coll['train_gflops_per_core']:.1f} GFLOP/s per core (CPU time of the steps) = "
+          f"{results['train_share_of_limit']:.0%} of the matmul limit on its shapes; all work (train + eval): "
           f"{coll['all_gflops']:.1f} GFLOP/s = {results['overall_share_of_limit']:.0%} of {limit:.0f} "
           f"(per task CPU-second: {coll['all_gflops_per_cpu_s']:.1f} GFLOP/s = "
           f"{coll['all_gflops_per_cpu_s'] / rate1:.0%} of one thread's limit)")
-    print(f"  peak RSS (process tree): {coll['peak_rss_gib']:.2f} GiB; 1-min load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (wall rates suffer on a busy machine)")
+    print(f"  the same training FLOP rate against {cores} matmul processes running side by side, like the workers "
+          f"({rate_train_side_by_side:.1f} GFLOP/s each): {results['train_share_of_side_by_side_limit']:.0%}")
+    q = results["one_group_in_process"]
+    print(f"  one group of {q['runs']} runs in this process before the workers start: training "
+          f"{q['train_gflops']:.1f} GFLOP/s = {q['train_share_of_limit']:.0%} of the matmul limit on its shapes; "
+          f"{q['run_steps_per_cpu_s']:,.0f} run-steps per CPU-second with evaluation and selection")
+    print(f"  peak RSS (process tree): {coll['peak_rss_gib']:.2f} GiB (wall rates suffer on a busy machine)")
     print(f"plain loop (1 thread): {plain['runs']} runs, {plain['run_steps']:,} steps in {plain['seconds']:.1f} s -> "
           f"{plain_rate:,.0f} run-steps/s; x {cores} cores = {plain_rate * cores:,.0f}")
     print(f"ratio collector / plain: {ratio:.1f}x (run-steps/s on {cores} cores, same evaluations and kept share)")

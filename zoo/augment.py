@@ -18,18 +18,16 @@ def random_permutations(hidden: int, k: int, seed: int) -> np.ndarray:
     """(k, hidden) int64 permutations of range(hidden), deterministic for the seed.
 
     The identity is never drawn when hidden > 1 (a copy equal to its source adds nothing);
-    with hidden = 2 every copy is therefore the one swap.
+    with hidden = 2 every copy is therefore the one swap. Drawn in one batch (argsort of
+    uniform keys, identities redrawn), since the collector asks for one per checkpoint.
     """
     if k < 0:
         raise HyperForgetError(f"the number of permuted copies must be ≥ 0, got {k}")
     rng = np.random.default_rng(seed)
-    perms = np.empty((k, hidden), dtype=np.int64)
+    perms = rng.random((k, hidden)).argsort(1)
     ident = np.arange(hidden)
-    for i in range(k):
-        p = rng.permutation(hidden)
-        while hidden > 1 and np.array_equal(p, ident):
-            p = rng.permutation(hidden)
-        perms[i] = p
+    while hidden > 1 and (same := (perms == ident).all(1)).any():
+        perms[same] = rng.random((int(same.sum()), hidden)).argsort(1)
     return perms
 
 
@@ -63,7 +61,7 @@ def augment(spec: MLPSpec, params: torch.Tensor | np.ndarray, k: int, seed: int)
     Returns:
         rows (n·(K+1), P): original i at row i·(K+1), its copy j (1..K) at row i·(K+1) + j;
         perm_index (n·(K+1),) int16: 0 for originals, j for the j-th copy.
-    Each checkpoint gets its own permutations, drawn from (seed, i).
+    Each checkpoint gets its own permutations, all drawn in one batch from the seed.
     """
     params = torch.as_tensor(params, dtype=torch.float32)
     spec.layout.check(params)
@@ -73,11 +71,8 @@ def augment(spec: MLPSpec, params: torch.Tensor | np.ndarray, k: int, seed: int)
     perm_index = np.tile(np.arange(k + 1, dtype=np.int16), n)
     if k == 0 or n == 0:
         return params.clone(), perm_index
-    perms = np.stack([random_permutations(spec.hidden, k, _mix(seed, i)) for i in range(n)])  # (n, K, H)
-    copies = permute_hidden(spec, params.repeat_interleave(k, dim=0), perms.reshape(n * k, spec.hidden))
+    perms = random_permutations(spec.hidden, n * k, seed)  # (n·K, H): copy j of row i at i·K + j
+    copies = permute_hidden(spec, params.repeat_interleave(k, dim=0), perms)
     out = torch.cat([params[:, None, :], copies.view(n, k, -1)], dim=1)  # (n, K+1, P)
     return out.reshape(n * (k + 1), -1), perm_index
 
-
-def _mix(seed: int, i: int) -> int:
-    return int(np.random.SeedSequence([int(seed), int(i)]).generate_state(1)[0])

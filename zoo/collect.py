@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
@@ -31,8 +31,8 @@ import torch
 
 from zoo.augment import augment as permute_augment
 from zoo.datasets import Dataset, load_dataset
-from zoo.errors import HyperForgetError
-from zoo.lockstep import LockstepSGD, epoch_batches, steps_per_epoch
+from zoo.errors import HyperForgetError, from_settings
+from zoo.lockstep import LockstepSGD, epoch_batches, flush_denormals, steps_per_epoch
 from zoo.mlp import PerClassEvaluator, TaskPreset, get_preset, init_params
 from zoo.selection import PHASES, REASONS, SelectionConfig, Selector, consider_mask
 
@@ -103,11 +103,7 @@ class CollectConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CollectConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise HyperForgetError(f"unknown collection settings {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return from_settings(cls, d, "collection")
 
 
 def group_key(g: int) -> str:
@@ -227,7 +223,8 @@ def train_group(cfg: CollectConfig, g: int, *, threads: int | None = 1) -> Group
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        res = _train_group(cfg, g, t_start)
+        with flush_denormals():
+            res = _train_group(cfg, g, t_start)
     finally:
         torch.set_num_threads(old_threads)
     res.cpu_seconds = time.thread_time() - c_start
@@ -248,21 +245,21 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
 
     # Per-run example weights: undersampling keeps a fixed random subset of each chosen class;
     # a deletion zeroes the run's deleted classes once past its deletion step.
-    keep = torch.ones(r_, len(y))  # (R, N)
+    keep = torch.ones(len(y), r_)  # (N, R): a minibatch's weights are then one contiguous (B, R) block
     consider = np.zeros((r_, T + 1), dtype=bool)
     for i, p in enumerate(plans):
         rng = np.random.default_rng([p.seed, 1])
         for k, rate in zip(p.undersampled, p.undersample_rates):
             members = np.flatnonzero(data.y_train == k)
             dropped = members[rng.random(len(members)) >= rate]
-            keep[i, torch.as_tensor(dropped)] = 0.0
+            keep[torch.as_tensor(dropped), i] = 0.0
         consider[i] = consider_mask(cfg.selection, p.kind, T, p.deletion_step, task.max_per_run,
                                     np.random.default_rng([p.seed, 2]))
     deletion_step = np.array([p.deletion_step for p in plans])
     deleted_mask = torch.zeros(r_, c, dtype=torch.bool)  # (R, C) classes deleted by each run
     for i, p in enumerate(plans):
         deleted_mask[i, list(p.deleted)] = True
-    in_deleted = deleted_mask[:, y]  # (R, N) True where an example belongs to a run's deleted class
+    in_deleted = deleted_mask.T[y]  # (N, R) True where an example belongs to a run's deleted class
 
     selector = Selector(cfg.selection, [p.kind for p in plans], deletion_step, T, task.max_per_run,
                         tuple(task.preset.pivots), c, consider)
@@ -277,15 +274,15 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
         runs = selector.candidates(t)
         if not len(runs):
             return
-        p = opt.rows(runs)  # (m, P)
-        metrics = evaluate(p)
+        layers = opt.select(runs)  # hidden-major copies of the candidates
+        metrics = evaluate.stacked(layers)
         loss, acc, total_loss, total_acc = metrics.loss, metrics.acc, metrics.total_loss, metrics.total_acc
         evaluated += len(runs)
-        valid = (p.abs().amax(1) <= cfg.max_param_abs).numpy()  # False for NaN / inf too
+        valid = (_max_abs(spec, layers) <= cfg.max_param_abs).numpy()  # False for NaN / inf too
         valid &= np.isfinite(total_loss)
         keep_, reason = selector.select(t, runs, loss, acc, valid)
         if keep_.any():
-            kept_params.append(p[torch.as_tensor(keep_)])
+            kept_params.append(opt.rows(runs[keep_]))
             kept_rows.append((runs[keep_], t, selector.phase(t, runs[keep_]), reason[keep_], loss[keep_],
                               acc[keep_], np.stack([total_loss[keep_], total_acc[keep_]], 1)))
 
@@ -300,11 +297,9 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
             started = deletion_step == t - 1  # step t is the first one without the deleted classes
             if started.any():
                 rows = torch.as_tensor(np.flatnonzero(started))
-                keep[rows] = keep[rows].masked_fill(in_deleted[rows], 0.0)
-            yb = y[idx]
-            w = keep[:, idx]  # (R, B)
+                keep[:, rows] = keep[:, rows].masked_fill(in_deleted[:, rows], 0.0)
             t0, c0 = time.perf_counter(), time.thread_time()
-            opt.step(x[idx], yb, w)
+            opt.step(x.index_select(0, idx), y[idx], keep.index_select(0, idx).T)
             train_seconds += time.perf_counter() - t0
             train_cpu += time.thread_time() - c0
             consider_step(t)
@@ -327,19 +322,23 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
     loss, acc, totals = cat(4, (0, c)), cat(5, (0, c)), cat(6, (0, 2))
     run_idx, step = run_idx[order], step[order]
     spe = task.steps_per_epoch
+
+    def per_run(values: list, typ: pa.DataType) -> pa.Array:
+        return pa.array(values, typ).take(pa.array(run_idx))  # one value per run, repeated for its rows
+
     cols: dict[str, object] = {
-        "run_id": np.array([plans[i].run_id for i in run_idx], dtype=np.int64),
+        "run_id": per_run([p.run_id for p in plans], pa.int64()),
         "step": step.astype(np.int32),
         "epoch": np.maximum(step - 1, 0).astype(np.int32) // spe,
         "phase": np.array(PHASES, dtype=object)[phase],
         "reason": np.array(REASONS, dtype=object)[reason],
-        "undersampled": pa.array([list(plans[i].undersampled) for i in run_idx], pa.list_(pa.int8())),
-        "undersample_rates": pa.array([list(plans[i].undersample_rates) for i in run_idx], pa.list_(pa.float32())),
-        "deleted": pa.array([list(plans[i].deleted) for i in run_idx], pa.list_(pa.int8())),
+        "undersampled": per_run([list(p.undersampled) for p in plans], pa.list_(pa.int8())),
+        "undersample_rates": per_run([list(p.undersample_rates) for p in plans], pa.list_(pa.float32())),
+        "deleted": per_run([list(p.deleted) for p in plans], pa.list_(pa.int8())),
         "deletion_step": deletion_step[run_idx].astype(np.int32),
-        "seed": np.array([plans[i].seed for i in run_idx], dtype=np.int64),
-        "lr": np.array([plans[i].lr for i in run_idx], dtype=np.float32),
-        "run_kind": np.array([plans[i].kind for i in run_idx], dtype=object),
+        "seed": per_run([p.seed for p in plans], pa.int64()),
+        "lr": per_run([p.lr for p in plans], pa.float32()),
+        "run_kind": per_run([p.kind for p in plans], pa.string()),
     }
     for k in range(c):
         cols[f"loss_{k}"] = loss[:, k].astype(np.float32)
@@ -350,6 +349,14 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
     params_out, meta = _augment_rows(spec, params, cols, cfg.augment, _mix(cfg.seed, 4, g))
     return GroupResult(g, params_out.numpy(), meta, len(plans), len(plans) * T, evaluated,
                        time.perf_counter() - t_start, train_seconds, train_cpu)
+
+
+def _max_abs(spec, layers: list[torch.Tensor]) -> torch.Tensor:
+    """(m,) largest |parameter| of each model of hidden-major layers (NaN where a model has NaN)."""
+    w1, b1, w2, b2 = layers
+    h, m = spec.hidden, b2.shape[1]
+    small = torch.cat([b1.view(h, m), w2.view(-1, m), b2]).abs().amax(0)  # (m,)
+    return torch.maximum(w1.view(h, m, -1).abs().amax((0, 2)), small)
 
 
 def _augment_rows(spec, params: torch.Tensor, cols: dict, k: int, seed: int) -> tuple[torch.Tensor, pa.Table]:

@@ -218,6 +218,41 @@ def batched_logits(spec: MLPSpec, params: torch.Tensor, x: torch.Tensor) -> torc
     return torch.baddbmm(w["fc2.bias"][:, None, :], h, w["fc2.weight"].transpose(1, 2))  # (M, N, C)
 
 
+def hidden_major(spec: MLPSpec, params: torch.Tensor) -> list[torch.Tensor]:
+    """(M, P) flat vectors -> the stacked layers :func:`stacked_forward` reads (copies).
+
+    W1 (H·M, D) with row h·M + i for hidden unit h of model i, b1 (H·M,), W2 (H, C, M), b2 (C, M).
+    """
+    lay = spec.layout.unflatten(params)
+    return [lay["fc1.weight"].transpose(0, 1).reshape(-1, spec.input_size), lay["fc1.bias"].T.reshape(-1),
+            lay["fc2.weight"].permute(2, 1, 0).contiguous(), lay["fc2.bias"].T.contiguous()]
+
+
+def flat_from_hidden_major(spec: MLPSpec, layers: list[torch.Tensor]) -> torch.Tensor:
+    """The inverse of :func:`hidden_major`: stacked layers of M models -> (M, P) flat vectors."""
+    w1, b1, w2, b2 = layers
+    h, m = spec.hidden, b2.shape[1]
+    return torch.cat([w1.view(h, m, -1).transpose(0, 1).reshape(m, -1), b1.view(h, m).T,
+                      w2.permute(2, 1, 0).reshape(m, -1), b2.T], dim=1)
+
+
+def stacked_forward(spec: MLPSpec, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                    b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """M models at once on (n, D) inputs -> hidden (n, H, M) and logits (n, C, M).
+
+    The layers are hidden-major (:func:`hidden_major`): the first layer of all models is one
+    (n, D) @ (D, H·M) product, and the model axis is innermost everywhere after it, so each
+    element-wise op runs over contiguous rows of M floats instead of over axes of size H or C.
+    """
+    n, (h, _, m) = x.shape[0], w2.shape
+    hid = ACTIVATIONS[spec.activation](torch.addmm(b1, x, w1.T)).view(n, h, m)  # (n, H, M)
+    # Second layer: H multiply-adds of (n, 1, M) by (C, M); tiny per-model matmuls would cost more.
+    logits = torch.addcmul(b2, hid[:, 0, None, :], w2[0])  # (n, C, M)
+    for k in range(1, h):
+        logits.addcmul_(hid[:, k, None, :], w2[k])
+    return hid, logits
+
+
 @dataclass
 class ClassMetrics:
     """Per-class and overall test metrics of M models (numpy, float32)."""
@@ -232,8 +267,8 @@ class PerClassEvaluator:
     """Per-class test loss and accuracy of many flat parameter vectors against one fixed split.
 
     The split, its one-hot matrix and class counts are prepared once, so hot loops (the collector
-    evaluates every candidate checkpoint) pay only for the products. Log-softmax is written out,
-    which is several times faster than ``torch.log_softmax`` over a class axis of 4-10.
+    evaluates every candidate checkpoint) pay only for the products: the forward pass is
+    :func:`stacked_forward`, and the per-class sums are two (C, n) @ (n, M) products.
     """
 
     def __init__(self, spec: MLPSpec, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
@@ -246,48 +281,55 @@ class PerClassEvaluator:
         if self.x.shape[1] != spec.input_size:
             raise HyperForgetError(f"inputs have {self.x.shape[1]} features, the MLP spec expects {spec.input_size}")
         c = spec.num_classes
-        self.onehot = F.one_hot(self.y, c).to(torch.float32)  # (N, C)
-        self.counts = self.onehot.sum(0)  # (C,)
+        self.onehot_t = F.one_hot(self.y, c).to(torch.float32).T.contiguous()  # (C, N)
+        self.counts = self.onehot_t.sum(1)  # (C,)
         self.rows_per_pass = max(1, rows_per_pass)
         rows = min(self.rows_per_pass, max(1, len(self.y)))
         self.models_per_pass = models_per_pass or max(1, max_elements // (rows * c))
-        h, d = spec.hidden, spec.input_size
-        self._offsets = (h * d, h * d + h, h * d + h + c * h)  # ends of fc1.weight, fc1.bias, fc2.weight
-        self._act = ACTIVATIONS[spec.activation]
-
-    def logits(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """(m, P) params, (n, D) inputs -> (m, n, C) logits (batched_logits with the layout cached)."""
-        m, (h, d, c) = params.shape[0], (self.spec.hidden, self.spec.input_size, self.spec.num_classes)
-        o1, o2, o3 = self._offsets
-        w1 = params[:, :o1].reshape(m * h, d)
-        pre = torch.addmm(params[:, o1:o2].reshape(1, m * h), x, w1.T)  # (n, m·H): one product
-        hid = self._act(pre).view(-1, m, h).transpose(0, 1)  # (m, n, H)
-        return torch.baddbmm(params[:, None, o3:], hid, params[:, o2:o3].reshape(m, c, h).transpose(1, 2))
 
     @torch.no_grad()
     def __call__(self, params: torch.Tensor | np.ndarray) -> ClassMetrics:
-        """(M, P) or (P,) params -> ClassMetrics; classes without any example get NaN."""
+        """(M, P) or (P,) params -> ClassMetrics; classes without any example get NaN.
+
+        Accuracy counts an example as correct when its true class has strictly the largest logit: an
+        exact tie counts as wrong, so a degenerate model (e.g. all-zero parameters) scores 0, not 1.
+        """
         params = torch.as_tensor(params, dtype=torch.float32)
         if params.ndim == 1:
             params = params[None]
         self.spec.layout.check(params)
-        loss_sum = torch.zeros(params.shape[0], self.spec.num_classes)
-        correct = torch.zeros(params.shape[0], self.spec.num_classes)
-        for m0 in range(0, params.shape[0], self.models_per_pass):
-            p = params[m0:m0 + self.models_per_pass]
-            for n0 in range(0, len(self.y), self.rows_per_pass):
-                yb, onehot = self.y[n0:n0 + self.rows_per_pass], self.onehot[n0:n0 + self.rows_per_pass]
-                logits = self.logits(p, self.x[n0:n0 + self.rows_per_pass])  # (m, n, C)
-                z = logits - logits.amax(-1, keepdim=True)
-                zy = z.gather(-1, yb.expand(z.shape[0], -1)[..., None])[..., 0]  # (m, n) true-class logit − max
-                nll = z.exp().sum(-1).log_() - zy  # (m, n)
-                hit = (logits.argmax(-1) == yb).to(torch.float32)  # (m, n); ties go to the first class
-                loss_sum[m0:m0 + p.shape[0]] += nll @ onehot
-                correct[m0:m0 + p.shape[0]] += hit @ onehot
+        sums = [self._class_sums(hidden_major(self.spec, params[m0:m0 + self.models_per_pass]))
+                for m0 in range(0, params.shape[0], self.models_per_pass)]
+        return self._metrics(torch.cat([s[0] for s in sums], 1), torch.cat([s[1] for s in sums], 1))
+
+    @torch.no_grad()
+    def stacked(self, layers: list[torch.Tensor]) -> ClassMetrics:
+        """ClassMetrics of models given as hidden-major layers (:func:`hidden_major`), all in one pass.
+
+        The collector evaluates a lockstep group's runs this way, without flat copies.
+        """
+        return self._metrics(*self._class_sums(layers))
+
+    def _class_sums(self, layers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy and correct predictions per class: two (C, M) tensors."""
+        m, c = layers[3].shape[1], self.spec.num_classes
+        loss_sum, correct = torch.zeros(c, m), torch.zeros(c, m)
+        for n0 in range(0, len(self.y), self.rows_per_pass):
+            n1 = n0 + self.rows_per_pass
+            logits = stacked_forward(self.spec, self.x[n0:n1], *layers)[1]  # (n, C, M)
+            yy = self.y[n0:n1].view(-1, 1, 1).expand(-1, 1, m)
+            nll = torch.log_softmax(logits, 1).gather(1, yy)[:, 0].neg_()  # (n, M)
+            # Only the true class reaches its own logit (argmax over a short middle axis is far slower).
+            hit = ((logits >= logits.gather(1, yy)).sum(1) == 1).to(torch.float32)  # (n, M)
+            loss_sum.addmm_(self.onehot_t[:, n0:n1], nll)  # (C, n) @ (n, M)
+            correct.addmm_(self.onehot_t[:, n0:n1], hit)
+        return loss_sum, correct
+
+    def _metrics(self, loss_sum: torch.Tensor, correct: torch.Tensor) -> ClassMetrics:
         n = self.counts.sum()
         with np.errstate(invalid="ignore", divide="ignore"):
-            return ClassMetrics((loss_sum / self.counts).numpy(), (correct / self.counts).numpy(),
-                                (loss_sum.sum(1) / n).numpy(), (correct.sum(1) / n).numpy())
+            return ClassMetrics((loss_sum.T / self.counts).numpy(), (correct.T / self.counts).numpy(),
+                                (loss_sum.sum(0) / n).numpy(), (correct.sum(0) / n).numpy())
 
 
 def evaluate_per_class(spec: MLPSpec, params: torch.Tensor | np.ndarray, x: torch.Tensor | np.ndarray,

@@ -24,11 +24,11 @@ all runs at one step is a handful of numpy operations.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from zoo.errors import HyperForgetError
+from zoo.errors import HyperForgetError, from_settings
 
 RUN_KINDS = ("binned", "relaxed", "random")
 REASONS = ("pivot_bin", "relaxed", "random", "init", "final", "augment")
@@ -75,11 +75,7 @@ class SelectionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SelectionConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise HyperForgetError(f"unknown selection settings {unknown}; known: {sorted(names)}")
-        return cls(**d)
+        return from_settings(cls, d, "selection")
 
     @property
     def num_bins(self) -> int:
@@ -203,7 +199,7 @@ class Selector:
         if is_binned.any():
             b = np.flatnonzero(is_binned)
             pivots_ok = (acc[np.ix_(b, self.pivots)] >= self.cfg.gamma).all(1) if len(self.pivots) else True
-            k = np.digitize(np.nan_to_num(loss[np.ix_(b, self.nonpivots)], nan=np.inf), self.edges)  # (mb, U)
+            k = np.digitize(loss[np.ix_(b, self.nonpivots)], self.edges)  # (mb, U); NaN lands in the top bin, as inf
             rb, pb = runs[b], ph[b]
             filled = self.bins[rb[:, None], pb[:, None], self.nonpivots[None, :], k]  # (mb, U)
             room = (filled < self.bin_cap[rb, pb][:, None]).all(1)

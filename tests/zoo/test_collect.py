@@ -132,6 +132,8 @@ def test_config_errors():
         CollectConfig(preset="mnist3")
     with pytest.raises(HyperForgetError, match="unknown collection settings"):
         CollectConfig.from_dict({"runs": 3, "bogus": 1})
+    with pytest.raises(HyperForgetError, match=r"unknown selection settings \['gama'\]; known: .*'gamma'"):
+        CollectConfig.from_dict({"runs": 3, "selection": {"gama": 0.5}})
     assert CollectConfig.from_dict(tiny_config().to_dict()) == tiny_config()
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 
 from zoo.datasets import load_dataset
 from zoo.errors import HyperForgetError
+from zoo import lockstep
 from zoo.lockstep import LockstepSGD, epoch_batches, train_models
 from zoo.mlp import MLP, MLPSpec, evaluate_per_class, init_params
 
@@ -46,8 +49,23 @@ def reference_train(spec, x, y, seed, *, epochs, lr, batch_size, data_seed, clas
     return model.flat_params()
 
 
+@pytest.fixture(params=["kernels", "torch-ops"])
+def kernels(request, monkeypatch):
+    """Run a test with the C kernels and again with the torch-op fallback (same maths)."""
+    if request.param == "torch-ops":
+        monkeypatch.setattr(lockstep, "compiled_kernels", lambda: None)
+    elif lockstep.compiled_kernels() is None:
+        pytest.skip("no C compiler: the kernels cannot be built here")
+    return request.param == "kernels"
+
+
+def test_kernels_build_where_a_compiler_exists():
+    if shutil.which(os.environ.get("CC", "cc")):
+        assert lockstep.compiled_kernels() is not None
+
+
 @pytest.mark.parametrize("grad_mode", ["manual", "autograd"])
-def test_lockstep_matches_torch_sgd(digits4, grad_mode):
+def test_lockstep_matches_torch_sgd(digits4, grad_mode, kernels):
     spec = MLPSpec(64, 3, 4)
     x, y = torch.as_tensor(digits4.x_train), torch.as_tensor(digits4.y_train)
     seeds, lrs = [11, 12, 13], [0.1, 0.05, 0.2]
@@ -60,8 +78,8 @@ def test_lockstep_matches_torch_sgd(digits4, grad_mode):
         torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "gelu"])
-def test_manual_gradient_matches_autograd(activation):
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "gelu"])
+def test_manual_gradient_matches_autograd(activation, kernels):
     spec = MLPSpec(10, 3, 5, activation)
     gen = torch.Generator().manual_seed(0)
     params = torch.randn(4, spec.num_params, generator=gen)

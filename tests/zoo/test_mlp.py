@@ -152,3 +152,18 @@ def test_save_load_mlps(tmp_path):
         load_mlps(path)
     with pytest.raises(HyperForgetError, match="no MLP file"):
         load_mlps(str(tmp_path / "absent.safetensors"))
+
+
+def test_an_exact_logit_tie_is_not_a_correct_prediction():
+    spec = MLPSpec(5, 2, 3)
+    x, y = torch.randn(30, 5), torch.arange(30) % 3
+    zero = evaluate_per_class(spec, torch.zeros(1, spec.num_params), x, y)  # every logit ties
+    assert (zero.acc == 0).all() and (zero.total_acc == 0).all()
+    # Elsewhere accuracy agrees with argmax of an nn.Linear forward.
+    p = torch.randn(3, spec.num_params)
+    acc = evaluate_per_class(spec, p, x, y).acc
+    for i in range(3):
+        model = MLP(spec)
+        torch.nn.utils.vector_to_parameters(p[i], model.parameters())
+        hit = (model(x).argmax(1) == y).float()
+        np.testing.assert_allclose(acc[i], [hit[y == k].mean().item() for k in range(3)], atol=1e-6)
