@@ -24,6 +24,34 @@ def pair_view(qzoo):
     return "pairs6"
 
 
+@pytest.fixture
+def raw_zoo(qzoo, tiny_batches, tmp_path):
+    """qzoo's checkpoints in an uncompressed zoo (read through MappedShards), with its views."""
+    from zoo.store import ZooConfig, ZooWriter, compute_normalization, create_zoo, open_zoo
+
+    path = str(tmp_path / "raw-qzoo")
+    cfg = ZooConfig.from_dict({**open_zoo(qzoo).config.to_dict()})
+    cfg.compressor = "none"
+    with create_zoo(path, cfg) as w:
+        for key, params, meta in tiny_batches(117)[1]:
+            w.commit(params, meta, key)
+    with ZooWriter.open(path) as w:
+        w.set_normalization(compute_normalization(open_zoo(path)))
+    build_view(path, "split", "everything")
+    build_view(path, "pairs", "pairs6", cap=6)
+    return path
+
+
+@pytest.fixture(params=["qzoo", "raw_zoo"])
+def any_zoo(request):
+    """qzoo (Blosc, read by ShardFiles) or raw_zoo, each with the views "everything" and "pairs6"."""
+    path = request.getfixturevalue(request.param)
+    if request.param == "qzoo":
+        build_view(path, "split", "everything")
+        build_view(path, "pairs", "pairs6", cap=6)
+    return path
+
+
 def _ids(batches, key="ids"):
     return np.concatenate([b[key].numpy() for b in batches]) if batches else np.empty(0, np.int64)
 
@@ -60,7 +88,8 @@ def test_pair_mode(qzoo, pair_view, zoo_params):
 
 
 @pytest.mark.parametrize("pairs", [False, True])
-def test_every_row_once_across_two_ranks_and_two_workers(qzoo, all_view, pair_view, zoo_params, pairs):
+def test_every_row_once_across_two_ranks_and_two_workers(any_zoo, zoo_params, pairs):
+    qzoo, all_view, pair_view = any_zoo, "everything", "pairs6"
     view = pair_view if pairs else all_view
     n_rows = load_view(qzoo, view)[1]["rows"]
     seen = []
@@ -100,9 +129,9 @@ def test_even_ranks(qzoo, all_view, even, per_rank):
         assert len(set(allids)) == len(allids) == 116
 
 
-def test_deterministic_for_seed_and_epoch(qzoo, all_view):
+def test_deterministic_for_seed_and_epoch(any_zoo):
     def order(seed, epoch, **kw):
-        s = CheckpointStream(qzoo, all_view, batch_size=16, shuffle_buffer=24, seed=seed, **kw)
+        s = CheckpointStream(any_zoo, "everything", batch_size=16, shuffle_buffer=24, seed=seed, **kw)
         s.set_epoch(epoch)
         return _ids(list(s))
 
@@ -113,9 +142,9 @@ def test_deterministic_for_seed_and_epoch(qzoo, all_view):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_yields_exactly_the_rest(qzoo, all_view, workers):
+def test_resume_yields_exactly_the_rest(any_zoo, workers):
     def stream():
-        s = CheckpointStream(qzoo, all_view, batch_size=9, shuffle_buffer=20, seed=2)
+        s = CheckpointStream(any_zoo, "everything", batch_size=9, shuffle_buffer=20, seed=2)
         s.set_epoch(3)
         return s
 
@@ -326,3 +355,60 @@ def test_two_iterations_at_once_do_not_share_buffers(qzoo, all_view, zoo_params)
         assert torch.equal(x["ids"], y["ids"])
         assert np.array_equal(x["params"].numpy(), zoo_params[x["ids"].numpy()])
         assert np.array_equal(y["params"].numpy(), zoo_params[y["ids"].numpy()])
+
+
+def test_mapped_shards_match_zarr_reads(any_zoo):
+    """Uncompressed zoos gather batches straight from the mapped shard files; the batches are the
+    ones the zarr path gives, normalization and augmentation included."""
+    for view, kw in [("everything", {"normalize": "layer"}), ("pairs6", {"permute": True, "normalize": "global"})]:
+        fast = CheckpointStream(any_zoo, view, batch_size=13, shuffle_buffer=20, seed=7, **kw)
+        lean = CheckpointStream(any_zoo, view, batch_size=13, shuffle_buffer=20, seed=7, release_pages=True, **kw)
+        slow = CheckpointStream(any_zoo, view, batch_size=13, shuffle_buffer=20, seed=7, fast_reads=False, **kw)
+        for e in (0, 1):
+            fast.set_epoch(e), lean.set_epoch(e), slow.set_epoch(e)
+            want = list(slow)
+            for got in (list(fast), list(lean)):
+                assert len(got) == len(want)
+                for a, b in zip(got, want):
+                    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert (fast._mapped is not None) == any_zoo.endswith("raw-qzoo")
+
+
+def test_mapped_shards_check_each_chunk_once_and_catch_damage(raw_zoo, monkeypatch):
+    import google_crc32c
+
+    checked = []
+    real = google_crc32c.value
+    monkeypatch.setattr(google_crc32c, "value", lambda b: checked.append(len(b)) or real(b))
+    s = CheckpointStream(raw_zoo, "everything", batch_size=16, shuffle_buffer=30)
+    for e in range(2):
+        s.set_epoch(e)
+        assert len(_ids(list(s))) == 117
+    chunk_bytes = 8 * s.spec.num_params * 4
+    assert checked.count(chunk_bytes) == 15  # 117 rows in chunks of 8, each checked in the first epoch only
+    # flip one byte of chunk 1 (shard 0 holds chunks 0-3, stored in order): a fresh stream names it
+    shard = f"{raw_zoo}/params.zarr/c/0/0"
+    data = bytearray(open(shard, "rb").read())
+    data[chunk_bytes + 4 + 100] ^= 0xFF
+    open(shard, "wb").write(bytes(data))
+    with pytest.raises(HyperForgetError, match="chunk 1 of .*checksum mismatch"):
+        list(CheckpointStream(raw_zoo, "everything", batch_size=16, shuffle=False))
+
+
+def test_buffer_displacement_matches_one_row_at_a_time():
+    """The vectorized shuffle buffer (_replace) against the textbook loop it stands for."""
+    from queries.loader import _replace
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        capacity, m = int(rng.integers(1, 8)), int(rng.integers(0, 40))  # small: many repeated places
+        held = rng.permutation(100)[:capacity]
+        new = np.arange(100, 100 + m)
+        got_held = held.copy()
+        got = _replace(got_held, new, np.random.default_rng(trial))
+        place = np.random.default_rng(trial).integers(0, capacity, m)
+        want, want_held = [], held.copy()
+        for k in range(m):
+            want.append(want_held[place[k]])
+            want_held[place[k]] = new[k]
+        assert list(got) == want and list(got_held) == list(want_held)
