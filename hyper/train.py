@@ -75,6 +75,10 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between resumable checkpoints (0: only at the end)
     num_workers: int = 0  # DataLoader worker processes for the zoo stream
     permute: bool = True  # random hidden-unit permutation of each sample (same for θ and θ*), G.pt's augmentation
+    # DiHyFo-1: share of pairs whose θ is replaced by a fresh MLP initialization with its measured test
+    # losses. G.pt starts from "potentially random noise"; a zoo saves few step-0 checkpoints, so
+    # without this the noise start is off the training distribution.
+    noise_start_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss_weighting not in LOSS_WEIGHTINGS:
@@ -85,6 +89,8 @@ class TrainConfig:
             raise HyperForgetError(f"steps and batch_size must be ≥ 1, got {self.steps}, {self.batch_size}")
         if not 0 <= self.cond_dropout < 1:
             raise HyperForgetError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if not 0 <= self.noise_start_share <= 1:
+            raise HyperForgetError(f"noise_start_share must be in [0, 1], got {self.noise_start_share}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -600,11 +606,16 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
     prog = _progress(progress and rank == 0)
     task = prog.add_task(f"train {variant}", total=cfg.steps, completed=step, info="") if prog else None
     it = batches()
+    noise_starts = NoiseStarts(data, cfg.noise_start_share) if variant == "dihyfo1" and cfg.noise_start_share > 0 \
+        else None
     try:
         if prog:
             prog.start()
         while step < cfg.steps:
-            batch = _to_device(next(it), dev)
+            batch = next(it)
+            if noise_starts is not None:
+                batch = noise_starts(batch, gen)
+            batch = _to_device(batch, dev)
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -701,6 +712,36 @@ def _loss_terms(net, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, ba
         torch.zeros(b, dtype=torch.bool, device=dev)
     fn = make_model_fn(net, tokenizer, target_losses, current, current_losses, drop)
     return diffusion.training_losses(fn, x0, t, noise, weights, batch.get("weights"))
+
+
+class NoiseStarts:
+    """Replace a share of DiHyFo-1 pairs' θ by fresh MLP initializations and their test-split losses.
+
+    The losses are measured exactly as the zoo measures its checkpoints' (per-class mean cross-entropy
+    on the task's test split), so a noise start at sampling time (hyper.sample: current_params=None)
+    looks like what the network saw in training.
+    """
+
+    def __init__(self, data: "HyperData", share: float):
+        from zoo.mlp import PerClassEvaluator
+
+        self.spec, self.share = data.spec, share
+        x, y = data.test_split()
+        self.evaluate = PerClassEvaluator(data.spec, x, y)
+
+    def __call__(self, batch: dict, gen: torch.Generator) -> dict:
+        from zoo.mlp import init_params
+
+        rows = torch.nonzero(torch.rand(batch["params"].shape[0], generator=gen) < self.share).flatten()
+        if len(rows) == 0:
+            return batch
+        seeds = torch.randint(0, 2**31 - 1, (len(rows),), generator=gen).tolist()
+        starts = init_params(self.spec, seeds)
+        batch = dict(batch)
+        batch["params"], batch["losses"] = batch["params"].clone(), batch["losses"].clone()
+        batch["params"][rows] = starts.to(batch["params"].dtype)
+        batch["losses"][rows] = torch.as_tensor(self.evaluate(starts).loss, dtype=batch["losses"].dtype)
+        return batch
 
 
 def _ema_model(model: DiT, ema: EMA) -> DiT:

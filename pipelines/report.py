@@ -83,7 +83,7 @@ def collect(run: Run) -> dict:
             continue
         metrics = read_json(path)
         sets.append({"forget": list(forget), "dir": forget_dir_name(forget), "methods": metrics["methods"],
-                     "num_retrained": metrics.get("num_retrained")})
+                     "num_retrained": metrics.get("num_retrained"), "dihyfo1_start": _dihyfo1_start(run, forget)})
     if not sets:
         raise HyperForgetError(f"run {run.path} has no forget-X/metrics.json yet: run `hyperforget unlearn` and "
                                "`hyperforget retrain` for a forget set first (they write the metrics)")
@@ -324,6 +324,26 @@ def confusion_matrices(run: Run, forget: Sequence[int], method: str) -> dict[str
 # The report.
 
 
+def _dihyfo1_start(run: Run, forget: Sequence[int]) -> str | None:
+    """Where DiHyFo-1 started for a forget set ("model" or "noise"), from its record; None without one."""
+    path = run.forget_dir(forget) / "dihyfo1" / "record.json"
+    return read_json(path).get("config", {}).get("start", "model") if path.exists() else None
+
+
+START_TEXT = {"model": "the model to unlearn (its parameters and class losses)",
+              "noise": "random MLP initializations (noise) and their class losses"}
+
+
+def _start_note(sets: list[dict]) -> list[str]:
+    """One Markdown line saying where DiHyFo-1 started, per forget set when they differ."""
+    starts = {_set_label(s["forget"]): s["dihyfo1_start"] for s in sets if s.get("dihyfo1_start")}
+    if not starts:
+        return []
+    if len(set(starts.values())) == 1:
+        return [f"DiHyFo-1 starts from {START_TEXT[next(iter(starts.values()))]}.", ""]
+    return ["DiHyFo-1 starts from " + "; ".join(f"{k}: {START_TEXT[v]}" for k, v in starts.items()) + ".", ""]
+
+
 def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, figures: bool = True) -> Path:
     """Render RUN/report/{report.md, report.json, *.png}; returns the report.md path."""
     run = open_run(run_dir)
@@ -343,6 +363,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
 
     h1, b1, h2, b2 = paper_tables(data)
     md += ["## Unlearned models' performance (layout of Tables 1 and 3)", "", _md_table(h1, b1), ""]
+    md += _start_note(data["forget_sets"])
     if len(h2) > 1:
         md += ["## Output alignment with the retrained models (layout of Tables 2 and 4)", "", _md_table(h2, b2), ""]
     data["tables"] = {"performance": {"header": h1, "rows": b1}, "alignment": {"header": h2, "rows": b2},

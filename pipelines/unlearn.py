@@ -501,6 +501,7 @@ class UnlearnConfig:
     candidates: int = 32  # K candidates sampled per selected model (DiHyFo)
     repeats: int = 5  # selected models per method (the paper averages 5 sampled unlearned models)
     start: str = "model"  # DiHyFo-1 starting point: "model" (the model to unlearn) or "noise"
+    guidance: str | float | list | None = "auto"  # classifier-free guidance: "auto" (the model's default), None, scale(s)
     sampler: str = "ddim"  # sampling method of the hypernetwork
     steps: int = 50  # denoising steps
     sample_batch: int = 64  # candidates per sampler call (bounds memory)
@@ -516,6 +517,17 @@ class UnlearnConfig:
             raise HyperForgetError(f"candidates and repeats must be >= 1, got {self.candidates}, {self.repeats}")
         if self.start not in ("model", "noise"):
             raise HyperForgetError(f"unknown DiHyFo-1 start {self.start!r}: use model or noise")
+        if isinstance(self.guidance, str) and self.guidance != "auto":
+            raise HyperForgetError(f"guidance {self.guidance!r}: use 'auto', None, a scale or a list of scales")
+        if isinstance(self.guidance, (list, tuple)) and not self.guidance:
+            raise HyperForgetError("guidance lists need at least one scale")
+
+
+def _row_guidance(guidance, rows: slice):
+    """The guidance for one sampler call: a list gives scales cycled over all candidate rows."""
+    if isinstance(guidance, (list, tuple)):
+        return [float(guidance[i % len(guidance)]) for i in range(rows.start, rows.stop)]
+    return guidance
 
 
 def _progress():
@@ -597,7 +609,8 @@ def _unlearn_dihyfo(run: Run, forget: tuple[int, ...], config: UnlearnConfig, mo
             sl = slice(i0, min(i0 + config.sample_batch, r * k))
             chunk = net.sample(targets[sl], None if current_params is None else current_params[sl],
                                None if current_losses is None else current_losses[sl],
-                               method=config.sampler, steps=config.steps, seed=config.seed + i0)
+                               method=config.sampler, steps=config.steps, seed=config.seed + i0,
+                               guidance=_row_guidance(config.guidance, sl))
             chunks.append(torch.as_tensor(chunk, dtype=torch.float32).detach().cpu())
             progress.advance(task, sl.stop - sl.start)
     candidates = torch.cat(chunks)  # (R*K, P)

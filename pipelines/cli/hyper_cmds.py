@@ -35,6 +35,8 @@ def train_cmd(
     normalization: Annotated[Optional[str], typer.Option(help="global or layer")] = None,
     loss_weighting: Annotated[Optional[str], typer.Option(help="layer or uniform")] = None,
     cond_dropout: Annotated[Optional[float], typer.Option(help="condition dropout for guidance")] = None,
+    noise_start_share: Annotated[Optional[float], typer.Option(
+        help="DiHyFo-1: share of pairs whose θ is a fresh random init (teaches the noise start)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of init, data order, noise")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/checkpoints")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present)")] = None,
@@ -57,7 +59,7 @@ def train_cmd(
         torch.set_num_threads(threads)
     overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "eval_every": eval_every,
                  "token_size": token_size, "normalization": normalization, "loss_weighting": loss_weighting,
-                 "cond_dropout": cond_dropout, "seed": seed}
+                 "cond_dropout": cond_dropout, "noise_start_share": noise_start_share, "seed": seed}
     result = train(variant=variant, out=out, preset=preset, zoo=zoo, overrides=overrides, resume=resume,
                    progress=not quiet, device=device)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -16,6 +16,16 @@ def _parse_sets(values: list[str]) -> list[tuple[int, ...]]:
     return [parse_classes(v) for v in values]
 
 
+def _parse_guidance(text: str):
+    text = text.strip().lower()
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise HyperForgetError(f"--guidance {text!r}: give auto, none or comma-separated scales such as 1,2,4") from None
+
+
 def _parse_overrides(values: list[str]) -> dict:
     import json
 
@@ -44,6 +54,8 @@ def register(app: typer.Typer) -> None:
         candidates: Annotated[int, typer.Option(help="DiHyFo candidates sampled per selected model")] = 32,
         repeats: Annotated[int, typer.Option(help="unlearned models per method (averaged in metrics)")] = 5,
         start: Annotated[str, typer.Option(help="DiHyFo-1 start point: model or noise")] = "model",
+        guidance: Annotated[str, typer.Option(
+            help="classifier-free guidance: auto (the model's default), none, or scales cycled over candidates, e.g. 1,2,4")] = "auto",
         steps: Annotated[int, typer.Option(help="sampler denoising steps")] = 50,
         sampler: Annotated[str, typer.Option(help="sampler method, e.g. ddim or ddpm")] = "ddim",
         forget_mode: Annotated[str, typer.Option(help="forget prompt: quantile, max or fixed")] = "quantile",
@@ -66,7 +78,7 @@ def register(app: typer.Typer) -> None:
         cfg = RunConfig(preset=preset, dataset=dataset, zoo=str(zoo) if zoo else None)
         r = init_run(run, cfg)
         ucfg = UnlearnConfig(method=method or "dihyfo", candidates=candidates, repeats=repeats, start=start,
-                             sampler=sampler, steps=steps, seed=seed, overrides=_parse_overrides(set_),
+                             guidance=_parse_guidance(guidance), sampler=sampler, steps=steps, seed=seed, overrides=_parse_overrides(set_),
                              prompts=PromptConfig(forget_mode=forget_mode, retain_mode=retain_mode,
                                                   retain_scale=retain_scale))
         record = unlearn(r, forget, ucfg, model_dir=str(model) if model else None, out=out)
@@ -122,12 +134,15 @@ def register(app: typer.Typer) -> None:
         runs: Annotated[Optional[int], typer.Option(help="zoo training runs (default by preset/mode)")] = None,
         train_steps: Annotated[Optional[int], typer.Option(help="hypernetwork training steps per variant")] = None,
         methods: Annotated[Optional[str], typer.Option(help="comma-separated baselines (default: all)")] = None,
+        dihyfo1_start: Annotated[str, typer.Option(help="DiHyFo-1 unlearns from: noise or model")] = "noise",
     ) -> None:
         """Run the whole pipeline: zoo, views, both DiHyFo variants, unlearning, baselines, report."""
         from pipelines.demo import DemoConfig, run_demo
 
+        if dihyfo1_start not in ("noise", "model"):
+            raise HyperForgetError(f"unknown --dihyfo1-start {dihyfo1_start!r}: use noise or model")
         cfg = DemoConfig.for_mode(out=str(out), preset=preset, dataset=dataset, quick=quick, runs=runs,
-                                  train_steps=train_steps,
+                                  train_steps=train_steps, dihyfo1_start=dihyfo1_start,
                                   methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None)
         report = run_demo(cfg)
         typer.echo(f"report -> {report}")

@@ -184,3 +184,33 @@ def test_classifier_free_guidance_per_row(ckpt_zoo, tmp_path):
     torch.testing.assert_close(net.sample(t, steps=5, seed=3, guidance=None), plain)
     with pytest.raises(HyperForgetError, match="not a scale"):
         net.sample(t, guidance="strong")
+
+
+def test_noise_starts_replace_theta_by_inits_with_their_measured_losses(ckpt_zoo):
+    from hyper.train import NoiseStarts
+
+    data = _data(ckpt_zoo, "dihyfo1")
+    batch = next(iter(data.train_stream))
+    spec, (x, y) = ckpt_zoo["spec"], data.test_split()
+    gen = torch.Generator().manual_seed(0)
+    out = NoiseStarts(data, 1.0)(batch, gen)
+    assert not torch.equal(out["params"], batch["params"])
+    assert torch.equal(out["target_params"], batch["target_params"])  # θ* and its losses stay
+    assert torch.equal(out["target_losses"], batch["target_losses"])
+    # Independent check: nn.Linear forward + F.cross_entropy per class on the test split.
+    for theta, losses in zip(out["params"][:3], out["losses"][:3]):
+        h, d, c = spec.hidden, spec.input_size, spec.num_classes
+        w1, b1 = theta[:h * d].view(h, d), theta[h * d:h * d + h]
+        w2, b2 = theta[h * d + h:h * d + h + c * h].view(c, h), theta[h * d + h + c * h:]
+        logits = torch.relu(torch.as_tensor(x).float() @ w1.T + b1) @ w2.T + b2
+        ce = torch.nn.functional.cross_entropy(logits, torch.as_tensor(y), reduction="none")
+        expected = torch.stack([ce[torch.as_tensor(y) == k].mean() for k in range(c)])
+        torch.testing.assert_close(losses.float(), expected, rtol=1e-4, atol=1e-5)
+    # Fresh inits are near chance: every class loss close to log C.
+    assert (out["losses"] - np.log(spec.num_classes)).abs().max() < 1.0
+    untouched = NoiseStarts(data, 0.0)(batch, gen)
+    assert torch.equal(untouched["params"], batch["params"])
+    # About the requested share is replaced.
+    half = NoiseStarts(data, 0.5)(batch, torch.Generator().manual_seed(1))
+    replaced = (half["params"] != batch["params"]).any(1).float().mean()
+    assert 0.2 < float(replaced) < 0.8

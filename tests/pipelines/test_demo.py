@@ -43,6 +43,11 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
             assert f[idx] == np.nanmin(f[g * k:(g + 1) * k])
     md = (out / "run" / "report" / "report.md").read_text()
     assert "DiHyFo-1 D_f={2,3}" in md and "| logit_mask |" in md
+    # DiHyFo-1 is trained for, and unlearns from, noise starts by default; the report says so.
+    assert "DiHyFo-1 starts from random MLP initializations" in md
+    assert record["config"]["start"] == "noise" and record["config"]["guidance"] is None
+    d1 = json.loads((out / "models" / "dihyfo1" / "config.json").read_text())
+    assert d1["train"]["noise_start_share"] == 0.75
     state = json.loads((out / "demo.json").read_text())
     assert {"collect", "train_dihyfo1", "train_dihyfo2", "unlearn", "report"} <= set(state["stages"])
 

@@ -23,7 +23,7 @@ class _FakeNet:
     def __init__(self, spec, variant, forget_push=(2, 3)):
         self.spec, self.variant, self.push = spec, variant, forget_push
 
-    def sample(self, targets, current_params, current_losses, method="ddim", steps=50, seed=0):
+    def sample(self, targets, current_params, current_losses, method="ddim", steps=50, seed=0, guidance="auto"):
         k = targets.shape[0]
         gen = torch.Generator().manual_seed(seed)
         base = current_params if current_params is not None else self._start.expand(k, -1)
@@ -112,6 +112,16 @@ def test_report_writes_tables_and_figures(fixture_run):
     for name in data["figures"]:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
         assert f"]({name})" in md
+
+
+def test_report_says_where_dihyfo1_started(fixture_run, tmp_path):
+    from pipelines.report import _start_note, write_report
+
+    md = write_report(fixture_run.path, tmp_path / "r", figures=False).read_text()
+    assert "DiHyFo-1 starts from the model to unlearn" in md
+    mixed = _start_note([{"forget": [2], "dihyfo1_start": "model"}, {"forget": [2, 3], "dihyfo1_start": "noise"}])
+    assert "D_f={2}: the model to unlearn" in mixed[0] and "D_f={2,3}: random MLP initializations" in mixed[0]
+    assert _start_note([{"forget": [2], "dihyfo1_start": None}]) == []
 
 
 def test_report_numbers_match_metrics_json(fixture_run):

@@ -189,9 +189,10 @@ class FakeHypernetwork:
     def __init__(self, spec, variant):
         self.spec, self.variant, self.calls = spec, variant, []
 
-    def sample(self, target_losses, current_params, current_losses, method="ddim", steps=50, seed=0):
+    def sample(self, target_losses, current_params, current_losses, method="ddim", steps=50, seed=0,
+               guidance="auto"):
         self.calls.append({"targets": target_losses.clone(), "current": current_params, "losses": current_losses,
-                           "method": method, "steps": steps, "seed": seed})
+                           "method": method, "steps": steps, "seed": seed, "guidance": guidance})
         k = target_losses.shape[0]
         gen = torch.Generator().manual_seed(seed)
         start = current_params if current_params is not None else torch.zeros(k, self.spec.num_params)
@@ -239,6 +240,18 @@ def test_dihyfo_unlearning_saves_the_selected_candidates_exactly(tiny_run, fake_
     saved = read_json(folder / "record.json")
     assert np.asarray(saved["prompts"]).shape == (6, 4) and saved["config"]["candidates"] == 6
     assert saved["timings"]["sample_s"] >= 0
+
+
+def test_dihyfo1_from_noise_with_guidance_cycled_over_all_candidates(tiny_run, fake_hyper, tmp_path):
+    net = FakeHypernetwork(tiny_run.spec, "dihyfo1")
+    fake_hyper[str(tmp_path)] = net
+    cfg = UnlearnConfig(method="dihyfo1", candidates=4, repeats=2, sample_batch=3, start="noise", guidance=[1.0, 2.0, 4.0])
+    record = unlearn(tiny_run, [2], cfg, model_dir=str(tmp_path), out=tmp_path / "u")
+    assert all(c["current"] is None and c["losses"] is None for c in net.calls)  # the sampler draws the inits
+    assert [g for c in net.calls for g in c["guidance"]] == [1.0, 2.0, 4.0] * 2 + [1.0, 2.0]
+    assert record["config"]["start"] == "noise" and record["config"]["guidance"] == [1.0, 2.0, 4.0]
+    with pytest.raises(HyperForgetError, match="guidance"):
+        UnlearnConfig(guidance="strong")
 
 
 def test_dihyfo_refuses_pivots_and_unknown_classes(tiny_run, fake_hyper, tmp_path):
