@@ -26,41 +26,13 @@ import os
 import resource
 import shutil
 import tempfile
-import threading
 import time
 
 import numpy as np
-import psutil
 import torch
 import torch.nn.functional as F
 
-
-class PeakRSS:
-    """Samples the resident memory of this process and all its descendants (dask workers)."""
-
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for p in [me, *me.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "PeakRSS":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+from process_rss import TreePeakRSS
 
 
 def matmul_rate(shapes: list[tuple[int, int, int, bool]], seconds: float = 1.0) -> float:
@@ -227,7 +199,7 @@ def main() -> None:
         stats["task_seconds"] += res.seconds
         stats["task_cpu_seconds"] += res.cpu_seconds
 
-    with PeakRSS() as rss:
+    with TreePeakRSS() as rss:
         t0 = time.perf_counter()
         summary = collect(cfg, out, workers=args.workers, progress=True, on_commit=on_commit)
         wall = time.perf_counter() - t0

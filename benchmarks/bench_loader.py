@@ -41,6 +41,7 @@ import numpy as np
 import psutil
 import torch
 
+from process_rss import TreePeakRSS
 from queries.loader import CheckpointStream, make_loader
 from queries.views import build_view
 from zoo.mlp import TASK_PRESETS
@@ -103,41 +104,13 @@ class PeakRSS:
         self.peak = self.after["VmHWM"]
 
 
-class RSSSampler:
-    """Highest RSS (this process plus its DataLoader workers) seen while active, sampled every 5 ms."""
-
-    def __init__(self):
-        import threading
-
-        self.peak, self._stop = 0.0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            try:
-                total = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(recursive=True))
-            except psutil.Error:
-                continue
-            self.peak = max(self.peak, total / MB)
-            self._stop.wait(0.005)
-
-    def __enter__(self) -> "RSSSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def run_loader(path: str, rows: int, args, **kw) -> tuple[list[float], list[np.ndarray], Any]:
     """Two shuffled epochs of a fresh CheckpointStream: (seconds, checkpoint order, RSS meter) of each."""
     stream = CheckpointStream(path, "bench_all", batch_size=args.batch_size, shuffle_buffer=args.buffer, seed=0,
                               **kw)
     loader = make_loader(stream, num_workers=args.workers, pin_memory=False)
     times, orders = [], []
-    with RSSSampler() if args.workers else PeakRSS() as meter:
+    with TreePeakRSS(interval=0.005, scale=MB) if args.workers else PeakRSS() as meter:
         for epoch in range(2):
             stream.set_epoch(epoch)
             order, n = [], 0
