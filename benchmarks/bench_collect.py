@@ -5,6 +5,9 @@ One process run measures, on the same machine and data:
 1. the machine's float32 matrix-multiply rate with torch.mm on the collector's own shapes
    (training: (B, D) @ (D, G·H) and (G·H, B) @ (B, D); evaluation: (N_test, D) @ (D, G·H)), one
    thread as in each worker, before and after the collection (the higher counts): the limit;
+   and the same products timed inside every group task on its worker's thread, just before and
+   after its steps (``--probe-seconds``): the limit where and when the steps ran, which on a
+   shared machine can differ by 2× from the one measured before or after;
 2. one group trained in the benchmark process (no second worker on the cores), then
    the collector (`zoo.collect.collect`, LocalCluster of W single-thread workers): checkpoints/s,
    run-steps/s, the FLOP rate of its lockstep training steps and of all its work, peak RSS of the
@@ -33,36 +36,14 @@ import torch
 import torch.nn.functional as F
 
 from process_rss import TreePeakRSS
-
-
-def matmul_rate(shapes: list[tuple[int, int, int, bool]], seconds: float = 1.0) -> float:
-    """float32 GFLOP/s of torch.mm on one thread, averaged over (m, k, n, a_transposed) shapes.
-
-    a_transposed: the (m, k) operand is the transpose of a contiguous (k, m) tensor, as the
-    collector's weight-gradient product (dpreᵀ @ X) reads it.
-    """
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        flops = elapsed = 0.0
-        for m, k, n, a_t in shapes:
-            a, b = (torch.rand(k, m).T if a_t else torch.rand(m, k)), torch.rand(k, n)
-            for _ in range(3):
-                a @ b
-            reps, t0 = 0, time.process_time()
-            while time.process_time() - t0 < seconds / len(shapes):
-                a @ b
-                reps += 1
-            elapsed += time.process_time() - t0
-            flops += 2.0 * m * k * n * reps
-        return flops / elapsed / 1e9
-    finally:
-        torch.set_num_threads(old)
+from zoo.lockstep import matmul_gflops as matmul_rate, step_product_shapes
 
 
 def _matmul_worker(shapes, seconds, barrier, out) -> None:
     barrier.wait()  # start together, so the processes really share the cores
-    out.put(matmul_rate(shapes, seconds))
+    from zoo.lockstep import matmul_gflops
+
+    out.put(matmul_gflops(shapes, seconds))
 
 
 def matmul_rate_concurrent(shapes: list[tuple[int, int, int, bool]], processes: int, seconds: float = 2.0) -> float:
@@ -153,6 +134,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="zoo directory (default: a temporary one, deleted)")
     ap.add_argument("--build-200k", action="store_true",
                     help="the ≥200k-checkpoint MNIST-4 build: 1,280 runs with 1 permuted copy each")
+    ap.add_argument("--probe-seconds", type=float, default=0.1,
+                    help="torch.mm timing on the steps' shapes inside each group task (half before, half after)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
     from zoo.collect import collect, plan_run, resolve_task
@@ -170,7 +153,7 @@ def main() -> None:
     # workers. Training: the forward (B, D) @ (D, G·H) and the weight gradient (G·H, B) @ (B, D);
     # evaluation adds (N_test, D) @ (D, G·H). Measured before and after the collection, and the
     # higher rate is the limit, so a machine that got busier cannot flatter the collector.
-    train_shapes = [(b, d, g * h, False), (g * h, b, d, True)]
+    train_shapes = step_product_shapes(spec, g, b)
     eval_shapes = [(n_test, d, g * h, False)]
     load_before = os.getloadavg()[0]
     rate_train_before, rate_eval_before = matmul_rate(train_shapes), matmul_rate(eval_shapes)
@@ -182,7 +165,8 @@ def main() -> None:
     # second of two runs counts (the first pays one-time costs a long-lived worker pays once).
     from zoo.collect import train_group
 
-    quiet = min((train_group(cfg, 0) for _ in range(2)), key=lambda res: res.train_cpu_seconds)
+    quiet = min((train_group(cfg, 0, probe_seconds=args.probe_seconds) for _ in range(2)),
+                key=lambda res: res.train_cpu_seconds)
     quiet_flop = 4.0 * d * h * len(task.data.y_train) * task.epochs * quiet.runs
 
     # 2b. The collector.
@@ -190,7 +174,7 @@ def main() -> None:
     if os.path.exists(os.path.join(out, "zoo.json")):
         shutil.rmtree(out)
     stats = {"train_seconds": 0.0, "train_cpu_seconds": 0.0, "evaluated": 0, "task_seconds": 0.0,
-             "task_cpu_seconds": 0.0}
+             "task_cpu_seconds": 0.0, "probe_weighted": 0.0, "probes": []}
 
     def on_commit(res, ids):
         stats["train_seconds"] += res.train_seconds
@@ -198,10 +182,13 @@ def main() -> None:
         stats["evaluated"] += res.evaluated
         stats["task_seconds"] += res.seconds
         stats["task_cpu_seconds"] += res.cpu_seconds
+        stats["probe_weighted"] += res.matmul_gflops * res.train_cpu_seconds
+        stats["probes"].append(res.matmul_gflops)
 
     with TreePeakRSS() as rss:
         t0 = time.perf_counter()
-        summary = collect(cfg, out, workers=args.workers, progress=True, on_commit=on_commit)
+        summary = collect(cfg, out, workers=args.workers, progress=True, on_commit=on_commit,
+                          probe_seconds=args.probe_seconds)
         wall = time.perf_counter() - t0
     load_during = os.getloadavg()[0]
     rate_train = max(rate_train_before, matmul_rate(train_shapes))
@@ -226,6 +213,11 @@ def main() -> None:
         "peak_rss_gib": rss.peak / 2**30, "per_reason": summary.per_reason, "per_phase": summary.per_phase,
     }
 
+    # The limit inside the tasks: each task's own torch.mm rate on the steps' shapes, weighted by
+    # its training time. On a shared machine this is the rate the steps could have had.
+    in_task_limit = stats["probe_weighted"] / stats["train_cpu_seconds"]
+    in_task_range = [min(stats["probes"]), max(stats["probes"])]
+
     # 3. The plain loop on a few runs, the same steps, evaluations and kept share per run.
     plans = [plan_run(cfg, task, r) for r in range(min(args.plain_runs, cfg.runs))]
     eval_share = stats["evaluated"] / summary.run_steps
@@ -244,12 +236,17 @@ def main() -> None:
                "config": cfg.to_dict(), "collector": coll, "plain": {**plain, "run_steps_per_s": plain_rate},
                "ratio_run_steps": ratio, "ratio_run_steps_per_cpu_s": ratio_cpu,
                "train_share_of_limit": coll["train_gflops_per_core"] / rate_train,
+               "matmul_gflops_in_tasks": in_task_limit, "matmul_gflops_in_tasks_range": in_task_range,
+               "train_share_of_in_task_limit": coll["train_gflops_per_core"] / in_task_limit,
                "matmul_gflops_train_shapes_side_by_side": rate_train_side_by_side,
                "train_share_of_side_by_side_limit": coll["train_gflops_per_core"] / rate_train_side_by_side,
                "one_group_in_process": {"runs": quiet.runs, "train_cpu_seconds": quiet.train_cpu_seconds,
                                         "cpu_seconds": quiet.cpu_seconds,
                                         "train_gflops": quiet_flop / quiet.train_cpu_seconds / 1e9,
                                         "train_share_of_limit": quiet_flop / quiet.train_cpu_seconds / 1e9 / rate_train,
+                                        "matmul_gflops_in_task": quiet.matmul_gflops,
+                                        "train_share_of_in_task_limit":
+                                            quiet_flop / quiet.train_cpu_seconds / 1e9 / quiet.matmul_gflops,
                                         "run_steps_per_cpu_s": quiet.steps / quiet.cpu_seconds},
                "overall_share_of_limit": coll["all_gflops"] / limit,
                "peak_rss_self_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
@@ -270,11 +267,15 @@ def main() -> None:
           f"{coll['all_gflops']:.1f} GFLOP/s = {results['overall_share_of_limit']:.0%} of {limit:.0f} "
           f"(per task CPU-second: {coll['all_gflops_per_cpu_s']:.1f} GFLOP/s = "
           f"{coll['all_gflops_per_cpu_s'] / rate1:.0%} of one thread's limit)")
+    print(f"  the same training FLOP rate against torch.mm timed inside each group task, on its worker's thread "
+          f"just before and after its steps ({in_task_limit:.1f} GFLOP/s, weighted by training time; tasks "
+          f"{in_task_range[0]:.0f}-{in_task_range[1]:.0f}): {results['train_share_of_in_task_limit']:.0%}")
     print(f"  the same training FLOP rate against {cores} matmul processes running side by side, like the workers "
           f"({rate_train_side_by_side:.1f} GFLOP/s each): {results['train_share_of_side_by_side_limit']:.0%}")
     q = results["one_group_in_process"]
     print(f"  one group of {q['runs']} runs in this process before the workers start: training "
-          f"{q['train_gflops']:.1f} GFLOP/s = {q['train_share_of_limit']:.0%} of the matmul limit on its shapes; "
+          f"{q['train_gflops']:.1f} GFLOP/s = {q['train_share_of_limit']:.0%} of the matmul limit on its shapes "
+          f"({q['train_share_of_in_task_limit']:.0%} of its in-task {q['matmul_gflops_in_task']:.1f}); "
           f"{q['run_steps_per_cpu_s']:,.0f} run-steps per CPU-second with evaluation and selection")
     print(f"  peak RSS (process tree): {coll['peak_rss_gib']:.2f} GiB (wall rates suffer on a busy machine)")
     print(f"plain loop (1 thread): {plain['runs']} runs, {plain['run_steps']:,} steps in {plain['seconds']:.1f} s -> "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -32,8 +33,10 @@ import torch
 from zoo.augment import augment as permute_augment
 from zoo.datasets import Dataset, load_dataset
 from zoo.errors import HyperForgetError, from_settings
-from zoo.lockstep import LockstepSGD, epoch_batches, flush_denormals, steps_per_epoch
-from zoo.mlp import PerClassEvaluator, TaskPreset, get_preset, init_params
+from zoo.lockstep import (LockstepSGD, epoch_batches, flush_denormals, matmul_gflops, step_product_shapes,
+                          steps_per_epoch)
+from zoo.mlp import (PerClassEvaluator, TaskPreset, concat_models, flat_from_hidden_major, get_preset, init_params,
+                     take_models)
 from zoo.selection import PHASES, REASONS, SelectionConfig, Selector, consider_mask
 
 COLLECTION_FORMAT = 1  # version of the "collection" block this module writes into zoo.json
@@ -210,13 +213,17 @@ class GroupResult:
     train_seconds: float  # of which in optimizer steps
     train_cpu_seconds: float = 0.0  # CPU time of this thread in optimizer steps (robust to a busy machine)
     cpu_seconds: float = 0.0  # CPU time of this thread for the whole task
+    matmul_gflops: float = 0.0  # this thread's torch.mm rate on the steps' products (when probed), see train_group
 
 
-def train_group(cfg: CollectConfig, g: int, *, threads: int | None = 1) -> GroupResult:
+def train_group(cfg: CollectConfig, g: int, *, threads: int | None = 1, probe_seconds: float = 0.0) -> GroupResult:
     """Train the runs of group g in lockstep and return their selected checkpoints.
 
     ``threads`` bounds torch's intra-op threads for the task (1 by default, so results do not
     depend on the machine and dask workers do not oversubscribe cores); None leaves it as is.
+    ``probe_seconds`` > 0: also time torch.mm on the steps' two products on this thread, half
+    before and half after training, and report the higher rate as ``matmul_gflops``: the compute
+    limit where and when the steps ran (a shared machine's rate swings by 2× within minutes).
     """
     t_start, c_start = time.perf_counter(), time.thread_time()
     old_threads = torch.get_num_threads()
@@ -224,11 +231,25 @@ def train_group(cfg: CollectConfig, g: int, *, threads: int | None = 1) -> Group
         torch.set_num_threads(threads)
     try:
         with flush_denormals():
+            probe = _probe_matmul(cfg, g, probe_seconds / 2)
             res = _train_group(cfg, g, t_start)
+            res.matmul_gflops = max(probe, _probe_matmul(cfg, g, probe_seconds / 2))
     finally:
         torch.set_num_threads(old_threads)
     res.cpu_seconds = time.thread_time() - c_start
     return res
+
+
+def _probe_matmul(cfg: CollectConfig, g: int, seconds: float) -> float:
+    if seconds <= 0:
+        return 0.0
+    task = resolve_task(cfg)
+    return matmul_gflops(step_product_shapes(task.spec, len(cfg.group_runs(g)), task.batch_size), seconds)
+
+
+# Checkpoint candidates evaluated together: enough to make the evaluation's products large, few
+# enough that its per-model intermediates stay in cache (see PerClassEvaluator.stacked).
+EVAL_MODELS = int(os.environ.get("HF_FLUSH", 512))
 
 
 def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
@@ -268,28 +289,47 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
     kept_params: list[torch.Tensor] = []
     kept_rows: list[tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     evaluated = 0
+    # Candidates are evaluated in batches of several steps, not after each step: the steps then run
+    # back to back with their data in cache, and the evaluation is one larger product. Decisions
+    # stay in step order, so the kept checkpoints are those step-by-step evaluation keeps.
+    snapshots: list[tuple[int, np.ndarray, list[torch.Tensor]]] = []  # (step, runs, their layers)
 
-    def consider_step(t: int) -> None:
-        nonlocal evaluated
+    def snapshot(t: int) -> None:
+        # Run states only fill up, so the candidates now are a superset of those at decision time.
         runs = selector.candidates(t)
-        if not len(runs):
+        if len(runs):
+            snapshots.append((t, runs, opt.select(runs)))
+        if sum(len(r) for _, r, _ in snapshots) >= EVAL_MODELS:
+            decide()
+
+    def decide() -> None:
+        nonlocal evaluated
+        if not snapshots:
             return
-        layers = opt.select(runs)  # hidden-major copies of the candidates
+        layers = concat_models(spec, [lay for _, _, lay in snapshots])
         metrics = evaluate.stacked(layers)
-        loss, acc, total_loss, total_acc = metrics.loss, metrics.acc, metrics.total_loss, metrics.total_acc
-        evaluated += len(runs)
-        valid = (_max_abs(spec, layers) <= cfg.max_param_abs).numpy()  # False for NaN / inf too
-        valid &= np.isfinite(total_loss)
-        keep_, reason = selector.select(t, runs, loss, acc, valid)
-        if keep_.any():
-            kept_params.append(opt.rows(runs[keep_]))
-            kept_rows.append((runs[keep_], t, selector.phase(t, runs[keep_]), reason[keep_], loss[keep_],
-                              acc[keep_], np.stack([total_loss[keep_], total_acc[keep_]], 1)))
+        valid_all = (_max_abs(spec, layers) <= cfg.max_param_abs).numpy() & np.isfinite(metrics.total_loss)
+        offset = 0
+        for t, snapped, lay in snapshots:
+            runs = selector.candidates(t)
+            cols = np.searchsorted(snapped, runs)  # both sorted; runs ⊆ snapped
+            at = offset + cols
+            offset += len(snapped)
+            if not len(runs):
+                continue
+            evaluated += len(runs)
+            loss, acc = metrics.loss[at], metrics.acc[at]
+            keep_, reason = selector.select(t, runs, loss, acc, valid_all[at])  # False for NaN / inf too
+            if keep_.any():
+                kept_params.append(flat_from_hidden_major(spec, take_models(spec, lay, cols[keep_])))
+                kept_rows.append((runs[keep_], t, selector.phase(t, runs[keep_]), reason[keep_], loss[keep_],
+                                  acc[keep_], np.stack([metrics.total_loss[at][keep_], metrics.total_acc[at][keep_]], 1)))
+        snapshots.clear()
 
     # Train: all runs step together on the group's minibatch sequence.
     gen = torch.Generator().manual_seed(_mix(cfg.seed, 3, g))
     train_seconds = train_cpu = 0.0
-    consider_step(0)
+    snapshot(0)
     t = 0
     for _ in range(task.epochs):
         for idx in epoch_batches(len(y), task.batch_size, gen):
@@ -299,10 +339,11 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
                 rows = torch.as_tensor(np.flatnonzero(started))
                 keep[:, rows] = keep[:, rows].masked_fill(in_deleted[:, rows], 0.0)
             t0, c0 = time.perf_counter(), time.thread_time()
-            opt.step(x.index_select(0, idx), y[idx], keep.index_select(0, idx).T)
+            opt.step(x.index_select(0, idx), y.index_select(0, idx), keep.index_select(0, idx).T)
             train_seconds += time.perf_counter() - t0
             train_cpu += time.thread_time() - c0
-            consider_step(t)
+            snapshot(t)
+    decide()
     assert t == T
 
     n = sum(len(r[0]) for r in kept_rows)
@@ -457,7 +498,7 @@ def _check_resume(stored: dict | None, cfg: CollectConfig, w) -> None:
 
 def collect(cfg: CollectConfig, out: str, *, use_dask: bool = True, workers: int | None = None,
             scheduler: str | None = None, max_in_flight: int | None = None, progress: bool = True,
-            normalize: bool = True, compact: bool = True,
+            normalize: bool = True, compact: bool = True, probe_seconds: float = 0.0,
             on_commit: Callable[[GroupResult, np.ndarray], None] | None = None) -> CollectSummary:
     """Collect a zoo at ``out`` (created, or resumed if it holds a collection of the same settings).
 
@@ -468,6 +509,7 @@ def collect(cfg: CollectConfig, out: str, *, use_dask: bool = True, workers: int
         max_in_flight: group results held at once (submitted, running or awaiting their turn to
             commit); bounds memory. Default: 2 × workers.
         normalize, compact: finish with compute_normalization + set_normalization and compact().
+        probe_seconds: passed to :func:`train_group` (benchmarks: the compute limit inside each task).
         on_commit: called after each commit with the group's result and its checkpoint ids.
     """
     from zoo.store import compute_normalization
@@ -485,7 +527,7 @@ def collect(cfg: CollectConfig, out: str, *, use_dask: bool = True, workers: int
         skipped = cfg.num_groups - len(todo)
         stats = Counter()
         with _Progress(progress, cfg, todo) as bar:
-            for res in _results_in_order(cfg, todo, use_dask, workers, scheduler, max_in_flight):
+            for res in _results_in_order(cfg, todo, use_dask, workers, scheduler, max_in_flight, probe_seconds):
                 if res.params.shape[0] == 0:
                     # Nothing to commit (every run missed the rules); a re-run retrains it, to the same end.
                     stats.update(empty_groups=1, steps=res.steps)
@@ -525,13 +567,14 @@ def _summarize(w, cfg: CollectConfig, stats: Counter, skipped: int, seconds: flo
 
 
 def _results_in_order(cfg: CollectConfig, todo: list[int], use_dask: bool, workers: int | None,
-                      scheduler: str | None, max_in_flight: int | None) -> Iterator[GroupResult]:
+                      scheduler: str | None, max_in_flight: int | None,
+                      probe_seconds: float = 0.0) -> Iterator[GroupResult]:
     """Group results in group order, whatever order the tasks finish in."""
     if not todo:
         return
     if not use_dask:
         for g in todo:
-            yield train_group(cfg, g)
+            yield train_group(cfg, g, probe_seconds=probe_seconds)
         return
     from distributed import Client, LocalCluster, as_completed
 
@@ -568,7 +611,7 @@ def _results_in_order(cfg: CollectConfig, todo: list[int], use_dask: bool, worke
             nonlocal submitted
             while submitted < len(pending) and (submitted - next_i) < limit:
                 g = pending[submitted]
-                futures.add(client.submit(train_group, cfg, g, pure=False, retries=2))
+                futures.add(client.submit(train_group, cfg, g, probe_seconds=probe_seconds, pure=False, retries=2))
                 submitted += 1
 
         fill()

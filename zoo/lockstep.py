@@ -8,8 +8,9 @@ minibatch X (B, D) and their first layers are concatenated, so the forward pass 
 Everything else (activation, second layer, softmax, the gradient back to the first layer, the
 per-run reductions, the SGD update) is element-wise work on (B, ·, R) tensors whose run axis is
 innermost, so it vectorizes over runs. With H = 2 and C = 4 that work is as large as the two
-products; as ~30 torch ops it cost twice the products, so it runs as three small C loops
-(compiled once per machine, see :func:`compiled_kernels`), with the same maths as torch ops
+products; as ~30 torch ops it cost twice the products, so it runs as two C loops — one pass
+over the examples for everything between the products, one over the stack for the update —
+compiled once per machine (see :func:`compiled_kernels`), with the same maths as torch ops
 where no C compiler exists. Tests check both paths against ``torch.optim.SGD`` on each run alone.
 
 Runs still differ where it matters: each has its own initialization, learning rate and
@@ -34,6 +35,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -42,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from zoo.errors import HyperForgetError
-from zoo.mlp import MLPSpec, flat_from_hidden_major, hidden_major, init_params as default_init_params, stacked_forward
+from zoo.mlp import (MLPSpec, flat_from_hidden_major, hidden_major, init_params as default_init_params, stacked_forward,
+                     take_models)
 
 GRAD_MODES = ("manual", "autograd")
 SCHEDULES = ("cosine", "constant")
@@ -102,9 +105,6 @@ class LockstepSGD:
         self.grads = [v.view(sh) for v, sh in zip(self.grad_storage.split(sizes), shapes)]
         self.buf = torch.zeros_like(self.storage)  # momentum; a 0 start equals torch's first-step copy
         self.lr = torch.as_tensor(lr, dtype=torch.float32).expand(r).clone()  # (R,)
-        h = spec.hidden
-        per_layer = [self.lr.repeat(h)[:, None], self.lr.repeat(h), self.lr, self.lr]
-        self._lr_storage = torch.cat([col.expand(sh).reshape(-1) for col, sh in zip(per_layer, shapes)])
         self.total_steps = int(total_steps)
         self.momentum, self.nesterov, self.weight_decay = float(momentum), bool(nesterov), float(weight_decay)
         self.schedule = schedule
@@ -112,6 +112,10 @@ class LockstepSGD:
         self.grad_mode = grad_mode if spec.activation in _ACTIVATION_GRADS else "autograd"
         # The C kernels when they build on this machine (kernels=False: torch ops only, same maths).
         self.kernels = compiled_kernels() if kernels else None
+        if self.kernels is None:  # the torch-op update reads each element's learning rate from a stack-sized vector
+            h = spec.hidden
+            per_layer = [self.lr.repeat(h)[:, None], self.lr.repeat(h), self.lr, self.lr]
+            self._lr_storage = torch.cat([col.expand(sh).reshape(-1) for col, sh in zip(per_layer, shapes)])
         self.step_count = 0
 
     @property
@@ -129,11 +133,7 @@ class LockstepSGD:
 
     def select(self, runs: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
         """Copies of the hidden-major layers (:func:`zoo.mlp.hidden_major`) of the given runs."""
-        w1, b1, w2, b2 = self.layers
-        h, r, idx = self.spec.hidden, self.num_runs, torch.as_tensor(runs, dtype=torch.long)
-        m = len(idx)
-        return [w1.view(h, r, -1).index_select(1, idx).view(h * m, -1), b1.view(h, r).index_select(1, idx).view(-1),
-                w2.index_select(2, idx), b2.index_select(1, idx)]
+        return take_models(self.spec, self.layers, runs)
 
     def lr_factor(self, step: int) -> float:
         if self.schedule == "constant":
@@ -173,8 +173,9 @@ class LockstepSGD:
         g, p, buf = self.grad_storage, self.storage, self.buf
         f = self.lr_factor(self.step_count)
         if self.kernels is not None:
-            self.kernels.sgd_update(p.data_ptr(), g.data_ptr(), buf.data_ptr(), self._lr_storage.data_ptr(), p.numel(),
-                                    self.weight_decay, self.momentum, int(self.nesterov), f)
+            h, r, (d, c) = self.spec.hidden, self.num_runs, (self.spec.input_size, self.spec.num_classes)
+            self.kernels.sgd_update(p.data_ptr(), g.data_ptr(), buf.data_ptr(), self.lr.data_ptr(), r, d, h * r,
+                                    h + h * c + c, self.weight_decay, self.momentum, int(self.nesterov), f)
         else:
             # torch.optim.SGD per parameter, as four passes over the stack: g += wd·p;
             # buf = m·buf + g; g += m·buf (Nesterov); p -= lr·g.
@@ -187,18 +188,52 @@ class LockstepSGD:
         return loss
 
 
+def step_product_shapes(spec: MLPSpec, runs: int, batch_size: int) -> list[tuple[int, int, int, bool]]:
+    """The two big products of a lockstep step as (m, k, n, a_transposed) for :func:`matmul_gflops`:
+    the forward (B, D) @ (D, H·R) and the weight gradient (H·R, B) @ (B, D), whose (H·R, B)
+    operand is the transpose of the contiguous (B, H·R) dpre."""
+    hr = spec.hidden * runs
+    return [(batch_size, spec.input_size, hr, False), (hr, batch_size, spec.input_size, True)]
+
+
+def matmul_gflops(shapes: Sequence[tuple[int, int, int, bool]], seconds: float = 1.0) -> float:
+    """float32 GFLOP/s of torch.mm on this thread, over CPU time, averaged over (m, k, n, a_transposed) shapes.
+
+    The compute limit a lockstep step is judged against, measured on its own shapes; CPU time
+    (not wall time) so that a busy machine's preemptions count neither here nor in the steps.
+    a_transposed: the (m, k) operand is the transpose of a contiguous (k, m) tensor.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        flops = elapsed = 0.0
+        for m, k, n, a_t in shapes:
+            a, b = (torch.rand(k, m).T if a_t else torch.rand(m, k)), torch.rand(k, n)
+            for _ in range(3):
+                a @ b
+            reps, t0 = 0, time.thread_time()
+            while time.thread_time() - t0 < seconds / len(shapes):
+                a @ b
+                reps += 1
+            elapsed += time.thread_time() - t0
+            flops += 2.0 * m * k * n * reps
+        return flops / elapsed / 1e9
+    finally:
+        torch.set_num_threads(old)
+
+
 def _layer_shapes(spec: MLPSpec, r: int) -> list[tuple[int, ...]]:
     h, c = spec.hidden, spec.num_classes
     return [(h * r, spec.input_size), (h * r,), (h, c, r), (c, r)]  # W1, b1, W2, b2
 
 
-def _softmax_from_log(logp: torch.Tensor, *, inplace: bool) -> torch.Tensor:
+def _softmax_from_log(logp: torch.Tensor) -> torch.Tensor:
     """exp(logp), with logp clamped at −87 (exp: 1.6e−38, the smallest normal float32).
 
     torch's exp falls off its vectorized path below about −88 (measured 50× slower on confident
     models' log-probabilities), and what the clamp adds to wn·(p − onehot) is below 1e−37.
     """
-    return (logp.clamp_min_(-87.0) if inplace else logp.clamp_min(-87.0)).exp_()
+    return logp.clamp_min_(-87.0).exp_()  # in place
 
 
 @contextlib.contextmanager
@@ -241,7 +276,7 @@ def _manual_loss_and_grad(spec: MLPSpec, layers: list[torch.Tensor], x: torch.Te
     wn3 = wn.view(b, 1, r)
     loss = torch.linalg.vecdot(wn, logp.gather(1, yy).view(b, r), dim=0).neg_()  # (R,) sum_b wn·ce
     # Backward: d loss / d logits = wn·(softmax − onehot), built in place in logp's buffer.
-    dlogits = _softmax_from_log(logp, inplace=True).mul_(wn3).scatter_add_(1, yy, wn3.neg())  # (B, C, R)
+    dlogits = _softmax_from_log(logp).mul_(wn3).scatter_add_(1, yy, wn3.neg())  # (B, C, R)
     torch.sum(dlogits, 0, out=out[3])  # (C, R)
     torch.sum(hid[:, :, None, :] * dlogits[:, None], 0, out=out[2])  # (H, C, R)
     dhid = torch.sum(dlogits[:, None] * w2, 2)  # (B, H, R)
@@ -253,25 +288,20 @@ def _manual_loss_and_grad(spec: MLPSpec, layers: list[torch.Tensor], x: torch.Te
 
 def _kernel_loss_and_grad(lib: ctypes.CDLL, spec: MLPSpec, layers: list[torch.Tensor], x: torch.Tensor,
                           y: torch.Tensor, w: torch.Tensor, out: list[torch.Tensor]) -> torch.Tensor:
-    """:func:`_manual_loss_and_grad` with the element-wise work in two C loops over (B, ·, R).
+    """:func:`_manual_loss_and_grad` with all the element-wise work in one C loop over examples.
 
     w: (B, R) example weights, normalized per run in the kernel.
     """
     w1, b1, w2, b2 = layers
     (h, c, r), b = w2.shape, x.shape[0]
-    act = _KERNEL_ACTIVATIONS[spec.activation]
-    hid = torch.addmm(b1, x, w1.T)  # (B, H·R), activated in place by the kernel
-    logits = torch.empty(b, c, r)
-    lib.layer2(hid.data_ptr(), w2.data_ptr(), b2.data_ptr(), logits.data_ptr(), b, h, c, r, act)
-    logp = torch.log_softmax(logits, 1)  # (B, C, R); torch's exp and log are vectorized, libm's are not
-    prob = _softmax_from_log(logp, inplace=False)
+    pre = torch.addmm(b1, x, w1.T)  # (B, H·R): the first big product; the kernel turns it into dpre
     yy = y.to(torch.int64).contiguous()
-    loss, dpre = torch.empty(r), torch.empty(b, h * r)
-    if lib.backward(hid.data_ptr(), logp.data_ptr(), prob.data_ptr(), yy.data_ptr(), w.data_ptr(), w2.data_ptr(),
-                    loss.data_ptr(), dpre.data_ptr(), out[2].data_ptr(), out[3].data_ptr(), out[1].data_ptr(),
-                    b, h, c, r, act):
-        raise MemoryError("lockstep backward kernel: out of memory")
-    torch.mm(dpre.T, x, out=out[0])  # (H·R, D): the second big product
+    loss = torch.empty(r)
+    if lib.forward_backward(pre.data_ptr(), w2.data_ptr(), b2.data_ptr(), yy.data_ptr(), w.data_ptr(),
+                            loss.data_ptr(), out[2].data_ptr(), out[3].data_ptr(), out[1].data_ptr(),
+                            b, h, c, r, _KERNEL_ACTIVATIONS[spec.activation]):
+        raise MemoryError("lockstep forward_backward kernel: out of memory")
+    torch.mm(pre.T, x, out=out[0])  # (H·R, D): the second big product, from dpre
     return loss
 
 
@@ -290,8 +320,9 @@ def _autograd_loss_and_grad(spec: MLPSpec, layers: list[torch.Tensor], x: torch.
 # C kernels: a lockstep step's element-wise work (layer 2, the softmax gradient, the per-run
 # reductions, the SGD update) is a few dozen small torch ops on (B, ·, R) tensors, each paying
 # a fixed dispatch cost and a pass over memory; as plain C loops over the run axis (which the
-# compiler vectorizes) they cost a few passes in all. Built once per machine with the system C
-# compiler into a cache directory; without a compiler the same maths runs as torch ops.
+# compiler vectorizes) they cost a few passes in all, and the pass over the examples keeps every
+# intermediate in L1 (no logits or probabilities tensors). Built once per machine with the system
+# C compiler into a cache directory; without a compiler the same maths runs as torch ops.
 
 _KERNEL_ACTIVATIONS = {"relu": 0, "tanh": 1, "sigmoid": 2}
 _KERNEL_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
@@ -302,43 +333,67 @@ _KERNEL_SOURCE = r"""
 #include <string.h>
 #include <stddef.h>
 
-/* Activation in place on pre (B, H, R), then layer 2 of R runs:
-   logits[b,c,r] = b2[c,r] + sum_h hid[b,h,r] * w2[h,c,r]. */
-void layer2(float *restrict hid, const float *restrict w2, const float *restrict b2, float *restrict logits,
-            int64_t B, int64_t H, int64_t C, int64_t R, int act) {
-    const int64_t n = B * H * R;
-    if (act == 0) {
-        for (int64_t i = 0; i < n; i++) hid[i] = hid[i] > 0.0f ? hid[i] : 0.0f;
-    } else if (act == 1) {
-        for (int64_t i = 0; i < n; i++) hid[i] = tanhf(hid[i]);
-    } else {
-        for (int64_t i = 0; i < n; i++) hid[i] = 1.0f / (1.0f + expf(-hid[i]));
-    }
-    for (int64_t b = 0; b < B; b++) {
-        const float *hb = hid + b * H * R;
-        float *lb = logits + b * C * R;
-        for (int64_t c = 0; c < C; c++) {
-            float *o = lb + c * R;
-            const float *bc = b2 + c * R;
-            for (int64_t r = 0; r < R; r++) o[r] = bc[r];
-            for (int64_t h = 0; h < H; h++) {
-                const float *hh = hb + h * R, *w = w2 + (h * C + c) * R;
-                for (int64_t r = 0; r < R; r++) o[r] += hh[r] * w[r];
-            }
-        }
-    }
+/* exp and log as straight-line float arithmetic (Cephes' expf and logf polynomials, within one
+   ulp) so that loops over the run axis vectorize; libm's calls do not. A NaN passes through
+   both, so a diverged run stays visibly diverged. */
+static inline float exp_poly(float x) {
+    x = x < -87.0f ? -87.0f : x;  /* exp(-87): near the smallest normal float32 */
+    x = x > 88.0f ? 88.0f : x;
+    const float shift = 12582912.0f;  /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
+    const float n = (x * 1.44269504088896341f + shift) - shift;
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    const float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r + 1.0f;
+    union { int32_t i; float f; } scale;
+    scale.i = ((int32_t)n + 127) << 23;
+    return p * scale.f;
 }
 
-/* Loss (R,) and gradients from log-probabilities logp and probabilities p (B, C, R) and example
-   weights w (B, R), normalized per run here: dlogits = wn (p - onehot), then back through layer 2
-   and the activation into dpre (B, H, R) and the per-run sums dw2, db2, db1. Returns -1 when out of memory. */
-int backward(const float *restrict hid, const float *restrict logp, const float *restrict p,
-              const int64_t *restrict y, const float *restrict w, const float *restrict w2,
-              float *restrict loss, float *restrict dpre, float *restrict dw2, float *restrict db2,
-              float *restrict db1, int64_t B, int64_t H, int64_t C, int64_t R, int act) {
-    float *const scratch = malloc((size_t)(C + 3) * R * sizeof(float));
+static inline float log_poly(float x) {  /* x positive and normal, or NaN */
+    union { float f; int32_t i; } u = {x};
+    float e = (float)(((u.i >> 23) & 0xff) - 126);
+    u.i = (u.i & 0x807fffff) | 0x3f000000;  /* the mantissa, in [0.5, 1) */
+    float m = u.f;
+    const int below = m < 0.707106781186547524f;
+    e = below ? e - 1.0f : e;
+    m = below ? m + m - 1.0f : m - 1.0f;
+    const float z = m * m;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    y += e * -2.12194440e-4f;
+    y += -0.5f * z;
+    return m + y + e * 0.693359375f + (x - x);  /* x - x: 0, or NaN for a NaN */
+}
+
+/* One lockstep step's element-wise work for R runs, one example b at a time so every
+   intermediate is a few rows of R floats in L1: from the pre-activations pre (B, H, R) =
+   x W1^T + b1, the activation, layer 2, the log-softmax, the loss (R,) = sum_b wn ce with
+   wn the example weights w (B, R) normalized per run, dlogits = wn (softmax - onehot), and back
+   through layer 2 and the activation: dpre (B, H, R), written over pre, and the per-run sums
+   dw2 (H, C, R), db2 (C, R), db1 (H, R). Returns -1 when out of memory. */
+int forward_backward(float *restrict pre, const float *restrict w2, const float *restrict b2,
+                     const int64_t *restrict y, const float *restrict w, float *restrict loss,
+                     float *restrict dw2, float *restrict db2, float *restrict db1,
+                     int64_t B, int64_t H, int64_t C, int64_t R, int act) {
+    float *const scratch = malloc((size_t)(H + C + 6) * R * sizeof(float));
     if (!scratch) return -1;
-    float *restrict g = scratch, *restrict acc = g + C * R, *restrict inv = acc + R, *restrict wb = inv + R;
+    float *restrict hid = scratch, *restrict g = hid + H * R, *restrict mx = g + C * R, *restrict sum = mx + R,
+          *restrict inv = sum + R, *restrict wb = inv + R, *restrict ly = wb + R, *restrict acc = ly + R;
     for (int64_t r = 0; r < R; r++) inv[r] = 0.0f;
     for (int64_t b = 0; b < B; b++)
         for (int64_t r = 0; r < R; r++) inv[r] += w[b * R + r];
@@ -349,28 +404,54 @@ int backward(const float *restrict hid, const float *restrict logp, const float 
     memset(db2, 0, C * R * sizeof(float));
     memset(db1, 0, H * R * sizeof(float));
     for (int64_t b = 0; b < B; b++) {
-        const float *hb = hid + b * H * R, *pb = p + b * C * R;
-        for (int64_t r = 0; r < R; r++) wb[r] = w[b * R + r] * inv[r];
+        float *pb = pre + b * H * R;
         const int64_t yb = y[b];
-        const float *ly = logp + (b * C + yb) * R;
-        for (int64_t r = 0; r < R; r++) loss[r] -= wb[r] * ly[r];
-        for (int64_t c = 0; c < C; c++) {
+        if (act == 0) {
+            for (int64_t i = 0; i < H * R; i++) hid[i] = pb[i] > 0.0f ? pb[i] : 0.0f;
+        } else if (act == 1) {
+            for (int64_t i = 0; i < H * R; i++) hid[i] = tanhf(pb[i]);
+        } else {
+            for (int64_t i = 0; i < H * R; i++) hid[i] = 1.0f / (1.0f + expf(-pb[i]));
+        }
+        for (int64_t c = 0; c < C; c++) {  /* logits, into g */
             float *gc = g + c * R;
-            const float *pc = pb + c * R;
-            const float one = (c == yb) ? 1.0f : 0.0f;
-            for (int64_t r = 0; r < R; r++) gc[r] = wb[r] * (pc[r] - one);
-            float *d2 = db2 + c * R;
-            for (int64_t r = 0; r < R; r++) d2[r] += gc[r];
+            const float *bc = b2 + c * R;
+            for (int64_t r = 0; r < R; r++) gc[r] = bc[r];
+            for (int64_t h = 0; h < H; h++) {
+                const float *hh = hid + h * R, *wc = w2 + (h * C + c) * R;
+                for (int64_t r = 0; r < R; r++) gc[r] += hh[r] * wc[r];
+            }
+        }
+        for (int64_t r = 0; r < R; r++) mx[r] = g[r];
+        for (int64_t c = 1; c < C; c++)
+            for (int64_t r = 0; r < R; r++) mx[r] = g[c * R + r] > mx[r] ? g[c * R + r] : mx[r];
+        for (int64_t r = 0; r < R; r++) { ly[r] = g[yb * R + r] - mx[r]; sum[r] = 0.0f; }
+        for (int64_t c = 0; c < C; c++) {  /* exp(logit - max), into g */
+            float *gc = g + c * R;
+            for (int64_t r = 0; r < R; r++) { gc[r] = exp_poly(gc[r] - mx[r]); sum[r] += gc[r]; }
+        }
+        for (int64_t r = 0; r < R; r++) {
+            wb[r] = w[b * R + r] * inv[r];
+            loss[r] -= wb[r] * (ly[r] - log_poly(sum[r]));
+            sum[r] = wb[r] / sum[r];  /* now the factor turning exp(logit - max) into wn softmax */
+        }
+        for (int64_t c = 0; c < C; c++) {  /* dlogits = wn (softmax - onehot), into g */
+            float *gc = g + c * R, *d2 = db2 + c * R;
+            if (c == yb) {
+                for (int64_t r = 0; r < R; r++) { gc[r] = gc[r] * sum[r] - wb[r]; d2[r] += gc[r]; }
+            } else {
+                for (int64_t r = 0; r < R; r++) { gc[r] = gc[r] * sum[r]; d2[r] += gc[r]; }
+            }
         }
         for (int64_t h = 0; h < H; h++) {
-            const float *hh = hb + h * R;
+            const float *hh = hid + h * R;
             for (int64_t r = 0; r < R; r++) acc[r] = 0.0f;
             for (int64_t c = 0; c < C; c++) {
-                const float *gc = g + c * R, *w = w2 + (h * C + c) * R;
+                const float *gc = g + c * R, *wc = w2 + (h * C + c) * R;
                 float *dw = dw2 + (h * C + c) * R;
-                for (int64_t r = 0; r < R; r++) { dw[r] += hh[r] * gc[r]; acc[r] += gc[r] * w[r]; }
+                for (int64_t r = 0; r < R; r++) { dw[r] += hh[r] * gc[r]; acc[r] += gc[r] * wc[r]; }
             }
-            float *dp = dpre + (b * H + h) * R, *d1 = db1 + h * R;
+            float *dp = pb + h * R, *d1 = db1 + h * R;
             if (act == 0) {
                 for (int64_t r = 0; r < R; r++) { float d = hh[r] > 0.0f ? acc[r] : 0.0f; dp[r] = d; d1[r] += d; }
             } else if (act == 1) {
@@ -384,16 +465,31 @@ int backward(const float *restrict hid, const float *restrict logp, const float 
     return 0;
 }
 
-/* torch.optim.SGD's update in one pass: d = g + wd p; buf = m buf + d; u = d + m buf (Nesterov) or buf; p -= lr f u. */
-void sgd_update(float *restrict p, const float *restrict g, float *restrict buf, const float *restrict lr, int64_t n,
-                float wd, float m, int nesterov, float f) {
-    for (int64_t i = 0; i < n; i++) {
-        float d = g[i] + wd * p[i];
-        float b = m * buf[i] + d;
-        buf[i] = b;
-        float u = nesterov ? d + m * b : b;
-        p[i] -= (lr[i] * f) * u;
+/* torch.optim.SGD's update of one parameter, element-wise: d = g + wd p; buf = m buf + d;
+   u = d + m buf (Nesterov) or buf; p -= lr f u. */
+static inline void sgd_one(float *restrict p, const float *restrict g, float *restrict buf, float lr, float wd,
+                           float m, int nesterov, int64_t i) {
+    const float d = g[i] + wd * p[i];
+    const float b = m * buf[i] + d;
+    buf[i] = b;
+    p[i] -= lr * (nesterov ? d + m * b : b);
+}
+
+/* The update of the whole stack in one pass. The stack is W1 (rows of D floats, run r = row % R,
+   as row h R + r holds unit h of run r) followed by rows of R floats, one per run (b1, W2, b2);
+   lr (R,) holds each run's base learning rate and f the schedule's factor. */
+void sgd_update(float *restrict p, const float *restrict g, float *restrict buf, const float *restrict lr,
+                int64_t R, int64_t D, int64_t w1_rows, int64_t tail_rows, float wd, float m, int nesterov, float f) {
+    for (int64_t row = 0; row < w1_rows; row++) {
+        const float l = lr[row % R] * f;
+        float *pr = p + row * D, *br = buf + row * D;
+        const float *gr = g + row * D;
+        for (int64_t i = 0; i < D; i++) sgd_one(pr, gr, br, l, wd, m, nesterov, i);
     }
+    float *pt = p + w1_rows * D, *bt = buf + w1_rows * D;
+    const float *gt = g + w1_rows * D;
+    for (int64_t row = 0; row < tail_rows; row++)
+        for (int64_t r = 0; r < R; r++) sgd_one(pt + row * R, gt + row * R, bt + row * R, lr[r] * f, wd, m, nesterov, r);
 }
 """
 
@@ -429,11 +525,10 @@ def compiled_kernels() -> ctypes.CDLL | None:
             return None
     dll = ctypes.CDLL(str(lib))
     i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    dll.layer2.argtypes = [ptr] * 4 + [i64] * 4 + [ctypes.c_int]
-    dll.backward.argtypes = [ptr] * 11 + [i64] * 4 + [ctypes.c_int]
-    dll.sgd_update.argtypes = [ptr] * 4 + [i64, f32, f32, ctypes.c_int, f32]
-    dll.layer2.restype = dll.sgd_update.restype = None
-    dll.backward.restype = ctypes.c_int
+    dll.forward_backward.argtypes = [ptr] * 9 + [i64] * 4 + [ctypes.c_int]
+    dll.forward_backward.restype = ctypes.c_int
+    dll.sgd_update.argtypes = [ptr] * 4 + [i64] * 4 + [f32, f32, ctypes.c_int, f32]
+    dll.sgd_update.restype = None
     return dll
 
 

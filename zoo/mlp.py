@@ -236,6 +236,23 @@ def flat_from_hidden_major(spec: MLPSpec, layers: list[torch.Tensor]) -> torch.T
                       w2.permute(2, 1, 0).reshape(m, -1), b2.T], dim=1)
 
 
+def take_models(spec: MLPSpec, layers: list[torch.Tensor], idx: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
+    """Copies of the hidden-major layers (:func:`hidden_major`) of the models idx (m,) of a stack."""
+    w1, b1, w2, b2 = layers
+    h, r, idx = spec.hidden, b2.shape[1], torch.as_tensor(idx, dtype=torch.long)
+    m = len(idx)
+    return [w1.view(h, r, -1).index_select(1, idx).view(h * m, -1), b1.view(h, r).index_select(1, idx).view(-1),
+            w2.index_select(2, idx), b2.index_select(1, idx)]
+
+
+def concat_models(spec: MLPSpec, stacks: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Several stacks of hidden-major layers side by side as one stack (models in order; copies)."""
+    h, d = spec.hidden, spec.input_size
+    return [torch.cat([st[0].view(h, -1, d) for st in stacks], 1).view(-1, d),
+            torch.cat([st[1].view(h, -1) for st in stacks], 1).view(-1),
+            torch.cat([st[2] for st in stacks], 2), torch.cat([st[3] for st in stacks], 1)]
+
+
 def stacked_forward(spec: MLPSpec, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                     b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """M models at once on (n, D) inputs -> hidden (n, H, M) and logits (n, C, M).
