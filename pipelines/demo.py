@@ -34,7 +34,7 @@ class DemoConfig:
     dataset: str = "mnist-5k"  # dataset name (mnist-5k, fashion-mnist, digits, idx:DIR, mnist:DIR)
     quick: bool = False  # tiny sizes for tests and smoke runs
     runs: int = 256  # zoo training runs
-    runs_per_group: int = 32  # runs trained in lockstep per zoo commit
+    runs_per_group: int = 128  # runs trained in lockstep per zoo commit
     zoo_epochs: int | None = None  # epochs per zoo run (None: the preset's)
     workers: int | None = 2  # dask workers for collection (None: CPU count; 0: no dask)
     hyper_preset: str = "cpu-small"  # hypernetwork preset (hyper.model.PRESETS)

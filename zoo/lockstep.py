@@ -10,7 +10,7 @@ per-run reductions, the SGD update) is element-wise work on (B, ·, R) tensors w
 innermost, so it vectorizes over runs. With H = 2 and C = 4 that work is as large as the two
 products; as ~30 torch ops it cost twice the products, so it runs as two C loops — one pass
 over the examples for everything between the products, one over the stack for the update —
-compiled once per machine (see :func:`compiled_kernels`), with the same maths as torch ops
+compiled once per machine (see :mod:`zoo.kernels`), with the same maths as torch ops
 where no C compiler exists. Tests check both paths against ``torch.optim.SGD`` on each run alone.
 
 Runs still differ where it matters: each has its own initialization, learning rate and
@@ -27,22 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
-import hashlib
-import logging
 import math
-import os
-import platform
-import shutil
-import subprocess
 import time
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from zoo import kernels as kernels_module
 from zoo.errors import HyperForgetError
 from zoo.mlp import (MLPSpec, flat_from_hidden_major, hidden_major, init_params as default_init_params, stacked_forward,
                      take_models)
@@ -111,7 +104,7 @@ class LockstepSGD:
         # The manual backward covers the activations with a closed-form derivative; others use autograd.
         self.grad_mode = grad_mode if spec.activation in _ACTIVATION_GRADS else "autograd"
         # The C kernels when they build on this machine (kernels=False: torch ops only, same maths).
-        self.kernels = compiled_kernels() if kernels else None
+        self.kernels = kernels_module.compiled_kernels() if kernels else None
         if self.kernels is None:  # the torch-op update reads each element's learning rate from a stack-sized vector
             h = spec.hidden
             per_layer = [self.lr.repeat(h)[:, None], self.lr.repeat(h), self.lr, self.lr]
@@ -299,7 +292,7 @@ def _kernel_loss_and_grad(lib: ctypes.CDLL, spec: MLPSpec, layers: list[torch.Te
     loss = torch.empty(r)
     if lib.forward_backward(pre.data_ptr(), w2.data_ptr(), b2.data_ptr(), yy.data_ptr(), w.data_ptr(),
                             loss.data_ptr(), out[2].data_ptr(), out[3].data_ptr(), out[1].data_ptr(),
-                            b, h, c, r, _KERNEL_ACTIVATIONS[spec.activation]):
+                            b, h, c, r, kernels_module.ACTIVATIONS[spec.activation]):
         raise MemoryError("lockstep forward_backward kernel: out of memory")
     torch.mm(pre.T, x, out=out[0])  # (H·R, D): the second big product, from dpre
     return loss
@@ -314,231 +307,6 @@ def _autograd_loss_and_grad(spec: MLPSpec, layers: list[torch.Tensor], x: torch.
         loss = (wn * nll).sum(0)
         grads = torch.autograd.grad(loss.sum(), ps)
     return loss.detach(), list(grads)
-
-
-# ----------------------------------------------------------------------------------------------
-# C kernels: a lockstep step's element-wise work (layer 2, the softmax gradient, the per-run
-# reductions, the SGD update) is a few dozen small torch ops on (B, ·, R) tensors, each paying
-# a fixed dispatch cost and a pass over memory; as plain C loops over the run axis (which the
-# compiler vectorizes) they cost a few passes in all, and the pass over the examples keeps every
-# intermediate in L1 (no logits or probabilities tensors). Built once per machine with the system
-# C compiler into a cache directory; without a compiler the same maths runs as torch ops.
-
-_KERNEL_ACTIVATIONS = {"relu": 0, "tanh": 1, "sigmoid": 2}
-_KERNEL_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
-_KERNEL_SOURCE = r"""
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <stddef.h>
-
-/* exp and log as straight-line float arithmetic (Cephes' expf and logf polynomials, within one
-   ulp) so that loops over the run axis vectorize; libm's calls do not. A NaN passes through
-   both, so a diverged run stays visibly diverged. */
-static inline float exp_poly(float x) {
-    x = x < -87.0f ? -87.0f : x;  /* exp(-87): near the smallest normal float32 */
-    x = x > 88.0f ? 88.0f : x;
-    const float shift = 12582912.0f;  /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
-    const float n = (x * 1.44269504088896341f + shift) - shift;
-    float r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    const float z = r * r;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * z + r + 1.0f;
-    union { int32_t i; float f; } scale;
-    scale.i = ((int32_t)n + 127) << 23;
-    return p * scale.f;
-}
-
-static inline float log_poly(float x) {  /* x positive and normal, or NaN */
-    union { float f; int32_t i; } u = {x};
-    float e = (float)(((u.i >> 23) & 0xff) - 126);
-    u.i = (u.i & 0x807fffff) | 0x3f000000;  /* the mantissa, in [0.5, 1) */
-    float m = u.f;
-    const int below = m < 0.707106781186547524f;
-    e = below ? e - 1.0f : e;
-    m = below ? m + m - 1.0f : m - 1.0f;
-    const float z = m * m;
-    float y = 7.0376836292e-2f;
-    y = y * m - 1.1514610310e-1f;
-    y = y * m + 1.1676998740e-1f;
-    y = y * m - 1.2420140846e-1f;
-    y = y * m + 1.4249322787e-1f;
-    y = y * m - 1.6668057665e-1f;
-    y = y * m + 2.0000714765e-1f;
-    y = y * m - 2.4999993993e-1f;
-    y = y * m + 3.3333331174e-1f;
-    y = y * m * z;
-    y += e * -2.12194440e-4f;
-    y += -0.5f * z;
-    return m + y + e * 0.693359375f + (x - x);  /* x - x: 0, or NaN for a NaN */
-}
-
-/* One lockstep step's element-wise work for R runs, one example b at a time so every
-   intermediate is a few rows of R floats in L1: from the pre-activations pre (B, H, R) =
-   x W1^T + b1, the activation, layer 2, the log-softmax, the loss (R,) = sum_b wn ce with
-   wn the example weights w (B, R) normalized per run, dlogits = wn (softmax - onehot), and back
-   through layer 2 and the activation: dpre (B, H, R), written over pre, and the per-run sums
-   dw2 (H, C, R), db2 (C, R), db1 (H, R). Returns -1 when out of memory. */
-int forward_backward(float *restrict pre, const float *restrict w2, const float *restrict b2,
-                     const int64_t *restrict y, const float *restrict w, float *restrict loss,
-                     float *restrict dw2, float *restrict db2, float *restrict db1,
-                     int64_t B, int64_t H, int64_t C, int64_t R, int act) {
-    float *const scratch = malloc((size_t)(H + C + 6) * R * sizeof(float));
-    if (!scratch) return -1;
-    float *restrict hid = scratch, *restrict g = hid + H * R, *restrict mx = g + C * R, *restrict sum = mx + R,
-          *restrict inv = sum + R, *restrict wb = inv + R, *restrict ly = wb + R, *restrict acc = ly + R;
-    for (int64_t r = 0; r < R; r++) inv[r] = 0.0f;
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t r = 0; r < R; r++) inv[r] += w[b * R + r];
-    /* A run whose minibatch holds only removed examples gets all-zero weights, hence no gradient. */
-    for (int64_t r = 0; r < R; r++) inv[r] = 1.0f / (inv[r] > 1e-12f ? inv[r] : 1e-12f);
-    memset(loss, 0, R * sizeof(float));
-    memset(dw2, 0, H * C * R * sizeof(float));
-    memset(db2, 0, C * R * sizeof(float));
-    memset(db1, 0, H * R * sizeof(float));
-    for (int64_t b = 0; b < B; b++) {
-        float *pb = pre + b * H * R;
-        const int64_t yb = y[b];
-        if (act == 0) {
-            for (int64_t i = 0; i < H * R; i++) hid[i] = pb[i] > 0.0f ? pb[i] : 0.0f;
-        } else if (act == 1) {
-            for (int64_t i = 0; i < H * R; i++) hid[i] = tanhf(pb[i]);
-        } else {
-            for (int64_t i = 0; i < H * R; i++) hid[i] = 1.0f / (1.0f + expf(-pb[i]));
-        }
-        for (int64_t c = 0; c < C; c++) {  /* logits, into g */
-            float *gc = g + c * R;
-            const float *bc = b2 + c * R;
-            for (int64_t r = 0; r < R; r++) gc[r] = bc[r];
-            for (int64_t h = 0; h < H; h++) {
-                const float *hh = hid + h * R, *wc = w2 + (h * C + c) * R;
-                for (int64_t r = 0; r < R; r++) gc[r] += hh[r] * wc[r];
-            }
-        }
-        for (int64_t r = 0; r < R; r++) mx[r] = g[r];
-        for (int64_t c = 1; c < C; c++)
-            for (int64_t r = 0; r < R; r++) mx[r] = g[c * R + r] > mx[r] ? g[c * R + r] : mx[r];
-        for (int64_t r = 0; r < R; r++) { ly[r] = g[yb * R + r] - mx[r]; sum[r] = 0.0f; }
-        for (int64_t c = 0; c < C; c++) {  /* exp(logit - max), into g */
-            float *gc = g + c * R;
-            for (int64_t r = 0; r < R; r++) { gc[r] = exp_poly(gc[r] - mx[r]); sum[r] += gc[r]; }
-        }
-        for (int64_t r = 0; r < R; r++) {
-            wb[r] = w[b * R + r] * inv[r];
-            loss[r] -= wb[r] * (ly[r] - log_poly(sum[r]));
-            sum[r] = wb[r] / sum[r];  /* now the factor turning exp(logit - max) into wn softmax */
-        }
-        for (int64_t c = 0; c < C; c++) {  /* dlogits = wn (softmax - onehot), into g */
-            float *gc = g + c * R, *d2 = db2 + c * R;
-            if (c == yb) {
-                for (int64_t r = 0; r < R; r++) { gc[r] = gc[r] * sum[r] - wb[r]; d2[r] += gc[r]; }
-            } else {
-                for (int64_t r = 0; r < R; r++) { gc[r] = gc[r] * sum[r]; d2[r] += gc[r]; }
-            }
-        }
-        for (int64_t h = 0; h < H; h++) {
-            const float *hh = hid + h * R;
-            for (int64_t r = 0; r < R; r++) acc[r] = 0.0f;
-            for (int64_t c = 0; c < C; c++) {
-                const float *gc = g + c * R, *wc = w2 + (h * C + c) * R;
-                float *dw = dw2 + (h * C + c) * R;
-                for (int64_t r = 0; r < R; r++) { dw[r] += hh[r] * gc[r]; acc[r] += gc[r] * wc[r]; }
-            }
-            float *dp = pb + h * R, *d1 = db1 + h * R;
-            if (act == 0) {
-                for (int64_t r = 0; r < R; r++) { float d = hh[r] > 0.0f ? acc[r] : 0.0f; dp[r] = d; d1[r] += d; }
-            } else if (act == 1) {
-                for (int64_t r = 0; r < R; r++) { float d = acc[r] * (1.0f - hh[r] * hh[r]); dp[r] = d; d1[r] += d; }
-            } else {
-                for (int64_t r = 0; r < R; r++) { float d = acc[r] * hh[r] * (1.0f - hh[r]); dp[r] = d; d1[r] += d; }
-            }
-        }
-    }
-    free(scratch);
-    return 0;
-}
-
-/* torch.optim.SGD's update of one parameter, element-wise: d = g + wd p; buf = m buf + d;
-   u = d + m buf (Nesterov) or buf; p -= lr f u. */
-static inline void sgd_one(float *restrict p, const float *restrict g, float *restrict buf, float lr, float wd,
-                           float m, int nesterov, int64_t i) {
-    const float d = g[i] + wd * p[i];
-    const float b = m * buf[i] + d;
-    buf[i] = b;
-    p[i] -= lr * (nesterov ? d + m * b : b);
-}
-
-/* The update of the whole stack in one pass. The stack is W1 (rows of D floats, run r = row % R,
-   as row h R + r holds unit h of run r) followed by rows of R floats, one per run (b1, W2, b2);
-   lr (R,) holds each run's base learning rate and f the schedule's factor. */
-void sgd_update(float *restrict p, const float *restrict g, float *restrict buf, const float *restrict lr,
-                int64_t R, int64_t D, int64_t w1_rows, int64_t tail_rows, float wd, float m, int nesterov, float f) {
-    for (int64_t row = 0; row < w1_rows; row++) {
-        const float l = lr[row % R] * f;
-        float *pr = p + row * D, *br = buf + row * D;
-        const float *gr = g + row * D;
-        for (int64_t i = 0; i < D; i++) sgd_one(pr, gr, br, l, wd, m, nesterov, i);
-    }
-    float *pt = p + w1_rows * D, *bt = buf + w1_rows * D;
-    const float *gt = g + w1_rows * D;
-    for (int64_t row = 0; row < tail_rows; row++)
-        for (int64_t r = 0; r < R; r++) sgd_one(pt + row * R, gt + row * R, bt + row * R, lr[r] * f, wd, m, nesterov, r);
-}
-"""
-
-
-@functools.lru_cache(maxsize=1)
-def compiled_kernels() -> ctypes.CDLL | None:
-    """The lockstep C kernels for this machine, or None when they cannot be built.
-
-    The shared library is cached under $HYPERFORGET_CACHE (default ~/.cache/hyperforget), named
-    by a hash of the source, flags and CPU (-march=native code must not run on another CPU), and
-    written to a temporary name then renamed, so concurrent workers never load half a file.
-    Set HYPERFORGET_KERNELS=0 to use torch ops only.
-    """
-    if os.environ.get("HYPERFORGET_KERNELS", "1") == "0":
-        return None
-    cc = shutil.which(os.environ.get("CC", "cc"))
-    if cc is None:
-        logging.getLogger(__name__).info("no C compiler: lockstep training uses torch ops")
-        return None
-    key = hashlib.sha256("\n".join([_KERNEL_SOURCE, " ".join(_KERNEL_FLAGS), cc, _cpu_id()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("HYPERFORGET_CACHE", Path.home() / ".cache" / "hyperforget"))
-    lib = cache / f"lockstep-{key}.so"
-    if not lib.exists():
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            src, tmp = cache / f"lockstep-{key}-{os.getpid()}.c", cache / f"lockstep-{key}-{os.getpid()}.so.tmp"
-            src.write_text(_KERNEL_SOURCE)
-            subprocess.run([cc, *_KERNEL_FLAGS, "-o", str(tmp), str(src)], check=True, capture_output=True, timeout=120)
-            src.unlink()
-            os.replace(tmp, lib)
-        except (OSError, subprocess.SubprocessError) as exc:
-            logging.getLogger(__name__).warning("lockstep C kernels did not build (%s); using torch ops", exc)
-            return None
-    dll = ctypes.CDLL(str(lib))
-    i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    dll.forward_backward.argtypes = [ptr] * 9 + [i64] * 4 + [ctypes.c_int]
-    dll.forward_backward.restype = ctypes.c_int
-    dll.sgd_update.argtypes = [ptr] * 4 + [i64] * 4 + [f32, f32, ctypes.c_int, f32]
-    dll.sgd_update.restype = None
-    return dll
-
-
-def _cpu_id() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        return platform.machine() + "".join(line for line in info.splitlines()
-                                            if line.startswith(("model name", "flags")))[:4096]
-    except OSError:
-        return platform.machine() + platform.processor()
 
 
 def train_models(spec: MLPSpec, x_train: torch.Tensor | np.ndarray, y_train: torch.Tensor | np.ndarray,

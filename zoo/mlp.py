@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo import kernels
 from zoo.errors import HyperForgetError
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu, "sigmoid": torch.sigmoid}
@@ -321,9 +322,9 @@ class PerClassEvaluator:
 
     @torch.no_grad()
     def stacked(self, layers: list[torch.Tensor]) -> ClassMetrics:
-        """ClassMetrics of models given as hidden-major layers (:func:`hidden_major`), all in one pass.
+        """ClassMetrics of models given as hidden-major layers (:func:`hidden_major`), without flat copies.
 
-        The collector evaluates a lockstep group's runs this way, without flat copies.
+        The collector evaluates its checkpoint candidates this way.
         """
         return self._metrics(*self._class_sums(layers))
 
@@ -331,16 +332,38 @@ class PerClassEvaluator:
         """Summed cross-entropy and correct predictions per class: two (C, M) tensors."""
         m, c = layers[3].shape[1], self.spec.num_classes
         loss_sum, correct = torch.zeros(c, m), torch.zeros(c, m)
-        for n0 in range(0, len(self.y), self.rows_per_pass):
-            n1 = n0 + self.rows_per_pass
-            logits = stacked_forward(self.spec, self.x[n0:n1], *layers)[1]  # (n, C, M)
-            yy = self.y[n0:n1].view(-1, 1, 1).expand(-1, 1, m)
-            nll = torch.log_softmax(logits, 1).gather(1, yy)[:, 0].neg_()  # (n, M)
-            # Only the true class reaches its own logit (argmax over a short middle axis is far slower).
-            hit = ((logits >= logits.gather(1, yy)).sum(1) == 1).to(torch.float32)  # (n, M)
-            loss_sum.addmm_(self.onehot_t[:, n0:n1], nll)  # (C, n) @ (n, M)
-            correct.addmm_(self.onehot_t[:, n0:n1], hit)
+        lib = kernels.compiled_kernels()
+        if lib is not None and self.spec.activation in kernels.ACTIVATIONS:
+            self._kernel_class_sums(lib, layers, loss_sum, correct)
+            return loss_sum, correct
+        for m0 in range(0, m, self.models_per_pass):  # bounds the (n, C, M) logits
+            m1 = min(m, m0 + self.models_per_pass)
+            part = layers if (m0, m1) == (0, m) else take_models(self.spec, layers, torch.arange(m0, m1))
+            for n0 in range(0, len(self.y), self.rows_per_pass):
+                n1 = n0 + self.rows_per_pass
+                logits = stacked_forward(self.spec, self.x[n0:n1], *part)[1]  # (n, C, M)
+                yy = self.y[n0:n1].view(-1, 1, 1).expand(-1, 1, m1 - m0)
+                nll = torch.log_softmax(logits, 1).gather(1, yy)[:, 0].neg_()  # (n, M)
+                # Only the true class reaches its own logit (argmax over a short middle axis is far slower).
+                hit = ((logits >= logits.gather(1, yy)).sum(1) == 1).to(torch.float32)  # (n, M)
+                loss_sum[:, m0:m1].addmm_(self.onehot_t[:, n0:n1], nll)  # (C, n) @ (n, M)
+                correct[:, m0:m1].addmm_(self.onehot_t[:, n0:n1], hit)
         return loss_sum, correct
+
+    def _kernel_class_sums(self, lib, layers: list[torch.Tensor], loss_sum: torch.Tensor,
+                           correct: torch.Tensor) -> None:
+        """:meth:`_class_sums` with everything after the first product in one C pass per row block."""
+        w1, b1, w2, b2 = (t.contiguous() for t in layers)
+        h, c, m = w2.shape
+        # Row blocks whose pre-activations (rows, H·M) stay in L2 for the C pass that reads them.
+        rows = max(64, min(self.rows_per_pass, (1 << 19) // (h * m)))
+        act = kernels.ACTIVATIONS[self.spec.activation]
+        for n0 in range(0, len(self.y), rows):
+            x, y = self.x[n0:n0 + rows], self.y[n0:n0 + rows]
+            pre = torch.addmm(b1, x, w1.T)  # (n, H·M)
+            if lib.class_sums(pre.data_ptr(), w2.data_ptr(), b2.data_ptr(), y.data_ptr(), loss_sum.data_ptr(),
+                              correct.data_ptr(), len(y), h, c, m, act):
+                raise MemoryError("class_sums kernel: out of memory")
 
     def _metrics(self, loss_sum: torch.Tensor, correct: torch.Tensor) -> ClassMetrics:
         n = self.counts.sum()

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from zoo.datasets import load_dataset
 from zoo.errors import HyperForgetError
-from zoo import lockstep
+from zoo import kernels as kernels_module
 from zoo.lockstep import LockstepSGD, epoch_batches, train_models
 from zoo.mlp import MLP, MLPSpec, evaluate_per_class, init_params
 
@@ -49,19 +49,9 @@ def reference_train(spec, x, y, seed, *, epochs, lr, batch_size, data_seed, clas
     return model.flat_params()
 
 
-@pytest.fixture(params=["kernels", "torch-ops"])
-def kernels(request, monkeypatch):
-    """Run a test with the C kernels and again with the torch-op fallback (same maths)."""
-    if request.param == "torch-ops":
-        monkeypatch.setattr(lockstep, "compiled_kernels", lambda: None)
-    elif lockstep.compiled_kernels() is None:
-        pytest.skip("no C compiler: the kernels cannot be built here")
-    return request.param == "kernels"
-
-
 def test_kernels_build_where_a_compiler_exists():
     if shutil.which(os.environ.get("CC", "cc")):
-        assert lockstep.compiled_kernels() is not None
+        assert kernels_module.compiled_kernels() is not None
 
 
 @pytest.mark.parametrize("grad_mode", ["manual", "autograd"])

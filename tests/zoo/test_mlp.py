@@ -82,7 +82,7 @@ def test_batched_logits_match_modules(tiny_dataset, activation):
             torch.testing.assert_close(hidden[m], model.hidden_features(x), rtol=1e-5, atol=1e-5)
 
 
-def test_evaluate_per_class_matches_cross_entropy_per_model(tiny_dataset):
+def test_evaluate_per_class_matches_cross_entropy_per_model(tiny_dataset, kernels):
     """Batched metrics == each model alone with F.cross_entropy, across model and row passes."""
     spec = MLPSpec(64, 3, 4)
     gen = torch.Generator().manual_seed(2)
@@ -104,7 +104,7 @@ def test_evaluate_per_class_matches_cross_entropy_per_model(tiny_dataset):
             assert got.total_acc[m] == pytest.approx((out.argmax(1) == y).float().mean().item(), abs=1e-6)
 
 
-def test_evaluate_edge_cases(tiny_dataset):
+def test_evaluate_edge_cases(tiny_dataset, kernels):
     spec = MLPSpec(64, 3, 4)
     p = init_params(spec, [0])
     x, y = tiny_dataset.x_test, tiny_dataset.y_test
@@ -113,6 +113,11 @@ def test_evaluate_edge_cases(tiny_dataset):
     keep = y != 2  # class 2 absent: NaN for it, finite for others
     m = evaluate_per_class(spec, p, x[keep], y[keep])
     assert np.isnan(m.loss[0, 2]) and np.isnan(m.acc[0, 2]) and np.isfinite(m.loss[0, [0, 1, 3]]).all()
+    bad = torch.cat([p, p])
+    bad[1, 5] = float("nan")  # a diverged model: NaN loss, no correct prediction, the other one untouched
+    m = evaluate_per_class(spec, bad, x, y)
+    assert np.isnan(m.loss[1]).all() and np.isnan(m.total_loss[1]) and (m.acc[1] == 0).all()
+    np.testing.assert_allclose(m.loss[0], one.loss[0], rtol=1e-6)
     with pytest.raises(HyperForgetError, match="inputs have 63 features"):
         evaluate_per_class(spec, p, x[:, :63], y)
     with pytest.raises(HyperForgetError, match="needs 211"):
@@ -154,7 +159,7 @@ def test_save_load_mlps(tmp_path):
         load_mlps(str(tmp_path / "absent.safetensors"))
 
 
-def test_an_exact_logit_tie_is_not_a_correct_prediction():
+def test_an_exact_logit_tie_is_not_a_correct_prediction(kernels):
     spec = MLPSpec(5, 2, 3)
     x, y = torch.randn(30, 5), torch.arange(30) % 3
     zero = evaluate_per_class(spec, torch.zeros(1, spec.num_params), x, y)  # every logit ties
