@@ -64,6 +64,8 @@ class CollectConfig:
     undersample_pivots: bool = False  # may pivot classes be undersampled too
     deletion_share: float = 0.4  # share of runs that delete non-pivot classes mid-training
     deletion_window: tuple[float, float] = (0.3, 0.6)  # deletion step as a fraction of the run's steps
+    forgetting_lr: float = 0.0  # > 0: a deletion restarts the run's cosine lr at this multiple of its base lr
+    deletion_undersample: bool = True  # may deletion runs undersample classes too (False: they learn all first)
     max_param_abs: float = 10.0  # checkpoints with a larger |parameter| are not kept (G.pt drops them)
     selection: SelectionConfig = field(default_factory=SelectionConfig)  # Appendix A.5 heuristics
 
@@ -85,6 +87,7 @@ class CollectConfig:
             (len(self.deletion_window) == 2 and 0 < self.deletion_window[0] <= self.deletion_window[1] < 1,
              f"deletion_window must be two fractions 0 < a ≤ b < 1, got {self.deletion_window}"),
             (self.max_param_abs > 0, "max_param_abs must be > 0"),
+            (self.forgetting_lr >= 0, f"forgetting_lr must be ≥ 0, got {self.forgetting_lr}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -191,6 +194,8 @@ def plan_run(cfg: CollectConfig, task: Task, run_id: int) -> RunPlan:
         a, b = cfg.deletion_window
         deletion_step = int(round(rng.uniform(a, b) * task.total_steps))
         deletion_step = min(max(deletion_step, 1), task.total_steps - 1)
+        if not cfg.deletion_undersample:
+            under, rates = (), ()
     return RunPlan(run_id, seed, lr, kind, under, rates, deleted, deletion_step)
 
 
@@ -325,6 +330,16 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
                                   acc[keep_], np.stack([metrics.total_loss[at][keep_], metrics.total_acc[at][keep_]], 1)))
         snapshots.clear()
 
+    def lr_factors(s: int) -> torch.Tensor | None:
+        """Per-run lr factors of step s (0-based): a deletion run past its deletion restarts its cosine."""
+        restarted = (deletion_step >= 0) & (s >= deletion_step) if cfg.forgetting_lr > 0 else None
+        if restarted is None or not restarted.any():
+            return None
+        factors = np.full(r_, opt.lr_factor(s), dtype=np.float32)
+        d = deletion_step[restarted]
+        factors[restarted] = cfg.forgetting_lr * 0.5 * (1.0 + np.cos(np.pi * (s - d) / (T - d)))
+        return torch.from_numpy(factors)
+
     # Train: all runs step together on the group's minibatch sequence.
     gen = torch.Generator().manual_seed(_mix(cfg.seed, 3, g))
     train_seconds = train_cpu = 0.0
@@ -337,8 +352,9 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
             if started.any():
                 rows = torch.as_tensor(np.flatnonzero(started))
                 keep[:, rows] = keep[:, rows].masked_fill(in_deleted[:, rows], 0.0)
+            factors = lr_factors(t - 1)
             t0, c0 = time.perf_counter(), time.thread_time()
-            opt.step(x.index_select(0, idx), y.index_select(0, idx), keep.index_select(0, idx).T)
+            opt.step(x.index_select(0, idx), y.index_select(0, idx), keep.index_select(0, idx).T, factors)
             train_seconds += time.perf_counter() - t0
             train_cpu += time.thread_time() - c0
             snapshot(t)

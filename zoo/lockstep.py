@@ -106,9 +106,7 @@ class LockstepSGD:
         # The C kernels when they build on this machine (kernels=False: torch ops only, same maths).
         self.kernels = kernels_module.compiled_kernels() if kernels else None
         if self.kernels is None:  # the torch-op update reads each element's learning rate from a stack-sized vector
-            h = spec.hidden
-            per_layer = [self.lr.repeat(h)[:, None], self.lr.repeat(h), self.lr, self.lr]
-            self._lr_storage = torch.cat([col.expand(sh).reshape(-1) for col, sh in zip(per_layer, shapes)])
+            self._lr_storage = self._stack_sized(self.lr)
         self.step_count = 0
 
     @property
@@ -160,14 +158,22 @@ class LockstepSGD:
         return flat_from_hidden_major(self.spec, grads)
 
     @torch.no_grad()
-    def step(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """One SGD step of all runs on the shared minibatch; returns the (R,) losses before it."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+             lr_factors: torch.Tensor | None = None) -> torch.Tensor:
+        """One SGD step of all runs on the shared minibatch; returns the (R,) losses before it.
+
+        lr_factors: (R,) per-run multipliers of the base lr for this step, in place of the
+            schedule's common factor (runs whose schedules differ, e.g. restarted at a deletion).
+        """
         loss, _ = self.loss_and_grad(x, y, w)
         g, p, buf = self.grad_storage, self.storage, self.buf
         f = self.lr_factor(self.step_count)
+        lr = self.lr
+        if lr_factors is not None:
+            lr, f = self.lr * torch.as_tensor(lr_factors, dtype=torch.float32), 1.0
         if self.kernels is not None:
             h, r, (d, c) = self.spec.hidden, self.num_runs, (self.spec.input_size, self.spec.num_classes)
-            self.kernels.sgd_update(p.data_ptr(), g.data_ptr(), buf.data_ptr(), self.lr.data_ptr(), r, d, h * r,
+            self.kernels.sgd_update(p.data_ptr(), g.data_ptr(), buf.data_ptr(), lr.data_ptr(), r, d, h * r,
                                     h + h * c + c, self.weight_decay, self.momentum, int(self.nesterov), f)
         else:
             # torch.optim.SGD per parameter, as four passes over the stack: g += wd·p;
@@ -176,9 +182,15 @@ class LockstepSGD:
                 g.add_(p, alpha=self.weight_decay)
             torch.add(g, buf, alpha=self.momentum, out=buf)
             update = g.add_(buf, alpha=self.momentum) if self.nesterov else buf
-            p.addcmul_(update, self._lr_storage, value=-f)
+            p.addcmul_(update, self._lr_storage if lr_factors is None else self._stack_sized(lr), value=-f)
         self.step_count += 1
         return loss
+
+    def _stack_sized(self, per_run: torch.Tensor) -> torch.Tensor:
+        """(R,) per-run values -> one per element of the stack (the torch-op update's lr)."""
+        h, shapes = self.spec.hidden, _layer_shapes(self.spec, self.num_runs)
+        per_layer = [per_run.repeat(h)[:, None], per_run.repeat(h), per_run, per_run]
+        return torch.cat([col.expand(sh).reshape(-1) for col, sh in zip(per_layer, shapes)])
 
 
 def step_product_shapes(spec: MLPSpec, runs: int, batch_size: int) -> list[tuple[int, int, int, bool]]:

@@ -24,6 +24,12 @@ def collect_cmd(
     seed: Annotated[int, typer.Option(help="master seed; run r derives from (seed, r)")] = 0,
     epochs: Annotated[Optional[int], typer.Option(help="epochs per run (default: the preset's)")] = None,
     max_per_run: Annotated[Optional[int], typer.Option(help="checkpoints per run (default: the preset's)")] = None,
+    deletion_share: Annotated[float, typer.Option(help="share of runs that delete classes mid-training")] = 0.4,
+    deletion_window: Annotated[str, typer.Option(help="deletion step as fractions A,B of a run's steps")] = "0.3,0.6",
+    forgetting_lr: Annotated[float, typer.Option(
+        help="> 0: a deletion restarts the run's cosine lr at this multiple of its base lr")] = 0.0,
+    deletion_undersample: Annotated[bool, typer.Option(
+        help="deletion runs may undersample classes too (--no-deletion-undersample: they learn all first)")] = True,
     no_dask: Annotated[bool, typer.Option("--no-dask", help="train groups in this process, one by one")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
@@ -31,8 +37,15 @@ def collect_cmd(
     from zoo.collect import CollectConfig, collect
     from zoo.selection import SelectionConfig
 
+    from zoo.errors import HyperForgetError
+
+    try:
+        window = tuple(float(v) for v in deletion_window.split(","))
+    except ValueError:
+        raise HyperForgetError(f"--deletion-window must be two fractions A,B, got {deletion_window!r}") from None
     cfg = CollectConfig(preset=preset, dataset=dataset, data_root=data_root, runs=runs, augment=augment,
-                        runs_per_group=runs_per_group, seed=seed, epochs=epochs,
+                        runs_per_group=runs_per_group, seed=seed, epochs=epochs, deletion_share=deletion_share,
+                        deletion_window=window, forgetting_lr=forgetting_lr, deletion_undersample=deletion_undersample,
                         selection=SelectionConfig(max_per_run=max_per_run))
     summary = collect(cfg, out, use_dask=not no_dask, workers=workers, scheduler=scheduler, progress=True)
     if as_json:

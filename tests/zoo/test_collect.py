@@ -234,6 +234,34 @@ def test_deletion_runs_show_rising_loss_on_deleted_classes(tiny_zoo):
     assert len(rises) >= 2 and np.mean(rises) > 0.2
 
 
+def test_deletion_settings_plan_and_restart_the_forgetting_lr():
+    base = tiny_config(runs=40, deletion_share=1.0, deletion_undersample=True, undersample_rate_max=0.4)
+    task = resolve_task(base)
+    plans = [plan_run(base, task, r) for r in range(40)]
+    assert any(p.undersampled for p in plans)  # deletion runs may undersample unless told not to
+    clean = tiny_config(runs=40, deletion_share=1.0, deletion_undersample=False, undersample_rate_max=0.4)
+    for p, q in zip(plans, (plan_run(clean, task, r) for r in range(40))):
+        assert q.undersampled == () and q.undersample_rates == ()
+        assert (q.seed, q.lr, q.deleted, q.deletion_step) == (p.seed, p.lr, p.deleted, p.deletion_step)
+    # A restarted forgetting lr moves the deleted classes' loss further, from the same deletion step.
+    rises = {}
+    for flr in (0.0, 3.0):
+        cfg = tiny_config(runs=8, runs_per_group=8, deletion_share=1.0, deletion_window=(0.5, 0.5),
+                          deletion_undersample=False, forgetting_lr=flr, augment=0,
+                          selection=SelectionConfig(mode="relaxed", max_per_run=40, random_share=0.0))
+        res = train_group(cfg, 0)
+        meta = res.meta.to_pandas()
+        rise = []
+        for run_id, rows in meta.groupby("run_id"):
+            deleted = [f"loss_{k}" for k in rows.deleted.iloc[0]]
+            last = rows.sort_values("step").iloc[-1]
+            rise.append(last[deleted].to_numpy().mean())
+        rises[flr] = np.mean(rise)
+    assert rises[3.0] > rises[0.0], rises
+    with pytest.raises(HyperForgetError, match="forgetting_lr"):
+        tiny_config(forgetting_lr=-1)
+
+
 def test_augmented_copies_are_functionally_identical(tiny_zoo):
     _, out, _ = tiny_zoo
     r = open_zoo(out)

@@ -68,6 +68,29 @@ def test_lockstep_matches_torch_sgd(digits4, grad_mode, kernels):
         torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)
 
 
+def test_per_run_lr_factors_match_torch_sgd_with_per_step_lr(digits4, kernels):
+    """step(lr_factors=...) gives each run its own schedule: torch.optim.SGD with lr set per step."""
+    spec = MLPSpec(64, 3, 4)
+    x, y = torch.as_tensor(digits4.x_train)[:200], torch.as_tensor(digits4.y_train)[:200]
+    seeds, base = [21, 22], [0.1, 0.3]
+    factors = [lambda s: 1.0, lambda s: 3.0 if s >= 4 else 0.5]  # run 1 restarts higher at step 4
+    opt = LockstepSGD(spec, init_params(spec, seeds), base, 10)
+    gen = torch.Generator().manual_seed(1)
+    batches = [i for _ in range(2) for i in epoch_batches(len(y), 41, gen)]
+    for s, idx in enumerate(batches):
+        opt.step(x[idx], y[idx], torch.ones(2, len(idx)), torch.tensor([f(s) for f in factors]))
+    for r, seed in enumerate(seeds):
+        model = MLP.from_flat(spec, init_params(spec, [seed])[0])
+        ref = torch.optim.SGD(model.parameters(), lr=base[r], momentum=0.9, nesterov=True, weight_decay=5e-4)
+        for s, idx in enumerate(batches):
+            for group in ref.param_groups:
+                group["lr"] = base[r] * factors[r](s)
+            ref.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            ref.step()
+        torch.testing.assert_close(opt.params[r], model.flat_params(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "gelu"])
 def test_manual_gradient_matches_autograd(activation, kernels):
     spec = MLPSpec(10, 3, 5, activation)
