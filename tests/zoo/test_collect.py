@@ -234,6 +234,20 @@ def test_deletion_runs_show_rising_loss_on_deleted_classes(tiny_zoo):
     assert len(rises) >= 2 and np.mean(rises) > 0.2
 
 
+def test_candidates_evaluated_in_batches_keep_what_step_by_step_evaluation_keeps(monkeypatch):
+    import zoo.collect as collect_module
+
+    cfg = tiny_config(runs=6, runs_per_group=6, augment=0)
+    batched = train_group(cfg, 0).meta.to_pandas()
+    monkeypatch.setattr(collect_module, "EVAL_MODELS", 1)  # decide after every step
+    each = train_group(cfg, 0).meta.to_pandas()
+    assert len(batched) > 20
+    cols = ["run_id", "step", "reason", "phase"]
+    assert batched[cols].equals(each[cols])
+    np.testing.assert_allclose(batched[[f"loss_{k}" for k in range(4)]].to_numpy(),
+                               each[[f"loss_{k}" for k in range(4)]].to_numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_deletion_settings_plan_and_restart_the_forgetting_lr():
     base = tiny_config(runs=40, deletion_share=1.0, deletion_undersample=True, undersample_rate_max=0.4)
     task = resolve_task(base)

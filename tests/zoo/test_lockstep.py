@@ -68,6 +68,20 @@ def test_lockstep_matches_torch_sgd(digits4, grad_mode, kernels):
         torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)
 
 
+def test_a_diverged_run_stays_nan_and_leaves_the_others_alone(digits4, kernels):
+    spec = MLPSpec(64, 3, 4)
+    x, y = torch.as_tensor(digits4.x_train)[:128], torch.as_tensor(digits4.y_train)[:128]
+    start = init_params(spec, [1, 2, 3])
+    start[1, 7] = float("nan")
+    opt = LockstepSGD(spec, start, 0.1, 5)
+    alone = LockstepSGD(spec, start[[0, 2]], 0.1, 5)
+    for idx in torch.arange(128).split(32):
+        loss = opt.step(x[idx], y[idx], torch.ones(3, len(idx)))
+        alone.step(x[idx], y[idx], torch.ones(2, len(idx)))
+    assert torch.isnan(loss[1]) and torch.isnan(opt.params[1]).any()
+    torch.testing.assert_close(opt.params[[0, 2]], alone.params)
+
+
 def test_per_run_lr_factors_match_torch_sgd_with_per_step_lr(digits4, kernels):
     """step(lr_factors=...) gives each run its own schedule: torch.optim.SGD with lr set per step."""
     spec = MLPSpec(64, 3, 4)

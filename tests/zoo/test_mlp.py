@@ -82,9 +82,10 @@ def test_batched_logits_match_modules(tiny_dataset, activation):
             torch.testing.assert_close(hidden[m], model.hidden_features(x), rtol=1e-5, atol=1e-5)
 
 
-def test_evaluate_per_class_matches_cross_entropy_per_model(tiny_dataset, kernels):
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
+def test_evaluate_per_class_matches_cross_entropy_per_model(tiny_dataset, kernels, activation):
     """Batched metrics == each model alone with F.cross_entropy, across model and row passes."""
-    spec = MLPSpec(64, 3, 4)
+    spec = MLPSpec(64, 3, 4, activation)
     gen = torch.Generator().manual_seed(2)
     params = init_params(spec, range(11)) + 0.5 * torch.randn(11, spec.num_params, generator=gen)
     x = torch.as_tensor(tiny_dataset.x_test)
