@@ -176,7 +176,7 @@ def bench(work: str, rows: int, compressor: str, args) -> dict:
            "loader_first_s": t_first, "memmap_first_s": t_mm_first,
            "decode_s": t_decode, "peak_rss_mb": peak, "rss_before_mb": rss0, "naive_rows": k}
     print(f"{'reader':<26} {'seconds':>8} {'ckpt/s':>10} {'MB/s':>8}")
-    for name, t in [(f"loader, 1st epoch", t_first), ("memmap, 1st epoch order", t_mm_first),
+    for name, t in [("loader, 1st epoch", t_first), ("memmap, 1st epoch order", t_mm_first),
                     (f"loader (workers={args.workers})", t_loader), ("memmap, same order", t_mm),
                     (f"naive zarr (extrap. {k:,})", t_naive), ("decode only, in order", t_decode)]:
         print(f"{name:<26} {t:>8.2f} {rows / t:>10,.0f} {nbytes / t / MB:>8,.0f}")

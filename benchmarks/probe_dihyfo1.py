@@ -7,7 +7,11 @@ original's, forget targets 3 or 6 and guidance none/2/4/8, it samples 48 candida
 prints the share with validation forget accuracy <= 0.02, the best retain accuracy among those, and
 the median forget / retain accuracies. A diagnostic for the open DiHyFo-1 work, not a test.
 """
-import sys, json, numpy as np, torch
+import sys
+
+import numpy as np
+import torch
+
 torch.set_num_threads(1)
 from hyper.sample import load_hypernetwork
 from pipelines.unlearn import open_run, _eval_split, split_accuracy

@@ -62,7 +62,6 @@ def evaluate_alignment(sample: SampleFn, spec: MLPSpec, x_test: torch.Tensor, y_
     c = spec.num_classes
     grid = prompt_grid(low, high, good, n_prompts)  # (C, S, C)
     targets = torch.as_tensor(grid).reshape(c * n_prompts, c).repeat(n_networks, 1)  # (n·C·S, C)
-    k = targets.shape[0]
     current = current_losses = None
     if variant == "dihyfo1":
         # One random start per network, shared by all its prompts (so R² measures the prompt's effect).

@@ -351,7 +351,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     out_dir = Path(out) if out is not None else run.path / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     figs: list[str] = []
-    md = [f"# HyperForget unlearning report", "",
+    md = ["# HyperForget unlearning report", "",
           f"Run `{run.path}`: preset {run.config.preset}, dataset {run.config.dataset}, "
           f"MLP {run.spec.input_size}-{run.spec.hidden}-{run.spec.num_classes} ({run.spec.activation}), "
           f"classes {list(run.classes)}, pivots {list(run.pivots)}.", "",

@@ -520,7 +520,7 @@ class CheckpointStream(IterableDataset):
         if missing:
             raise HyperForgetError(f"view {self.view_path} lacks columns {missing}; rebuild it for this zoo")
 
-        def col(name, dtype):
+        def col(name, dtype, table=table):
             return table.column(name).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
         self.ids = col("checkpoint_id", np.int64)  # (N,)
