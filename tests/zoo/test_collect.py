@@ -377,9 +377,13 @@ def test_local_cluster_two_workers_equal_one(tiny_zoo, tmp_path):
     a second cluster start."""
     cfg, ref, _ = tiny_zoo
     two = str(tmp_path / "two")
+    stale = tmp_path / "two.spill"  # a crashed run's spilled rows are cleared, then the workers' own
+    stale.mkdir()
+    (stale / "group-000000.npy").write_bytes(b"not an array")
     summary = collect(cfg, two, workers=2, max_in_flight=3, progress=False)
     assert summary.groups_committed == 3
     _same_zoo(two, ref)
+    assert not stale.exists()  # the workers' rows travelled as files next to the zoo, removed when committed
 
 
 # ----------------------------------------------------------------------------------------------
