@@ -348,8 +348,9 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
             keep_, reason = selector.select(t, runs, loss, acc, valid_all[at])  # False for NaN / inf too
             if keep_.any():
                 kept_params.append(flat_from_hidden_major(spec, take_models(spec, lay, cols[keep_])))
+                totals = np.stack([metrics.total_loss[at][keep_], metrics.total_acc[at][keep_]], 1)
                 kept_rows.append((runs[keep_], t, selector.phase(t, runs[keep_]), reason[keep_], loss[keep_],
-                                  acc[keep_], np.stack([metrics.total_loss[at][keep_], metrics.total_acc[at][keep_]], 1)))
+                                  acc[keep_], totals))
         snapshots.clear()
 
     def lr_factors(s: int) -> torch.Tensor | None:

@@ -84,7 +84,8 @@ static inline float log_poly(float x) {  /* x positive and normal, or NaN */
 static inline void forward_one(const float *restrict pre, const float *restrict w2, const float *restrict b2,
                                float *restrict hid, float *restrict lg, int64_t H, int64_t C, int64_t R, int act) {
     if (act == 0) {
-        for (int64_t i = 0; i < H * R; i++) hid[i] = pre[i] < 0.0f ? 0.0f : pre[i];  /* NaN stays NaN, as in torch.relu */
+        /* NaN stays NaN, as in torch.relu */
+        for (int64_t i = 0; i < H * R; i++) hid[i] = pre[i] < 0.0f ? 0.0f : pre[i];
     } else if (act == 1) {
         for (int64_t i = 0; i < H * R; i++) hid[i] = tanhf(pre[i]);
     } else {
@@ -200,7 +201,8 @@ void sgd_update(float *restrict p, const float *restrict g, float *restrict buf,
     float *pt = p + w1_rows * D, *bt = buf + w1_rows * D;
     const float *gt = g + w1_rows * D;
     for (int64_t row = 0; row < tail_rows; row++)
-        for (int64_t r = 0; r < R; r++) sgd_one(pt + row * R, gt + row * R, bt + row * R, lr[r] * f, wd, m, nesterov, r);
+        for (int64_t r = 0; r < R; r++)
+            sgd_one(pt + row * R, gt + row * R, bt + row * R, lr[r] * f, wd, m, nesterov, r);
 }
 
 /* Evaluation of M models on n examples, accumulated per class: loss_sum (C, M) += the

@@ -20,7 +20,7 @@ def collect_cmd(
     augment: Annotated[int, typer.Option(help="permuted copies per checkpoint")] = 0,
     workers: Annotated[Optional[int], typer.Option(help="LocalCluster worker processes (default: CPUs)")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="address of a running dask scheduler")] = None,
-    runs_per_group: Annotated[int, typer.Option(help="runs trained in lockstep per task (one matmul serves them)")] = 128,
+    runs_per_group: Annotated[int, typer.Option(help="runs trained in lockstep per task")] = 128,
     seed: Annotated[int, typer.Option(help="master seed; run r derives from (seed, r)")] = 0,
     epochs: Annotated[Optional[int], typer.Option(help="epochs per run (default: the preset's)")] = None,
     max_per_run: Annotated[Optional[int], typer.Option(help="checkpoints per run (default: the preset's)")] = None,

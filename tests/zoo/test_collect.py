@@ -248,6 +248,12 @@ def test_candidates_evaluated_in_batches_keep_what_step_by_step_evaluation_keeps
                                each[[f"loss_{k}" for k in range(4)]].to_numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_group_task_times_matmul_only_when_asked():
+    cfg = tiny_config(runs=4, epochs=2, augment=0)
+    assert train_group(cfg, 0).matmul_gflops == 0.0
+    assert train_group(cfg, 0, probe_seconds=0.02).matmul_gflops > 0.0
+
+
 def test_deletion_settings_plan_and_restart_the_forgetting_lr():
     base = tiny_config(runs=40, deletion_share=1.0, deletion_undersample=True, undersample_rate_max=0.4)
     task = resolve_task(base)
