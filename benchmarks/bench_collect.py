@@ -36,13 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from process_rss import TreePeakRSS
-from zoo.lockstep import matmul_gflops as matmul_rate, step_product_shapes
+from zoo.lockstep import matmul_gflops, step_product_shapes
 
 
 def _matmul_worker(shapes, seconds, barrier, out) -> None:
     barrier.wait()  # start together, so the processes really share the cores
-    from zoo.lockstep import matmul_gflops
-
     out.put(matmul_gflops(shapes, seconds))
 
 
@@ -156,7 +154,7 @@ def main() -> None:
     train_shapes = step_product_shapes(spec, g, b)
     eval_shapes = [(n_test, d, g * h, False)]
     load_before = os.getloadavg()[0]
-    rate_train_before, rate_eval_before = matmul_rate(train_shapes), matmul_rate(eval_shapes)
+    rate_train_before, rate_eval_before = matmul_gflops(train_shapes), matmul_gflops(eval_shapes)
     cores = min(args.workers, os.cpu_count() or 1)
     side_by_side_before = matmul_rate_concurrent(train_shapes, cores)
 
@@ -191,9 +189,9 @@ def main() -> None:
                           probe_seconds=args.probe_seconds)
         wall = time.perf_counter() - t0
     load_during = os.getloadavg()[0]
-    rate_train = max(rate_train_before, matmul_rate(train_shapes))
+    rate_train = max(rate_train_before, matmul_gflops(train_shapes))
     rate_train_side_by_side = max(side_by_side_before, matmul_rate_concurrent(train_shapes, cores))
-    rate_eval = max(rate_eval_before, matmul_rate(eval_shapes))
+    rate_eval = max(rate_eval_before, matmul_gflops(eval_shapes))
     rate1 = (rate_train * 2 + rate_eval) / 3  # one thread, all three shapes
     limit = rate1 * cores
     # Forward + first-layer gradient products over the examples really processed (the last

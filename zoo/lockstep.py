@@ -63,8 +63,8 @@ class LockstepSGD:
     innermost except in W1 — W1 (H·R, D) with row h·R + r for hidden unit h of run r, b1 (H·R,),
     W2 (H, C, R), b2 (C, R) — so the first-layer products need no copies, every element-wise op
     of a step runs over rows of R contiguous floats (not over axes of 2 or 4, where per-element
-    loops cannot vectorize), and the update is a few passes over one vector. :attr:`params` /
-    :meth:`rows` give the flat (·, P) vectors of the zoo layout.
+    loops cannot vectorize), and the update is a few passes over one vector. :attr:`params` gives
+    the flat (R, P) vectors of the zoo layout, :meth:`select` hidden-major copies of some runs.
 
     ``kernels=False`` runs the element-wise work as torch ops even where the C kernels build.
 
@@ -116,11 +116,7 @@ class LockstepSGD:
     @property
     def params(self) -> torch.Tensor:
         """(R, P) flat copies of the current parameters."""
-        return self.rows(None)
-
-    def rows(self, runs: torch.Tensor | np.ndarray | None) -> torch.Tensor:
-        """(m, P) flat copies of the current parameters of the given runs (all when None)."""
-        return flat_from_hidden_major(self.spec, self.layers if runs is None else self.select(runs))
+        return flat_from_hidden_major(self.spec, self.layers)
 
     def select(self, runs: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
         """Copies of the hidden-major layers (:func:`zoo.mlp.hidden_major`) of the given runs."""
