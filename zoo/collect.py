@@ -227,12 +227,14 @@ class GroupResult:
         return self.params if self.params_file is None else np.load(self.params_file, mmap_mode="r")
 
 
-def train_group(cfg: CollectConfig, g: int, *, threads: int | None = 1, probe_seconds: float = 0.0,
+def train_group(cfg: CollectConfig, g: int, *, probe_seconds: float = 0.0,
                 spill_dir: str | None = None) -> GroupResult:
     """Train the runs of group g in lockstep and return their selected checkpoints.
 
-    ``threads`` bounds torch's intra-op threads for the task (1 by default, so results do not
-    depend on the machine and dask workers do not oversubscribe cores); None leaves it as is.
+    The group trains and evaluates on one torch thread whatever the caller's setting (restored
+    afterwards): torch splits a product's reductions by thread count, so another count changes
+    the float rounding. One thread is what each dask worker has anyway, so on one machine the
+    same group gives the same bits in a worker, in this process, or under any thread count.
     ``probe_seconds`` > 0: also time torch.mm on the steps' two products on this thread, half
     before and half after training, and report the higher rate as ``matmul_gflops``: the compute
     limit where and when the steps ran (a shared machine's rate swings by 2× within minutes).
@@ -241,8 +243,7 @@ def train_group(cfg: CollectConfig, g: int, *, threads: int | None = 1, probe_se
     """
     t_start, c_start = time.perf_counter(), time.thread_time()
     old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
         with flush_denormals():
             probe = _probe_matmul(cfg, g, probe_seconds / 2)
