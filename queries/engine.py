@@ -253,8 +253,13 @@ def check_sql(sql: str) -> list[str]:
     return out
 
 
+DEFAULT_TIMEOUT = 60.0  # seconds an ad-hoc query may run
+MAX_LIMIT = 1 << 62  # past int64 DuckDB and Arrow cannot count rows
+
+
 def run_query(zoo: Any, sql: str, *, limit: int | None = None, params: Mapping[str, Any] | None = None,
-              limits: SQLLimits = SQLLimits(), con: duckdb.DuckDBPyConnection | None = None) -> pa.Table:
+              limits: SQLLimits = SQLLimits(), con: duckdb.DuckDBPyConnection | None = None,
+              timeout: float | None = DEFAULT_TIMEOUT) -> pa.Table:
     """Run confined, read-only ad-hoc SQL over a zoo; the last statement's result as Arrow.
 
     Args:
@@ -262,13 +267,26 @@ def run_query(zoo: Any, sql: str, *, limit: int | None = None, params: Mapping[s
         sql: one or more query statements (see :func:`check_sql`).
         limit: keep at most this many rows of the result.
         params: values for ``$name`` parameters.
+        limits: memory and threads of a new connection; past ``memory_limit`` a query fails
+            (confined connections do not spill to disk).
         con: an existing connection from :func:`connect` to reuse.
+        timeout: seconds all statements together may run before they are interrupted (None: no
+            limit); a recursive CTE without an end or a large cross join stops here.
     """
     statements = check_sql(sql)
-    if limit is not None and limit < 0:
-        raise HyperForgetError(f"--limit must be >= 0, got {limit}")
+    if limit is not None and not 0 <= limit <= MAX_LIMIT:
+        raise HyperForgetError(f"--limit must be between 0 and {MAX_LIMIT}, got {limit}")
+    if timeout is not None and not (timeout > 0 and timeout < 1e7):
+        raise HyperForgetError(f"--timeout must be a positive number of seconds, got {timeout}")
     own = con is None
     con = con if con is not None else connect(zoo, confined=True, limits=limits)
+    timer = None
+    if timeout is not None:
+        import threading
+
+        timer = threading.Timer(timeout, con.interrupt)
+        timer.daemon = True
+        timer.start()
     try:
         result = None
         for text in statements:
@@ -277,11 +295,19 @@ def run_query(zoo: Any, sql: str, *, limit: int | None = None, params: Mapping[s
                 if rel is None:  # not a query; check_sql lets none through
                     raise HyperForgetError(f"statement returned no rows: {text[:60]}")
                 result = rel.to_arrow_table() if limit is None else _fetch_limited(rel, limit)
+            except duckdb.InterruptException:
+                raise HyperForgetError(f"query stopped after the {timeout:g} s time limit; narrow it (a LIMIT, a "
+                                       "WHERE, no unbounded recursion) or raise --timeout") from None
+            except duckdb.OutOfMemoryException as exc:
+                raise HyperForgetError(f"query needed more than the {limits.memory_limit} memory limit "
+                                       f"({one_line(exc)[:120]}); narrow it or raise --memory-limit") from None
             except duckdb.Error as exc:
                 raise HyperForgetError(f"query failed: {one_line(exc)}") from None
         assert result is not None
         return result
     finally:
+        if timer is not None:
+            timer.cancel()
         if own:
             con.close()
 

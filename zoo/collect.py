@@ -43,6 +43,11 @@ from zoo.selection import PHASES, REASONS, SelectionConfig, Selector, consider_m
 COLLECTION_FORMAT = 1  # version of the "collection" block this module writes into zoo.json
 
 
+# Upper bounds that keep a mistyped count from planning billions of groups or one task's memory.
+MAX_RUNS = 10_000_000
+MAX_RUNS_PER_GROUP = 65_536
+
+
 @dataclass
 class CollectConfig:
     """What a collection builds; saved in zoo.json ("collection") and checked when resuming."""
@@ -78,7 +83,12 @@ class CollectConfig:
         get_preset(self.preset)
         checks = [
             (self.runs >= 1, f"runs must be ≥ 1, got {self.runs}"),
+            (self.runs <= MAX_RUNS, f"runs must be ≤ {MAX_RUNS:,} (one zoo's collection), got {self.runs:,}; "
+                                    "collect fewer runs"),
             (self.runs_per_group >= 1, f"runs_per_group must be ≥ 1, got {self.runs_per_group}"),
+            (self.runs_per_group <= MAX_RUNS_PER_GROUP,
+             f"runs_per_group must be ≤ {MAX_RUNS_PER_GROUP:,} (a group's runs train in one task's memory), "
+             f"got {self.runs_per_group:,}"),
             (self.augment >= 0, f"augment (permuted copies) must be ≥ 0, got {self.augment}"),
             (self.epochs is None or self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}"),

@@ -343,7 +343,14 @@ class _Location:
         else:
             import fsspec
 
-            self.fs, self.root = fsspec.core.url_to_fs(s)
+            try:
+                self.fs, self.root = fsspec.core.url_to_fs(s)
+            except ImportError as exc:
+                raise HyperForgetError(f"cannot open {s}: {str(exc).splitlines()[0]}; install the filesystem's "
+                                       "package (e.g. `pip install s3fs` for s3://) or use a local path") from None
+            except ValueError as exc:
+                raise HyperForgetError(f"cannot open {s}: {str(exc).splitlines()[0]}; "
+                                       "give a local directory or a supported fsspec URL") from None
             self.root = self.root.rstrip("/")
             self.url = s.rstrip("/")
             self.display = self.url
@@ -445,6 +452,10 @@ def _read_json(loc: _Location, name: str) -> dict:
         return json.loads(loc.read_bytes(name))
     except FileNotFoundError:
         raise
+    except NotADirectoryError:
+        raise HyperForgetError(f"{loc.display} is a file, not a zoo directory; pass the zoo's directory") from None
+    except OSError as exc:
+        raise HyperForgetError(f"cannot read {loc.display}/{name}: {exc.strerror or _short(exc)}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise HyperForgetError(f"{loc.display}/{name} is not valid JSON ({exc}); the zoo is damaged") from None
 
@@ -473,10 +484,44 @@ def _load_manifest(loc: _Location) -> dict:
     except FileNotFoundError:
         raise HyperForgetError(f"zoo {loc.display} lacks {MANIFEST}; it was never committed to or is damaged "
                                "(run `hyperforget zoo verify`)") from None
-    if m.get("format") != MANIFEST_FORMAT or m.get("version") != FORMAT_VERSION:
-        raise HyperForgetError(f"{loc.display}/{MANIFEST}: manifest version {m.get('version')} is not supported; "
+    where = f"{loc.display}/{MANIFEST}"
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise HyperForgetError(f"{where} is not a HyperForget zoo manifest (format {MANIFEST_FORMAT!r} expected); "
+                               "the zoo is damaged (run `hyperforget zoo verify`)")
+    if m.get("version") != FORMAT_VERSION:
+        raise HyperForgetError(f"{where}: manifest version {m.get('version')} is not supported; "
                                f"expected {FORMAT_VERSION}")
+    problem = _manifest_shape_problem(m)
+    if problem:
+        raise HyperForgetError(f"{where}: {problem}; the zoo is damaged (run `hyperforget zoo verify`)")
     return m
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _manifest_shape_problem(m: dict) -> str | None:
+    """What is malformed in a parsed manifest (types of its fields), or None."""
+    if not _is_count(m.get("num_rows")):
+        return f"num_rows {m.get('num_rows')!r} is not a row count"
+    if not _is_count(m.get("next_part", 0)):
+        return f"next_part {m.get('next_part')!r} is not a count"
+    parts = m.get("parts")
+    if not isinstance(parts, list):
+        return f"parts is {type(parts).__name__}, not a list"
+    for i, p in enumerate(parts):
+        if (not isinstance(p, dict) or not isinstance(p.get("file"), str) or not _is_count(p.get("start"))
+                or not _is_count(p.get("stop")) or p["stop"] < p["start"]):
+            return f"parts[{i}] is not {{file, start, stop}} with 0 <= start <= stop"
+        f = p["file"]
+        if not f.startswith(f"{META_DIR}/") or ".." in f.split("/") or f.count("/") != 1:
+            return f"parts[{i}] names {f!r}, not a file in {META_DIR}/"
+    commits = m.get("commits")
+    if not isinstance(commits, dict) or not all(
+            isinstance(v, list) and len(v) == 2 and all(_is_count(x) for x in v) for v in commits.values()):
+        return "commits is not a map of key -> [start, stop]"
+    return None
 
 
 def _now() -> str:
@@ -1118,6 +1163,7 @@ def verify_zoo(path: str | os.PathLike, *, check_params: bool = True, progress: 
         manifest = _load_manifest(loc)
     except HyperForgetError as exc:
         report.problems.append(f"{MANIFEST}: {exc}")
+        report.seconds = time.perf_counter() - t0
         return report
     n = int(manifest.get("num_rows", -1))
     report.committed_rows = n
@@ -1188,6 +1234,32 @@ def verify_zoo(path: str | os.PathLike, *, check_params: bool = True, progress: 
     return report
 
 
+def require_sound_zoo(zoo: "str | os.PathLike | ZooReader", *, check_params: bool = True) -> "ZooReader":
+    """Refuse a zoo whose committed rows fail :func:`verify_zoo`'s checks; return a reader of it.
+
+    For anything that trains or evaluates on a zoo: a missing or corrupt shard, NaN or inf rows,
+    parts that do not cover the committed row count, or unreadable metadata raise
+    HyperForgetError naming the first problem and the verify command, instead of training on
+    zero-filled, NaN or phantom rows.
+
+    Args:
+        zoo: zoo directory, fsspec URL or an open ZooReader (its location is checked).
+        check_params: also decode every shard holding committed rows (what training reads).
+    Returns:
+        A ZooReader of the zoo as checked.
+    """
+    if isinstance(zoo, ZooReader):
+        where = zoo.path if zoo._loc.local else zoo._loc.url
+    else:
+        where = os.fspath(zoo)
+    rep = verify_zoo(where, check_params=check_params)
+    if not rep.ok:
+        more = f" (and {len(rep.problems) - 1} more)" if len(rep.problems) > 1 else ""
+        raise HyperForgetError(f"zoo {rep.path} is damaged: {rep.problems[0]}{more}; "
+                               f"run `hyperforget zoo verify {rep.path}` for the full list")
+    return open_zoo(where)
+
+
 def _verify_params(loc: _Location, arr, config: ZooConfig, n: int, report: VerifyReport, progress: bool) -> None:
     sr, cr = config.shard_rows, config.chunk_rows
     aarr = arr.async_array
@@ -1240,6 +1312,7 @@ def zoo_info(path: str | os.PathLike) -> dict:
     n = r.num_rows
     meta = r.metadata(columns=["run_id", "perm_index", "phase"])
     originals = int(pc.sum(pc.equal(meta.column("perm_index"), 0)).as_py() or 0)
+    augmented = int(pc.sum(pc.greater(meta.column("perm_index"), 0)).as_py() or 0)
     phases = {str(k): int(v) for k, v in zip(*_value_counts(meta.column("phase")))}
     params_bytes = r._loc.size(PARAMS)
     meta_bytes = r._loc.size(META_DIR)
@@ -1248,7 +1321,8 @@ def zoo_info(path: str | os.PathLike) -> dict:
     return {
         "path": r.path, "format_version": FORMAT_VERSION,
         "checkpoints": n, "runs": int(pc.count_distinct(meta.column("run_id")).as_py()) if n else 0,
-        "originals": originals, "augmented": n - originals, "phases": phases,
+        "originals": originals, "augmented": augmented, "phases": phases,
+        "metadata_rows": meta.num_rows,
         "parts": len(r.parts), "commits": len(r.committed_keys),
         "spec": s.to_dict(), "spec_str": f"{s.input_size}-{s.hidden}-{s.num_classes} {s.activation}",
         "num_params": cfg.num_params, "classes": list(cfg.classes), "pivots": list(cfg.pivots),

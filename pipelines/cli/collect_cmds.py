@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipelines.cli.checks import output_dir
 from pipelines.cli.zoo_cmds import zoo_app
 
 
@@ -39,6 +40,9 @@ def collect_cmd(
 
     from zoo.errors import HyperForgetError
 
+    # Check every argument before creating anything.
+    if "://" not in out:
+        output_dir(out, zoo_ok=True)
     try:
         window = tuple(float(v) for v in deletion_window.split(","))
     except ValueError:

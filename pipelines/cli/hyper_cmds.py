@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from pipelines.cli.checks import at_most, input_dir, output_dir, output_file, positive
 from zoo.errors import HyperForgetError
+
+# Sampled models held in memory at once (their parameters, the sampler's tokens, their metrics).
+MAX_SAMPLES = 100_000
 
 
 def _parse_losses(text: str, num_classes: int) -> list[float]:
@@ -17,6 +22,8 @@ def _parse_losses(text: str, num_classes: int) -> list[float]:
     except ValueError:
         raise HyperForgetError(f"--targets {text!r} is not a comma-separated list of numbers, e.g. 0.05,0.05,3,0.05") \
             from None
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise HyperForgetError(f"--targets {text!r}: losses must be finite and >= 0, e.g. 0.05,0.05,3,0.05")
     if len(values) != num_classes:
         raise HyperForgetError(f"--targets gives {len(values)} losses; the model's MLP has {num_classes} classes")
     return values
@@ -39,6 +46,7 @@ def train_cmd(
         help="DiHyFo-1: share of pairs whose θ is a fresh random init (teaches the noise start)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of init, data order, noise")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/checkpoints")] = False,
+    force: Annotated[bool, typer.Option("--force", help="train into a non-empty OUT that holds no run")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 is fastest on a busy machine)")] = None,
@@ -49,11 +57,22 @@ def train_cmd(
 
     from hyper.train import train
 
+    # Check every argument before any work.
     if variant not in ("dihyfo1", "dihyfo2"):
         raise HyperForgetError(f"unknown --variant {variant!r}: choose dihyfo1 or dihyfo2")
+    for value, option in ((steps, "--steps"), (batch_size, "--batch-size"), (lr, "--lr"),
+                          (eval_every, "--eval-every"), (token_size, "--token-size"), (threads, "--threads")):
+        positive(value, option)
+    for value, option in ((cond_dropout, "--cond-dropout"), (noise_start_share, "--noise-start-share")):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise HyperForgetError(f"{option} must be a share in [0, 1], got {value}")
+    _check_train_out(out, resume=resume, force=force)
+    _check_device(device)
+    if zoo is not None:
+        from zoo.store import require_sound_zoo
+
+        require_sound_zoo(zoo)
     if threads is not None:
-        if threads < 1:
-            raise HyperForgetError(f"--threads must be ≥ 1, got {threads}")
         import torch
 
         torch.set_num_threads(threads)
@@ -77,6 +96,32 @@ def train_cmd(
     Console(stderr=True).print(table)
 
 
+def _check_train_out(out: Path, *, resume: bool, force: bool) -> None:
+    output_dir(out)
+    has_run = (out / "checkpoints" / "latest.json").exists() or (out / "config.json").exists()
+    if resume and not has_run:
+        raise HyperForgetError(f"--resume: {out} holds no training run to continue (no config.json or "
+                               "checkpoints/latest.json); drop --resume to start a new one")
+    if not resume and not has_run and out.is_dir() and any(out.iterdir()) and not force:
+        raise HyperForgetError(f"--out {out} is a non-empty directory that holds no training run; choose a new "
+                               "directory or pass --force to train into it")
+
+
+def _check_device(device: str | None) -> None:
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise HyperForgetError(f"--device {device!r} is not a torch device; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HyperForgetError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise HyperForgetError(f"--device {device!r}: use cpu or cuda")
+
+
 def sample_cmd(
     model: Annotated[Path, typer.Argument(help="trained hypernetwork directory")],
     targets: Annotated[str, typer.Option(help="target loss per class, e.g. 0.05,0.05,3.0,0.05")],
@@ -89,6 +134,7 @@ def sample_cmd(
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
     guidance: Annotated[Optional[float], typer.Option(
         help="classifier-free guidance scale (default: the model's preset; 1 turns it off)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing --out file")] = False,
 ) -> None:
     """Sample MLP parameters with chosen per-class losses; writes them and their measured losses."""
     import numpy as np
@@ -99,12 +145,20 @@ def sample_cmd(
     from hyper.sample import load_hypernetwork
     from zoo.mlp import load_mlps, save_mlps
 
-    net = load_hypernetwork(model)
-    target = _parse_losses(targets, net.spec.num_classes)
-    if n < 1:
-        raise HyperForgetError(f"--n must be ≥ 1, got {n}")
+    # Check every argument before any work.
+    input_dir(model, option="MODEL", what="hypernetwork")
+    output_file(out, force=force)
+    positive(n, "--n")
+    at_most(n, "--n", MAX_SAMPLES, "models sampled at once are held in memory")
+    positive(steps, "--steps")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise HyperForgetError(f"--guidance must be a finite scale >= 0, got {guidance}")
     if from_params is not None and from_checkpoint is not None:
         raise HyperForgetError("give --from or --from-checkpoint, not both")
+    if from_params is not None and not from_params.is_file():
+        raise HyperForgetError(f"--from {from_params} is not a file; give an MLP safetensors file")
+    net = load_hypernetwork(model)
+    target = _parse_losses(targets, net.spec.num_classes)
     current = None
     if from_params is not None:
         spec, current, _ = load_mlps(str(from_params))
@@ -114,14 +168,14 @@ def sample_cmd(
     elif from_checkpoint is not None:
         if not net.config.get("zoo"):
             raise HyperForgetError("the model records no zoo; use --from PARAMS.safetensors instead")
-        from zoo.store import open_zoo
+        from zoo.store import require_sound_zoo
 
-        current = torch.as_tensor(open_zoo(net.config["zoo"]).read([from_checkpoint]))
+        current = torch.as_tensor(require_sound_zoo(net.config["zoo"]).read([from_checkpoint]))
     if current is not None and net.variant != "dihyfo1":
         raise HyperForgetError("--from/--from-checkpoint apply to DiHyFo-1; DiHyFo-2 samples from targets only")
     rec = net.sampling
     method = method or rec["method"]
-    steps = steps or rec["steps"]
+    steps = rec["steps"] if steps is None else steps
     scales = net.auto_guidance(n) if guidance is None else (None if guidance == 1.0 else guidance)
     params = net.sample(torch.tensor([target] * n), current_params=current, method=method, steps=steps, seed=seed,
                         guidance=scales)

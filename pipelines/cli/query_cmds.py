@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Annotated, Optional
 
 import typer
 
+from pipelines.cli.checks import output_file
 from zoo.errors import HyperForgetError
 
 view_app = typer.Typer(no_args_is_help=True, help="Materialized views of a zoo (balanced, pairs, split).")
@@ -21,14 +23,20 @@ def _write_table(table, out: str) -> None:
     if ext not in (".csv", ".parquet", ".json"):
         raise HyperForgetError(f"--out {out}: the file must end in .csv, .parquet or .json")
     tmp = f"{out}.tmp-{os.getpid()}"
-    if ext == ".parquet":
-        pq.write_table(table, tmp)
-    elif ext == ".csv":
-        pcsv.write_csv(table, tmp)
-    else:
-        with open(tmp, "w") as f:
-            json.dump(table.to_pylist(), f, default=str)
-    os.replace(tmp, out)
+    try:
+        if ext == ".parquet":
+            pq.write_table(table, tmp)
+        elif ext == ".csv":
+            pcsv.write_csv(table, tmp)
+        else:
+            with open(tmp, "w") as f:
+                json.dump(table.to_pylist(), f, default=str)
+        os.replace(tmp, out)
+    except OSError as exc:
+        raise HyperForgetError(f"cannot write --out {out}: {exc.strerror or exc}; choose a writable path") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _print_table(table, title: str) -> None:
@@ -53,17 +61,35 @@ def query(zoo: Annotated[str, typer.Argument(help="zoo directory")],
           sql: Annotated[str, typer.Argument(help="read-only SQL over checkpoints, runs and the zoo's views")],
           out: Annotated[Optional[str], typer.Option("--out", "-o", help="write the result to FILE.csv|.parquet|.json")] = None,
           limit: Annotated[Optional[int], typer.Option("--limit", "-n", help="keep at most N rows")] = None,
+          timeout: Annotated[float, typer.Option(help="seconds the query may run")] = 60.0,
+          memory_limit: Annotated[str, typer.Option(help="DuckDB memory limit, e.g. 2GB")] = "2GB",
+          force: Annotated[bool, typer.Option("--force", help="overwrite an existing --out file")] = False,
           ) -> None:
-    """Run confined, read-only SQL over a zoo's metadata and print (or save) the result."""
-    from queries.engine import run_query
+    """Run confined, read-only ad-hoc SQL over a zoo's metadata and print (or save) the result."""
+    from queries.engine import MAX_LIMIT, SQLLimits, run_query
 
-    table = run_query(zoo, sql, limit=limit if out else (50 if limit is None else limit))
+    # Check every argument before running anything.
+    if out:
+        output_file(out, force=force)
+        if os.path.splitext(out)[1].lower() not in (".csv", ".parquet", ".json"):
+            raise HyperForgetError(f"--out {out}: the file must end in .csv, .parquet or .json")
+    if limit is not None and not 0 <= limit <= MAX_LIMIT:
+        raise HyperForgetError(f"--limit must be between 0 and {MAX_LIMIT}, got {limit}")
+    if not (timeout > 0 and timeout < 1e7):
+        raise HyperForgetError(f"--timeout must be a positive number of seconds, got {timeout}")
+    if not _MEMORY.match(memory_limit):
+        raise HyperForgetError(f"--memory-limit {memory_limit!r} is not a size such as 512MB or 2GB")
+    table = run_query(zoo, sql, limit=limit if out else (50 if limit is None else limit), timeout=timeout,
+                      limits=SQLLimits(memory_limit=memory_limit.replace(" ", "")))
     if out:
         _write_table(table, out)
         typer.echo(f"wrote {table.num_rows} rows to {out}")
     else:
         _print_table(table, f"{table.num_rows} rows" + (" (first 50; use --limit or --out)"
                                                       if limit is None and table.num_rows == 50 else ""))
+
+
+_MEMORY = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
 
 
 def _parse_params(pairs: list[str]) -> dict[str, str]:

@@ -54,6 +54,9 @@ def info(path: PathArg, as_json: Annotated[bool, typer.Option("--json", help="pr
         ("chunks / shards", f"{d['chunk_rows']} / {d['shard_rows']} rows, {d['compressor']}"),
         ("normalization", f"gpt_coeff {d['normalization']['gpt_coeff']:.4g}" if d["normalization"] else "none"),
     ]
+    if d["metadata_rows"] != d["checkpoints"]:
+        rows.insert(1, ("DAMAGED", f"the manifest commits {d['checkpoints']:,} rows but its parts hold "
+                                   f"{d['metadata_rows']:,}; run `hyperforget zoo verify {path}`"))
     for k, v in rows:
         t.add_row(k, v)
     Console().print(t)
