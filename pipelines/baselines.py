@@ -523,6 +523,40 @@ BASELINES: dict[str, BaselineSpec] = {
 }
 
 
+def check_overrides(name: str, overrides: dict) -> None:
+    """Refuse overrides a registered method does not take, or of another kind or sign than its defaults."""
+    if name not in BASELINES:
+        raise HyperForgetError(f"unknown unlearning method {name!r}: choose one of {', '.join(BASELINES)}")
+    spec = BASELINES[name]
+    unknown = sorted(set(overrides) - set(spec.defaults))
+    if unknown:
+        raise HyperForgetError(f"{name} has no hyper-parameter {', '.join(unknown)}; "
+                               f"it takes {', '.join(spec.defaults) or 'none'}")
+    for key, value in overrides.items():
+        _check_override(name, key, value, spec.defaults[key])
+
+
+def _check_override(method: str, key: str, value, default) -> None:
+    """An override keeps its default's kind and sign: counts stay counts, positive rates positive."""
+    import math
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise HyperForgetError(f"--set {key}={value!r}: {method}'s {key} is true or false")
+        return
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise HyperForgetError(f"--set {key}={value!r}: {method}'s {key} is a finite number (default {default})")
+        if isinstance(default, int) and not isinstance(value, int):
+            raise HyperForgetError(f"--set {key}={value!r}: {method}'s {key} is a whole number (default {default})")
+        if default > 0 and value <= 0:
+            raise HyperForgetError(f"--set {key}={value!r}: {method}'s {key} must be > 0 (default {default})")
+        if default >= 0 and value < 0:
+            raise HyperForgetError(f"--set {key}={value!r}: {method}'s {key} must be >= 0 (default {default})")
+    elif isinstance(default, str) and not isinstance(value, str):
+        raise HyperForgetError(f"--set {key}={value!r}: {method}'s {key} is a name (default {default!r})")
+
+
 def run_baseline(name: str, model: MLP, x, y, forget: Sequence[int], seed: int = 0,
                  **overrides) -> tuple[nn.Module, float]:
     """Run one registered method with its defaults updated by ``overrides``.
@@ -533,10 +567,7 @@ def run_baseline(name: str, model: MLP, x, y, forget: Sequence[int], seed: int =
     if name not in BASELINES:
         raise HyperForgetError(f"unknown unlearning method {name!r}: choose one of {', '.join(BASELINES)}")
     spec = BASELINES[name]
-    unknown = sorted(set(overrides) - set(spec.defaults))
-    if unknown:
-        raise HyperForgetError(f"{name} has no hyper-parameter {', '.join(unknown)}; "
-                               f"it takes {', '.join(spec.defaults) or 'none'}")
+    check_overrides(name, overrides)
     hparams = {**spec.defaults, **overrides}
     # A process's first torch.optim optimizer imports torch._dynamo (~2 s here); that one-time cost
     # belongs to no method, so it is paid before the clock starts.

@@ -158,19 +158,14 @@ def unlearn_all(run, forget_sets: Sequence[Sequence[int]], *, models: dict[str, 
         compute_metrics(run, forget)
 
 
-def run_demo(cfg: DemoConfig) -> Path:
-    """Run every stage (skipping finished ones) and write the report; returns report.md's path."""
+def check_demo(cfg: DemoConfig) -> tuple[list[tuple[int, ...]], list[str]]:
+    """Refuse a demo configuration that a later stage would refuse; returns (forget sets, methods)."""
     from pipelines.baselines import BASELINES
-    from pipelines.report import write_report
+    from zoo.collect import CollectConfig
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    state_path = out / "demo.json"
-    state = read_json(state_path) if state_path.exists() else {}
-    state["config"] = asdict(cfg)
-    write_json(state_path, state)
     preset = get_preset(cfg.preset)
-    forget_sets = [tuple(s) for s in (cfg.forget_sets or preset.forget_sets)]
+    CollectConfig(preset=cfg.preset, dataset=cfg.dataset, runs=cfg.runs, runs_per_group=cfg.runs_per_group,
+                  epochs=cfg.zoo_epochs, seed=cfg.seed)  # raises on a bad count
     methods = list(cfg.methods) if cfg.methods is not None else list(BASELINES)
     unknown = [m for m in methods if m not in BASELINES]
     if unknown:
@@ -178,6 +173,37 @@ def run_demo(cfg: DemoConfig) -> Path:
     unknown = [v for v in cfg.variants if v not in DIHYFO_METHODS]
     if unknown:
         raise HyperForgetError(f"unknown DiHyFo variants {unknown}: use dihyfo1 and/or dihyfo2")
+    counts = {"--train-steps": cfg.train_steps, "candidates": cfg.candidates, "repeats": cfg.repeats,
+              "sample_steps": cfg.sample_steps, "baseline_repeats": cfg.baseline_repeats,
+              "retrain_seeds": cfg.retrain_seeds, "epochs": cfg.epochs}
+    for name, value in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise HyperForgetError(f"{name} must be a whole number >= 1, got {value!r}")
+    if cfg.dihyfo1_start not in ("noise", "model"):
+        raise HyperForgetError(f"unknown DiHyFo-1 start {cfg.dihyfo1_start!r}: use noise or model")
+    forget_sets = [tuple(s) for s in (cfg.forget_sets or preset.forget_sets)]
+    c = preset.spec.num_classes
+    for fs in forget_sets:
+        if not fs or any(not 0 <= k < c for k in fs) or len(set(fs)) != len(fs) or len(fs) >= c:
+            raise HyperForgetError(f"forget set {list(fs)} must name distinct task labels in [0, {c}) and keep one")
+        if cfg.variants and set(fs) & set(preset.pivots):
+            raise HyperForgetError(f"forget set {list(fs)} holds pivots {sorted(set(fs) & set(preset.pivots))}, "
+                                   "which DiHyFo cannot forget; choose non-pivot classes")
+    return forget_sets, methods
+
+
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run every stage (skipping finished ones) and write the report; returns report.md's path."""
+    from pipelines.report import write_report
+
+    # Check every setting before any work or any file.
+    forget_sets, methods = check_demo(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "demo.json"
+    state = read_json(state_path) if state_path.exists() else {}
+    state["config"] = asdict(cfg)
+    write_json(state_path, state)
     total = time.perf_counter()
 
     # 1. Collect the zoo.

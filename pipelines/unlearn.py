@@ -55,10 +55,17 @@ def read_json(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.exists():
         raise HyperForgetError(f"missing {path}; run the stage that writes it first")
+    if path.is_dir():
+        raise HyperForgetError(f"{path} is a directory, not a JSON file; remove it and re-run its stage")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HyperForgetError(f"{path} is not valid JSON ({exc}); delete it and re-run its stage") from None
+    except OSError as exc:
+        raise HyperForgetError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(d, dict):
+        raise HyperForgetError(f"{path} holds a JSON {type(d).__name__}, not an object; delete it and re-run its stage")
+    return d
 
 
 def _jsonable(obj: Any) -> Any:
@@ -80,7 +87,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def parse_classes(text: str | Sequence[int]) -> tuple[int, ...]:
-    """'2,3' or [2, 3] -> (2, 3), sorted and without repeats."""
+    """'2,3' or [2, 3] -> (2, 3), sorted; a label given twice is refused."""
     if isinstance(text, str):
         parts = [p.strip() for p in text.replace(" ", ",").split(",") if p.strip()]
         try:
@@ -92,7 +99,11 @@ def parse_classes(text: str | Sequence[int]) -> tuple[int, ...]:
         values = [int(v) for v in text]
     if not values:
         raise HyperForgetError("empty forget set: give at least one class label, e.g. --forget 2")
-    return tuple(sorted(set(values)))
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise HyperForgetError(f"forget set {text!r} names class {', '.join(map(str, twice))} more than once; "
+                               f"give each label once, e.g. --forget {','.join(map(str, sorted(set(values))))}")
+    return tuple(sorted(values))
 
 
 def forget_dir_name(forget: Sequence[int]) -> str:
@@ -190,6 +201,65 @@ def zoo_task(zoo_path: str) -> dict:
             "preset": collection.get("preset") or (collection.get("config") or {}).get("preset")}
 
 
+def zoo_identity(zoo_path: str) -> str:
+    """A content hash naming a zoo wherever it lies: its creation time, MLP, task and dataset.
+
+    Copies and moves of a zoo share it; normalizing or growing a zoo keeps it; two zoos collected
+    separately differ in ``created_at`` (or settings).
+    """
+    from zoo.store import open_zoo
+
+    cfg = open_zoo(zoo_path).config
+    collection = json.loads(json.dumps(cfg.collection or {}))
+    (collection.get("config") or {}).pop("runs", None)  # a collection may be grown by more runs
+    key = {"created_at": cfg.created_at, "mlp": cfg.spec.to_dict(), "classes": list(cfg.classes),
+           "pivots": list(cfg.pivots), "dataset": cfg.dataset, "collection": collection}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# run.json "paths": how the config's paths are stored. "run-relative": relative to the run
+# directory (so a moved run, or one used from another working directory, still finds them),
+# with the absolute path at recording time in "locations" for a run copied away on its own.
+PATHS_RELATIVE = "run-relative"
+_PATH_FIELDS = ("zoo", "data_root")
+
+
+def _is_url(p: str) -> bool:
+    return "://" in p
+
+
+def _stored(p: str | None, run_dir: Path) -> str | None:
+    """A path as run.json stores it: relative to the run directory (URLs as given)."""
+    if p is None or _is_url(str(p)):
+        return p
+    return os.path.relpath(os.path.abspath(p), os.path.abspath(run_dir))
+
+
+def _resolved(stored: str | None, fallback: str | None, run_dir: Path) -> str | None:
+    """A stored path as a usable one: next to the run if it is there, else where it was recorded."""
+    if stored is None or _is_url(stored) or os.path.isabs(stored):
+        return stored
+    here = os.path.normpath(os.path.join(os.path.abspath(run_dir), stored))
+    if not os.path.exists(here) and fallback and os.path.exists(fallback):
+        return fallback
+    return here
+
+
+def _record_paths(config: dict, run_dir: Path, locations: dict) -> dict:
+    """config (asdict(RunConfig)) with run-relative paths; absolute ones noted in ``locations``."""
+    out = dict(config)
+    for name in _PATH_FIELDS:
+        if out.get(name) is not None and not _is_url(str(out[name])):
+            locations[name] = os.path.abspath(out[name])
+            out[name] = _stored(out[name], run_dir)
+    models = {}
+    for variant, d in (out.get("models") or {}).items():
+        locations[f"models/{variant}"] = os.path.abspath(d)
+        models[variant] = _stored(str(d), run_dir)
+    out["models"] = models
+    return out
+
+
 class Run:
     """An unlearning run directory: run.json, the original model, one folder per forget set."""
 
@@ -201,11 +271,22 @@ class Run:
         if meta.get("version") != RUN_VERSION:
             raise HyperForgetError(f"{self.path}/run.json has version {meta.get('version')}, expected {RUN_VERSION}")
         self.meta = meta
-        self.config = RunConfig.from_dict(meta["config"])
+        self.config = self._config_of(meta)
         self.spec = MLPSpec.from_dict(meta["spec"])
         self.classes = tuple(meta["classes"])
         self.pivots = tuple(meta["pivots"])
         self._data: RunData | None = None
+
+    def _config_of(self, meta: dict) -> RunConfig:
+        """The run's config with its paths usable from here (see PATHS_RELATIVE)."""
+        config = RunConfig.from_dict(meta["config"])
+        if meta.get("paths") != PATHS_RELATIVE:
+            return config  # paths recorded as given, relative to the working directory of the time
+        loc = meta.get("locations") or {}
+        config.zoo = _resolved(config.zoo, loc.get("zoo"), self.path)
+        config.data_root = _resolved(config.data_root, loc.get("data_root"), self.path)
+        config.models = {v: _resolved(d, loc.get(f"models/{v}"), self.path) for v, d in (config.models or {}).items()}
+        return config
 
     @property
     def num_classes(self) -> int:
@@ -264,10 +345,13 @@ class Run:
         if timing is not None:
             meta.setdefault("timings", {})[timing[0]] = round(float(timing[1]), 4)
         if model is not None:
-            meta["config"].setdefault("models", {})[model[0]] = model[1]
+            stored = _stored(model[1], self.path) if meta.get("paths") == PATHS_RELATIVE else model[1]
+            meta["config"].setdefault("models", {})[model[0]] = stored
+            if meta.get("paths") == PATHS_RELATIVE:
+                meta.setdefault("locations", {})[f"models/{model[0]}"] = os.path.abspath(model[1])
         write_json(self.path / "run.json", meta)
         self.meta = meta
-        self.config = RunConfig.from_dict(meta["config"])
+        self.config = self._config_of(meta)
 
     @property
     def forget_sets(self) -> list[tuple[int, ...]]:
@@ -285,12 +369,18 @@ def init_run(path: str | os.PathLike, config: RunConfig, *, forget_sets: Iterabl
     run_json = path / "run.json"
     if run_json.exists():
         run = Run(path)
-        if config.zoo and run.config.zoo and Path(config.zoo).resolve() != Path(run.config.zoo).resolve():
-            raise HyperForgetError(f"run {path} was made with zoo {run.config.zoo}, not {config.zoo}: "
-                                   "use another --run directory")
-        if config.zoo and not run.config.zoo:
+        if config.zoo and (run.config.zoo or run.meta.get("zoo_identity")):
+            _check_same_zoo(run, config.zoo)
+        if config.zoo and (not run.config.zoo or not os.path.exists(run.config.zoo)):
+            # A run that had no zoo, or whose zoo moved: record the one given (the same zoo, checked above).
             meta = read_json(run_json)
-            meta["config"]["zoo"] = config.zoo
+            if meta.get("paths") == PATHS_RELATIVE:
+                meta["config"]["zoo"] = _stored(config.zoo, path)
+                if not _is_url(config.zoo):
+                    meta.setdefault("locations", {})["zoo"] = os.path.abspath(config.zoo)
+            else:
+                meta["config"]["zoo"] = config.zoo
+            meta["zoo_identity"] = zoo_identity(config.zoo)
             write_json(run_json, meta)
             run = Run(path)
         for variant, model_dir in (config.models or {}).items():
@@ -314,7 +404,11 @@ def init_run(path: str | os.PathLike, config: RunConfig, *, forget_sets: Iterabl
         if config.epochs is None:
             config.epochs = preset.epochs
         path.mkdir(parents=True, exist_ok=True)
-        write_json(run_json, {"format": RUN_FORMAT, "version": RUN_VERSION, "config": asdict(config),
+        locations: dict = {}
+        stored = _record_paths(asdict(config), path, locations)
+        write_json(run_json, {"format": RUN_FORMAT, "version": RUN_VERSION, "paths": PATHS_RELATIVE,
+                              "config": stored, "locations": locations,
+                              "zoo_identity": zoo_identity(config.zoo) if config.zoo else None,
                               "spec": spec.to_dict(), "classes": list(classes), "pivots": list(pivots),
                               "dataset": ds.describe(), "forget_sets": [], "timings": {}})
         run = Run(path)
@@ -325,6 +419,22 @@ def init_run(path: str | os.PathLike, config: RunConfig, *, forget_sets: Iterabl
 
         train_original_into(run)
     return run
+
+
+def _check_same_zoo(run: Run, zoo: str) -> None:
+    """The zoo given for an existing run must be the run's own (by content, wherever it lies)."""
+    recorded = run.meta.get("zoo_identity")
+    if recorded is None and run.config.zoo and os.path.exists(run.config.zoo):
+        recorded = zoo_identity(run.config.zoo)
+    if recorded is None:
+        # The run's zoo is gone and its identity unknown: only the path can tell.
+        if os.path.abspath(zoo) != os.path.abspath(run.config.zoo or zoo):
+            raise HyperForgetError(f"run {run.path} was made with zoo {run.config.zoo}, which is not there, and "
+                                   f"cannot be matched with {zoo}: use another --run directory")
+        return
+    if zoo_identity(zoo) != recorded:
+        raise HyperForgetError(f"run {run.path} was made with zoo {run.config.zoo}, a different zoo from {zoo} "
+                               "(another collection): use another --run directory or that zoo")
 
 
 def open_run(path: str | os.PathLike) -> Run:
@@ -808,12 +918,19 @@ def refresh_metrics(run: Run, forget: Sequence[int]) -> dict | None:
 
 
 def hypernetwork_zoo(model_dir: str) -> str | None:
-    """The zoo a hypernetwork was trained on, as its saved training config says (None if unknown)."""
+    """The zoo a hypernetwork was trained on, as its saved training config says (None if unknown).
+
+    A relative path is tried against the model directory first, then the working directory.
+    """
     for name in ("config.json", "train.json", "model.json"):
         path = Path(model_dir) / name
         if path.exists():
             cfg = read_json(path)
             for d in (cfg, cfg.get("config", {}), cfg.get("train", {}), cfg.get("train_config", {})):
                 if isinstance(d, dict) and isinstance(d.get("zoo"), str):
-                    return d["zoo"]
+                    zoo = d["zoo"]
+                    if _is_url(zoo) or os.path.isabs(zoo):
+                        return zoo
+                    beside = os.path.normpath(os.path.join(os.path.abspath(model_dir), zoo))
+                    return beside if os.path.exists(beside) or not os.path.exists(zoo) else zoo
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,8 +24,19 @@ def register(app: typer.Typer) -> None:
         progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
     ) -> None:
         """Score every method of a run against populations of retrained models (tables + plots)."""
+        from pipelines.cli.checks import input_dir, positive
         from pipelines.evaluate import EvalConfig, evaluate
-        from pipelines.unlearn import parse_classes
+        from pipelines.unlearn import open_run, parse_classes
+
+        # Check every argument before any work.
+        input_dir(run_dir, option="RUN_DIR", what="run")
+        positive(baseline_seeds, "--baseline-seeds")
+        positive(max_zoo_rows, "--max-zoo-rows")
+        run = open_run(run_dir)
+        if nearest and run.config.zoo and ("://" in run.config.zoo or os.path.exists(run.config.zoo)):
+            from zoo.store import require_sound_zoo
+
+            require_sound_zoo(run.config.zoo)
 
         # Set up the configuration; the library validates it.
         config = EvalConfig(n_retrained=retrained, baseline_seeds=baseline_seeds, nearest_checkpoint=nearest,

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipelines.cli.checks import input_dir, output_dir, positive
 from zoo.errors import HyperForgetError
 
 
@@ -68,17 +69,45 @@ def register(app: typer.Typer) -> None:
         """Unlearn classes from the run's original model with a DiHyFo model or a baseline."""
         from pipelines.unlearn import PromptConfig, RunConfig, UnlearnConfig, init_run, refresh_metrics, unlearn
 
+        # Check every argument before any work.
         if model is None and method is None:
             raise HyperForgetError("give --model MODEL_DIR (DiHyFo) or --method NAME (dihyfo1, dihyfo2 or a baseline)")
+        from pipelines.unlearn import DIHYFO_METHODS, parse_classes
+
+        parse_classes(forget)
+        output_dir(run, option="--run")
+        if out is not None:
+            output_dir(out, option="--out")
+        if model is not None:
+            input_dir(model, option="--model", what="hypernetwork")
+        for value, option in ((candidates, "--candidates"), (repeats, "--repeats"), (steps, "--steps")):
+            positive(value, option)
+        positive(retain_scale, "--retain-scale")
+        overrides = _parse_overrides(set_)
+        if model is None and method not in DIHYFO_METHODS:
+            from pipelines.baselines import check_overrides
+
+            check_overrides(method, overrides)
+        elif overrides:
+            raise HyperForgetError("--set applies to baselines; DiHyFo methods take --candidates, --steps, --guidance")
+        parsed_guidance = _parse_guidance(guidance)
+        if zoo is not None:
+            from zoo.store import require_sound_zoo
+
+            require_sound_zoo(str(zoo))
         if model is not None and zoo is None:
             from pipelines.unlearn import hypernetwork_zoo
 
             zoo_path = hypernetwork_zoo(str(model))
             zoo = Path(zoo_path) if zoo_path else None
+            if zoo is not None and "://" not in str(zoo):
+                from zoo.store import require_sound_zoo
+
+                require_sound_zoo(str(zoo))
         cfg = RunConfig(preset=preset, dataset=dataset, zoo=str(zoo) if zoo else None)
         r = init_run(run, cfg)
         ucfg = UnlearnConfig(method=method or "dihyfo", candidates=candidates, repeats=repeats, start=start,
-                             guidance=_parse_guidance(guidance), sampler=sampler, steps=steps, seed=seed, overrides=_parse_overrides(set_),
+                             guidance=parsed_guidance, sampler=sampler, steps=steps, seed=seed, overrides=overrides,
                              prompts=PromptConfig(forget_mode=forget_mode, retain_mode=retain_mode,
                                                   retain_scale=retain_scale))
         record = unlearn(r, forget, ucfg, model_dir=str(model) if model else None, out=out)
@@ -107,6 +136,7 @@ def register(app: typer.Typer) -> None:
         if seeds < 1:
             raise HyperForgetError(f"--seeds must be >= 1, got {seeds}")
         fs = _parse_sets([forget])[0]
+        output_dir(run, option="--run")
         r = init_run(run, RunConfig(preset=preset, dataset=dataset, zoo=str(zoo) if zoo else None))
         base = r.config.retrain_seeds[0] if r.config.retrain_seeds else 100
         params = retrain_into(r, fs, seeds=[base + i for i in range(seeds)])
@@ -122,6 +152,9 @@ def register(app: typer.Typer) -> None:
         """Write report.md, report.json and figures for a run directory."""
         from pipelines.report import write_report
 
+        input_dir(run_dir, option="RUN_DIR", what="run")
+        if out is not None:
+            output_dir(out, option="--out")
         path = write_report(run_dir, out, figures=figures)
         typer.echo(f"report -> {path}")
 
@@ -141,9 +174,13 @@ def register(app: typer.Typer) -> None:
 
         if dihyfo1_start not in ("noise", "model"):
             raise HyperForgetError(f"unknown --dihyfo1-start {dihyfo1_start!r}: use noise or model")
+        output_dir(out, option="--out")
         cfg = DemoConfig.for_mode(out=str(out), preset=preset, dataset=dataset, quick=quick, runs=runs,
                                   train_steps=train_steps, dihyfo1_start=dihyfo1_start,
                                   methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None)
+        from pipelines.demo import check_demo
+
+        check_demo(cfg)
         report = run_demo(cfg)
         typer.echo(f"report -> {report}")
 
@@ -161,6 +198,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run every unlearning method on the same original model and print the comparison tables."""
         from pipelines.demo import benchmark_unlearning
+
+        if out is not None:
+            output_dir(out, option="--out")
+        positive(seeds, "--seeds")
+        positive(repeats, "--repeats")
 
         path = benchmark_unlearning(out=str(out) if out else None, preset=preset, dataset=dataset,
                                     forget_sets=_parse_sets(forget) if forget else None,

@@ -54,9 +54,11 @@ def test_carve_validation_is_stratified_disjoint_and_deterministic():
 
 
 def test_parse_classes():
-    assert parse_classes("3,2, 3") == (2, 3)
+    assert parse_classes("3,2") == (2, 3) and parse_classes([3, 1]) == (1, 3)
     with pytest.raises(HyperForgetError):
         parse_classes("two")
+    with pytest.raises(HyperForgetError, match="more than once"):
+        parse_classes("3,2, 3")  # a repeated label would silently address the set without it
 
 
 # ----------------------------------------------------------------------------------------------
