@@ -90,13 +90,17 @@ def output_dir(path: str | os.PathLike, *, option: str = "--out", zoo_ok: bool =
     return Path(s)
 
 
+MADE_BY = {"hypernetwork": "`hyperforget train`", "run": "`hyperforget unlearn` or `hyperforget demo`"}
+
+
 def input_dir(path: str | os.PathLike, *, option: str, what: str) -> Path:
-    """An existing directory a command reads (a model, a run)."""
+    """An existing directory a command reads (a hypernetwork, a run)."""
     s = _text(path, option)
+    made = f" (made by {MADE_BY[what]})" if what in MADE_BY else ""
     if not os.path.exists(s):
-        raise HyperForgetError(f"{option} {s} does not exist; give an existing {what} directory")
+        raise HyperForgetError(f"{option} {s} does not exist; give an existing {what} directory{made}")
     if not os.path.isdir(s):
-        raise HyperForgetError(f"{option} {s} is a file, not a {what} directory; give the directory")
+        raise HyperForgetError(f"{option} {s} is a file, not a {what} directory; give the directory{made}")
     return Path(s)
 
 

@@ -61,8 +61,10 @@ def train_cmd(
     if variant not in ("dihyfo1", "dihyfo2"):
         raise HyperForgetError(f"unknown --variant {variant!r}: choose dihyfo1 or dihyfo2")
     for value, option in ((steps, "--steps"), (batch_size, "--batch-size"), (lr, "--lr"),
-                          (eval_every, "--eval-every"), (token_size, "--token-size"), (threads, "--threads")):
+                          (token_size, "--token-size"), (threads, "--threads")):
         positive(value, option)
+    if eval_every is not None and eval_every < -1:
+        raise HyperForgetError(f"--eval-every must be a step count, 0 (only at the end) or -1 (never), got {eval_every}")
     for value, option in ((cond_dropout, "--cond-dropout"), (noise_start_share, "--noise-start-share")):
         if value is not None and not 0.0 <= value <= 1.0:
             raise HyperForgetError(f"{option} must be a share in [0, 1], got {value}")
