@@ -570,13 +570,10 @@ def collect(cfg: CollectConfig, out: str, *, use_dask: bool = True, workers: int
     started = time.perf_counter()
     task = resolve_task(cfg)
     w = _open_or_create(cfg, task, out)
-    # Workers of a LocalCluster share this machine's disk: they write their rows next to the zoo
-    # and send only the path, which spares the committer the transfer (a third of its CPU time).
-    spill_dir = None
-    if use_dask and scheduler is None and "://" not in os.fspath(out):
-        spill_dir = os.fspath(out).rstrip("/\\") + ".spill"
-        shutil.rmtree(spill_dir, ignore_errors=True)  # a crashed run's leftovers
-        os.makedirs(spill_dir)
+    # Workers of a LocalCluster share this machine's disk: they write their rows into the zoo's
+    # scratch space (ZOO/.tmp/spill, emptied whenever the zoo is reopened) and send only the path,
+    # which spares the committer the transfer (a third of its CPU time).
+    spill_dir = w.temp_dir("spill") if use_dask and scheduler is None else None
     try:
         done = w.committed_keys
         todo = [g for g in range(cfg.num_groups) if group_key(g) not in done]

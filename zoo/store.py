@@ -61,6 +61,7 @@ MANIFEST = "manifest.json"
 PARAMS = "params.zarr"
 META_DIR = "meta"
 LOCK = ".lock"
+TMP_DIR = ".tmp"  # the writer's scratch space (e.g. collector spill files); emptied on every open
 PHASES = ("learning", "forgetting")
 # Chunks of 1-2 MiB uncompressed: zarr's docs advise >= 1 MB; a random-access read decodes a
 # whole chunk, so much larger chunks waste work when fetching single checkpoints.
@@ -598,8 +599,29 @@ class ZooWriter:
         partial = [f for f in self._loc.files_under(PARAMS) if f.endswith(".partial")] if self._loc.local else []
         for f in partial:
             self._loc.remove(f)
+        scratch = self._loc.files_under(TMP_DIR) if self._loc.local else []
+        if self._loc.local:
+            import shutil
+
+            shutil.rmtree(self._loc.path(TMP_DIR), ignore_errors=True)
         self.recovered = {"orphan_parts": sum(".tmp-" not in f for f in orphans),
-                          "temp_files": len(temps) + len(partial) + sum(".tmp-" in f for f in orphans)}
+                          "temp_files": len(temps) + len(partial) + len(scratch) + sum(".tmp-" in f for f in orphans)}
+
+    def temp_dir(self, name: str) -> str | None:
+        """A fresh local scratch directory ZOO/.tmp/NAME, removed when the writer is next opened.
+
+        None for a zoo on another filesystem. Only the lock holder uses it, so reopening can
+        delete whatever a killed writer left there.
+        """
+        self._check_open()
+        if not self._loc.local:
+            return None
+        import shutil
+
+        path = self._loc.path(f"{TMP_DIR}/{name}")
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+        return path
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -852,7 +874,7 @@ def create_zoo(path: str | os.PathLike, config: ZooConfig, *, exist_ok: bool = F
                 f"the zoo at {loc.display} holds {w.config.spec} for classes {list(w.config.classes)}, not "
                 f"{config.spec} for {list(config.classes)}; choose another path")
         return w
-    ours = {PARAMS, META_DIR, MANIFEST, LOCK}
+    ours = {PARAMS, META_DIR, MANIFEST, LOCK, TMP_DIR}
     others = [f for f in loc.listdir("") if f not in ours and ".tmp-" not in f]
     if others:
         raise HyperForgetError(f"{loc.display} is not empty and holds no zoo ({others[:3]}...); "

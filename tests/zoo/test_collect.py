@@ -394,17 +394,43 @@ def test_local_cluster_two_workers_equal_one(tiny_zoo, tmp_path):
     a second cluster start."""
     cfg, ref, _ = tiny_zoo
     two = str(tmp_path / "two")
-    stale = tmp_path / "two.spill"  # a crashed run's spilled rows are cleared, then the workers' own
-    stale.mkdir()
+    stale = tmp_path / "two" / ".tmp" / "spill"  # a killed run's spilled rows are cleared, then the workers' own
+    stale.mkdir(parents=True)
     (stale / "group-000000.npy").write_bytes(b"not an array")
     summary = collect(cfg, two, workers=2, max_in_flight=3, progress=False)
     assert summary.groups_committed == 3
     _same_zoo(two, ref)
-    assert not stale.exists()  # the workers' rows travelled as files next to the zoo, removed when committed
+    # The workers' rows travelled as files in the zoo's scratch space, removed when committed;
+    # nothing is left beside the zoo.
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two"]
+
+
+def test_reopening_a_writer_empties_its_scratch_space(tiny_zoo_path):
+    from zoo.store import ZooWriter
+
+    left = os.path.join(tiny_zoo_path, ".tmp", "spill")
+    os.makedirs(left)
+    open(os.path.join(left, "group-000001.npy"), "wb").close()
+    with ZooWriter.open(tiny_zoo_path) as w:
+        assert not os.path.exists(os.path.join(tiny_zoo_path, ".tmp"))
+        assert w.recovered["temp_files"] == 1
+        scratch = w.temp_dir("spill")
+        assert os.path.isdir(scratch) and scratch.startswith(os.path.abspath(tiny_zoo_path))
 
 
 # ----------------------------------------------------------------------------------------------
 # CLI
+
+
+@pytest.fixture
+def tiny_zoo_path(tmp_path):
+    from zoo.store import ZooConfig, create_zoo
+    from tests.conftest import TINY_CLASSES, TINY_SPEC
+
+    path = str(tmp_path / "scratch-zoo")
+    create_zoo(path, ZooConfig(TINY_SPEC, TINY_CLASSES, chunk_rows=8)).close()
+    return path
 
 
 def test_cli_collect(tmp_path):
