@@ -1,10 +1,24 @@
-"""The diffusion transformer (DiT) behind DiHyFo-1 and DiHyFo-2, and its presets.
+"""The denoisers behind DiHyFo-1 and DiHyFo-2, and their presets.
 
-A minGPT-style transformer without a causal mask (pre-LayerNorm blocks, MLP ratio 4, GELU),
-fed a sequence of tokens as in G.pt (Peebles et al. 2022) and Section 3 of the reference text:
+Two backbones, one interface ``forward(x_t, t, target_losses, current_params, current_losses,
+drop_condition) -> x0_hat``:
+
+``backbone="transformer"`` (DiT): a minGPT-style transformer without a causal mask (pre-LayerNorm
+blocks, MLP ratio 4, GELU) over parameter tokens, as in G.pt (Peebles et al. 2022) and Section 3
+of the reference text. The loss conditions enter in one of two ways (``conditioning``):
+    "tokens": as extra tokens in the sequence (G.pt):
 
     DiHyFo-1: [noisy θ* tokens (N), θ tokens (N), t, Δloss_1..C, target loss_1..C, current loss_1..C]
     DiHyFo-2: [noisy θ* tokens (N), t, target loss_1..C]
+
+    "adaln":  through DiT's adaLN-Zero (Peebles & Xie 2023, models.py): a condition vector c
+              (timestep + class losses) regresses every block's LayerNorm shift/scale and a residual
+              gate that starts at zero; the sequence holds only parameter tokens.
+
+``backbone="mlp"``: the same adaLN-Zero blocks over a single token, the whole normalized
+parameter vector (attention over one token is a linear map, so it is left out): a residual MLP
+whose every block is modulated by c. On 1.6k-5.6k-value MLPs this is the CPU preset's choice:
+one token sees every coordinate, and a step costs a fraction of a transformer's.
 
 Parameter tokens enter through one linear map per token (+ a shared LayerNorm); scalars through
 the frequency encoder and one linear map per scalar token. Learned positional embeddings start at
@@ -29,6 +43,8 @@ from hyper.tokenizer import frequency_encode, loss_transform
 from zoo.errors import HyperForgetError
 
 VARIANTS = ("dihyfo1", "dihyfo2")
+BACKBONES = ("transformer", "mlp")
+CONDITIONINGS = ("tokens", "adaln")
 
 
 @dataclass(frozen=True)
@@ -46,10 +62,20 @@ class DiTConfig:
     loss_transform: str = "log"  # what conditions see: "log" = log(loss + loss_offset), "raw" = loss
     loss_offset: float = 0.01  # keeps log finite where a class loss reaches 0
     shared_encoder: bool = False  # True: one encoder/decoder for all tokens (SANE), False: one per token (G.pt)
+    backbone: str = "transformer"  # "transformer" (DiT over tokens) or "mlp" (adaLN-Zero residual MLP, one token)
+    conditioning: str = "tokens"  # transformer only: "tokens" (G.pt) or "adaln" (DiT's adaLN-Zero); mlp: adaln
+    cond_dim: int = 256  # width of the adaLN condition vector c (timestep + loss embeddings)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise HyperForgetError(f"unknown variant {self.variant!r}: choose dihyfo1 or dihyfo2")
+        if self.backbone not in BACKBONES:
+            raise HyperForgetError(f"unknown backbone {self.backbone!r}: choose {' or '.join(BACKBONES)}")
+        if self.conditioning not in CONDITIONINGS:
+            raise HyperForgetError(f"unknown conditioning {self.conditioning!r}: choose {' or '.join(CONDITIONINGS)}")
+        if self.cond_dim < 1 or self.hidden < 1 or self.layers < 1:
+            raise HyperForgetError(f"hidden, layers and cond_dim must be ≥ 1, got {self.hidden}, {self.layers}, "
+                                   f"{self.cond_dim}")
         if self.hidden % self.heads:
             raise HyperForgetError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
         if self.loss_transform not in ("log", "raw"):
@@ -58,9 +84,76 @@ class DiTConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def adaln(self) -> bool:
+        """True when the conditions enter through adaLN-Zero (always for the MLP backbone)."""
+        return self.backbone == "mlp" or self.conditioning == "adaln"
+
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+# ----------------------------------------------------------------------------------------------
+# adaLN-Zero conditioning (DiT, models.py: TimestepEmbedder, modulate, DiTBlock, FinalLayer).
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """DiT's sinusoidal timestep features: (B,) -> (B, dim), frequencies max_period^(-i/half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return F.pad(emb, (0, dim % 2))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: LayerNorm output x shifted and scaled per sample (DiT's ``modulate``)."""
+    return x * (1 + scale) + shift
+
+
+def standardized_log_losses(losses: torch.Tensor, center: torch.Tensor, spread: torch.Tensor,
+                            offset: float) -> torch.Tensor:
+    """z = (log(loss + offset) − center) / spread, per class: what the adaLN condition sees (B, C)."""
+    return (loss_transform(losses, "log", offset) - center) / spread
+
+
+class ConditionEmbedder(nn.Module):
+    """c = MLP(timestep features) + MLP(standardized log losses), or + a learned null under dropout.
+
+    DiHyFo-2 embeds the C target losses; DiHyFo-1 the C target, C current losses and their C
+    differences (in standardized log space). The per-class centre and spread of the log losses
+    come from the zoo's loss quantiles (median; (q95 − q05) / 3.29, a standard deviation for a
+    normal law), fixed at construction so that a saved model always sees the same scale.
+    """
+
+    def __init__(self, cfg: DiTConfig, num_classes: int, loss_stats: dict | None):
+        super().__init__()
+        e, c = cfg.cond_dim, num_classes
+        self.offset = cfg.loss_offset
+        self.num_inputs = 3 * c if cfg.variant == "dihyfo1" else c
+        center, spread = torch.zeros(c), torch.ones(c)
+        if loss_stats and all(k in loss_stats for k in ("q05", "q50", "q95")):
+            q = {k: loss_transform(torch.as_tensor(loss_stats[k], dtype=torch.float32), "log", self.offset)
+                 for k in ("q05", "q50", "q95")}
+            center, spread = q["q50"], ((q["q95"] - q["q05"]) / 3.29).clamp_min(0.1)
+        self.register_buffer("center", center)
+        self.register_buffer("spread", spread)
+        self.time_mlp = nn.Sequential(nn.Linear(e, e), nn.SiLU(), nn.Linear(e, e))
+        self.loss_mlp = nn.Sequential(nn.Linear(self.num_inputs, e), nn.SiLU(), nn.Linear(e, e))
+        self.null = nn.Parameter(torch.zeros(e))
+
+    def forward(self, t: torch.Tensor, target: torch.Tensor, current: torch.Tensor | None,
+                drop: torch.Tensor | None) -> torch.Tensor:
+        """t (B,), target (B, C), current (B, C) or None, drop (B,) bool or None -> c (B, E)."""
+        z = standardized_log_losses(target, self.center, self.spread, self.offset)
+        if current is not None:
+            zc = standardized_log_losses(current, self.center, self.spread, self.offset)
+            z = torch.cat([z, zc, z - zc], dim=1)
+        y = self.loss_mlp(z)
+        if drop is not None:
+            y = torch.where(drop[:, None], self.null.to(y.dtype)[None], y)
+        return F.silu(self.time_mlp(timestep_embedding(t, self.null.shape[0])) + y)
 
 
 class SelfAttention(nn.Module):
@@ -81,20 +174,46 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x)).
+
+    With adaLN (DiTBlock): the LayerNorms lose their affine weights; c regresses (shift, scale,
+    gate) for each half, x + gate · attn(modulate(LN(x))), and the regression starts at zero so
+    every block starts as the identity (adaLN-Zero).
+    """
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.hidden)
+        self.ln1 = nn.LayerNorm(cfg.hidden, elementwise_affine=not cfg.adaln)
         self.attn = SelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.hidden)
+        self.ln2 = nn.LayerNorm(cfg.hidden, elementwise_affine=not cfg.adaln)
         width = int(cfg.mlp_ratio * cfg.hidden)
         self.mlp = nn.Sequential(nn.Linear(cfg.hidden, width), nn.GELU(), nn.Linear(width, cfg.hidden),
                                  nn.Dropout(cfg.dropout))
+        self.ada = nn.Linear(cfg.cond_dim, 6 * cfg.hidden) if cfg.adaln else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        if self.ada is None:
+            x = x + self.attn(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c)[:, None].chunk(6, dim=2)  # 6×(B, 1, D)
+        x = x + g1 * self.attn(modulate(self.ln1(x), sh1, sc1))
+        return x + g2 * self.mlp(modulate(self.ln2(x), sh2, sc2))
+
+
+class MLPBlock(nn.Module):
+    """adaLN-Zero residual block over one vector: h + gate · W2 σ(W1 modulate(LN(h)))."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        width = int(cfg.mlp_ratio * cfg.hidden)
+        self.ln = nn.LayerNorm(cfg.hidden, elementwise_affine=False)
+        self.fc1, self.fc2 = nn.Linear(cfg.hidden, width), nn.Linear(width, cfg.hidden)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.ada = nn.Linear(cfg.cond_dim, 3 * cfg.hidden)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale, gate = self.ada(c).chunk(3, dim=1)  # 3×(B, D)
+        return h + gate * self.drop(self.fc2(F.silu(self.fc1(modulate(self.ln(h), shift, scale)))))
 
 
 class TokenLinear(nn.Module):
@@ -117,16 +236,20 @@ class TokenLinear(nn.Module):
 
 
 class DiT(nn.Module):
-    """The DiHyFo network: predicts normalized θ* (x0) from a noisy θ*_t and the conditions.
+    """The DiHyFo transformer: predicts normalized θ* (x0) from a noisy θ*_t and the conditions.
 
     Args:
-        config: architecture.
+        config: architecture (``conditioning`` "tokens" or "adaln").
         num_tokens: parameter tokens per checkpoint (N, from the tokenizer).
         token_size: values per (padded) token.
         num_classes: C, one loss token per class and kind.
+        loss_stats: the zoo's per-class loss quantiles (adaLN's loss standardization).
     """
 
-    def __init__(self, config: DiTConfig, num_tokens: int, token_size: int, num_classes: int):
+    flat = False  # takes (B, N, k) tokens
+
+    def __init__(self, config: DiTConfig, num_tokens: int, token_size: int, num_classes: int,
+                 loss_stats: dict | None = None):
         super().__init__()
         if token_size >= config.hidden:
             raise HyperForgetError(f"token_size {token_size} must be smaller than hidden {config.hidden}: "
@@ -134,9 +257,11 @@ class DiT(nn.Module):
         self.config, self.num_tokens, self.token_size, self.num_classes = config, num_tokens, token_size, num_classes
         d, n, c = config.hidden, num_tokens, num_classes
         self.dihyfo1 = config.variant == "dihyfo1"
-        # Scalar tokens: t, then per class Δloss, target, current (DiHyFo-1) or only target (DiHyFo-2).
-        self.num_loss_tokens = 3 * c if self.dihyfo1 else c
-        self.num_scalars = 1 + self.num_loss_tokens
+        self.adaln = config.adaln
+        # Scalar tokens (in-context conditioning only): t, then per class Δloss, target, current
+        # (DiHyFo-1) or only target (DiHyFo-2). Under adaLN they enter through c instead.
+        self.num_loss_tokens = 0 if self.adaln else (3 * c if self.dihyfo1 else c)
+        self.num_scalars = 0 if self.adaln else 1 + self.num_loss_tokens
         self.seq_len = n * (2 if self.dihyfo1 else 1) + self.num_scalars
         feat = 2 * config.num_freqs + 1
 
@@ -144,14 +269,18 @@ class DiT(nn.Module):
         self.param_ln = nn.LayerNorm(d)
         if self.dihyfo1:
             self.current_encoder = TokenLinear(n, token_size, d, shared=config.shared_encoder, bias=False)
-        self.scalar_encoder = TokenLinear(self.num_scalars, feat, d)
-        self.scalar_ln = nn.LayerNorm(d)
-        # Learned "no condition" tokens replace the loss tokens under classifier-free guidance dropout.
-        self.null_condition = nn.Parameter(torch.zeros(self.num_loss_tokens, d))
+        if self.adaln:
+            self.condition = ConditionEmbedder(config, c, loss_stats)
+            self.final_ada = nn.Linear(config.cond_dim, 2 * d)
+        else:
+            self.scalar_encoder = TokenLinear(self.num_scalars, feat, d)
+            self.scalar_ln = nn.LayerNorm(d)
+            # Learned "no condition" tokens replace the loss tokens under classifier-free guidance dropout.
+            self.null_condition = nn.Parameter(torch.zeros(self.num_loss_tokens, d))
         self.pos_emb = nn.Parameter(torch.zeros(1, self.seq_len, d))
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
-        self.ln_f = nn.LayerNorm(d)
+        self.ln_f = nn.LayerNorm(d, elementwise_affine=not self.adaln)
         self.decoder = TokenLinear(n, d, token_size, shared=config.shared_encoder)
         self._init_weights()
 
@@ -162,7 +291,13 @@ class DiT(nn.Module):
                 std = 0.02 / math.sqrt(2 * self.config.layers) if name.endswith(("attn.proj", "mlp.2")) else 0.02
                 nn.init.normal_(module.weight, std=std)
                 nn.init.zeros_(module.bias)
-        nn.init.normal_(self.null_condition, std=0.02)
+        if self.adaln:
+            # adaLN-Zero: every block's modulation and gate, and the final shift/scale, start at zero.
+            for block in self.blocks:
+                nn.init.zeros_(block.ada.weight), nn.init.zeros_(block.ada.bias)
+            nn.init.zeros_(self.final_ada.weight), nn.init.zeros_(self.final_ada.bias)
+        else:
+            nn.init.normal_(self.null_condition, std=0.02)
         # Zero decoder: at init DiHyFo-2 predicts 0 (the normalized mean) and DiHyFo-1 predicts θ.
         nn.init.zeros_(self.decoder.weight)
         nn.init.zeros_(self.decoder.bias)
@@ -179,6 +314,17 @@ class DiT(nn.Module):
             parts += [tgt]
         return torch.cat(parts, dim=1)
 
+    def _condition_tokens(self, t, target_losses, current_losses, drop_condition) -> torch.Tensor:
+        """In-context conditioning: (B, S, D) tokens for t and the losses."""
+        scalars = self.scalar_tokens(t, target_losses, current_losses)  # (B, S)
+        feats = frequency_encode(scalars, self.config.num_freqs, self.config.freq_max_exp)  # (B, S, 2F+1)
+        s_tok = self.scalar_ln(self.scalar_encoder(feats))  # (B, S, D)
+        if drop_condition is not None:
+            loss_tok = torch.where(drop_condition[:, None, None], self.null_condition.to(s_tok.dtype)[None],
+                                   s_tok[:, 1:])
+            s_tok = torch.cat([s_tok[:, :1], loss_tok], dim=1)
+        return s_tok
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, target_losses: torch.Tensor,
                 current_params: torch.Tensor | None = None, current_losses: torch.Tensor | None = None,
                 drop_condition: torch.Tensor | None = None) -> torch.Tensor:
@@ -190,27 +336,28 @@ class DiT(nn.Module):
             target_losses: (B, C) raw target class losses.
             current_params: (B, N, k) normalized θ tokens (DiHyFo-1 only).
             current_losses: (B, C) raw class losses of θ (DiHyFo-1 only).
-            drop_condition: (B,) bool, True replaces the loss tokens by the null condition (guidance).
+            drop_condition: (B,) bool, True replaces the loss conditions by the null condition (guidance).
         Returns:
             (B, N, k) predicted normalized θ* tokens (padding positions carry no meaning).
         """
         if self.dihyfo1 and (current_params is None or current_losses is None):
             raise HyperForgetError("DiHyFo-1 needs current parameters and their class losses")
-        scalars = self.scalar_tokens(t, target_losses, current_losses)  # (B, S)
-        feats = frequency_encode(scalars, self.config.num_freqs, self.config.freq_max_exp)  # (B, S, 2F+1)
-        s_tok = self.scalar_ln(self.scalar_encoder(feats))  # (B, S, D)
-        if drop_condition is not None:
-            loss_tok = torch.where(drop_condition[:, None, None], self.null_condition.to(s_tok.dtype)[None],
-                                   s_tok[:, 1:])
-            s_tok = torch.cat([s_tok[:, :1], loss_tok], dim=1)
         parts = [self.param_ln(self.noisy_encoder(x_t))]  # (B, N, D)
         if self.dihyfo1:
             parts.append(self.param_ln(self.current_encoder(current_params)))
-        parts.append(s_tok)
+        c = None
+        if self.adaln:
+            c = self.condition(t, target_losses, current_losses if self.dihyfo1 else None, drop_condition)  # (B, E)
+        else:
+            parts.append(self._condition_tokens(t, target_losses, current_losses, drop_condition))
         h = self.drop(torch.cat(parts, dim=1) + self.pos_emb)  # (B, L, D)
         for block in self.blocks:
-            h = block(h)
-        out = self.decoder(self.ln_f(h[:, : self.num_tokens]))  # (B, N, k)
+            h = block(h, c)
+        h = self.ln_f(h[:, : self.num_tokens])
+        if self.adaln:
+            shift, scale = self.final_ada(c)[:, None].chunk(2, dim=2)
+            h = modulate(h, shift, scale)
+        out = self.decoder(h)  # (B, N, k)
         if self.dihyfo1:
             out = out + current_params  # global residual: the network predicts θ* − θ
         return out
@@ -225,17 +372,92 @@ class DiT(nn.Module):
         per_layer = 2 * n * (3 * d * d + d * d + 2 * d * w) + 2 * 2 * n * n * d  # projections + attention
         enc = 2 * n * max(self.token_size, 2 * self.config.num_freqs + 1) * d
         dec = 2 * self.num_tokens * d * self.token_size
-        return float(L * per_layer + enc + dec)
+        ada = 2 * L * self.config.cond_dim * 6 * d if self.adaln else 0
+        return float(L * per_layer + enc + dec + ada)
 
     def no_decay_parameter_names(self) -> set[str]:
-        """Biases, LayerNorm weights, positional embedding and null condition: no weight decay (G.pt)."""
-        names = set()
-        for mname, module in self.named_modules():
-            for pname, _ in module.named_parameters(recurse=False):
-                full = f"{mname}.{pname}" if mname else pname
-                if pname == "bias" or isinstance(module, nn.LayerNorm) or pname in ("pos_emb", "null_condition"):
-                    names.add(full)
-        return names
+        return no_decay_parameter_names(self)
+
+
+class AdaLNMLP(nn.Module):
+    """The MLP backbone: adaLN-Zero residual blocks over the whole normalized parameter vector.
+
+    x_t (B, P) [and θ (B, P) for DiHyFo-1, concatenated] -> Linear -> L × MLPBlock(c) ->
+    modulate(LN) -> Linear (zero-initialized) -> x0_hat (B, P); DiHyFo-1 adds θ (global residual),
+    so at initialization DiHyFo-2 predicts the mean and DiHyFo-1 predicts θ* = θ.
+
+    Args:
+        config: architecture (hidden = block width, layers = blocks, mlp_ratio = inner width / hidden).
+        num_params: P, values per parameter vector.
+        num_classes: C.
+        loss_stats: the zoo's per-class loss quantiles (the condition's loss standardization).
+    """
+
+    flat = True  # takes flat (B, P) vectors, not tokens
+
+    def __init__(self, config: DiTConfig, num_params: int, num_classes: int, loss_stats: dict | None = None):
+        super().__init__()
+        self.config, self.num_params, self.num_classes = config, num_params, num_classes
+        self.dihyfo1 = config.variant == "dihyfo1"
+        d = config.hidden
+        self.condition = ConditionEmbedder(config, num_classes, loss_stats)
+        self.encoder = nn.Linear(num_params * (2 if self.dihyfo1 else 1), d)
+        self.blocks = nn.ModuleList(MLPBlock(config) for _ in range(config.layers))
+        self.ln_f = nn.LayerNorm(d, elementwise_affine=False)
+        self.final_ada = nn.Linear(config.cond_dim, 2 * d)
+        self.decoder = nn.Linear(d, num_params)
+        for block in self.blocks:
+            nn.init.zeros_(block.ada.weight), nn.init.zeros_(block.ada.bias)
+        for layer in (self.final_ada, self.decoder):
+            nn.init.zeros_(layer.weight), nn.init.zeros_(layer.bias)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, target_losses: torch.Tensor,
+                current_params: torch.Tensor | None = None, current_losses: torch.Tensor | None = None,
+                drop_condition: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat normalized x_t (B, P), t (B,), raw losses (B, C), θ (B, P) -> normalized x0_hat (B, P)."""
+        if self.dihyfo1 and (current_params is None or current_losses is None):
+            raise HyperForgetError("DiHyFo-1 needs current parameters and their class losses")
+        c = self.condition(t, target_losses, current_losses if self.dihyfo1 else None, drop_condition)  # (B, E)
+        h = self.encoder(torch.cat([x_t, current_params], dim=1) if self.dihyfo1 else x_t)  # (B, D)
+        for block in self.blocks:
+            h = block(h, c)
+        shift, scale = self.final_ada(c).chunk(2, dim=1)
+        out = self.decoder(modulate(self.ln_f(h), shift, scale))  # (B, P)
+        return out + current_params if self.dihyfo1 else out
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_sample(self) -> float:
+        """Forward matmul FLOPs for one vector (2 per multiply-add), for MFU estimates."""
+        d, e, L = self.config.hidden, self.config.cond_dim, self.config.layers
+        w = int(self.config.mlp_ratio * d)
+        blocks = L * (2 * d * w + e * 3 * d)
+        io = self.encoder.in_features * d + d * self.num_params + e * 2 * d
+        cond = 2 * e * e + self.condition.num_inputs * e + e * e
+        return float(2 * (blocks + io + cond))
+
+    def no_decay_parameter_names(self) -> set[str]:
+        return no_decay_parameter_names(self)
+
+
+def no_decay_parameter_names(model: nn.Module) -> set[str]:
+    """Biases, LayerNorm weights, positional embedding and null conditions: no weight decay (G.pt)."""
+    names = set()
+    for mname, module in model.named_modules():
+        for pname, _ in module.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if pname in ("bias", "pos_emb", "null_condition", "null") or isinstance(module, nn.LayerNorm):
+                names.add(full)
+    return names
+
+
+def build_denoiser(config: DiTConfig, num_tokens: int, token_size: int, num_params: int, num_classes: int,
+                   loss_stats: dict | None = None) -> DiT | AdaLNMLP:
+    """The network a config names: the transformer over tokens or the MLP over whole vectors."""
+    if config.backbone == "mlp":
+        return AdaLNMLP(config, num_params, num_classes, loss_stats)
+    return DiT(config, num_tokens, token_size, num_classes, loss_stats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +482,16 @@ PRESETS: dict[str, dict] = {
                                 cond_dropout=0.1, eval_every=400, test_every=200, checkpoint_every=200),
                   "sample": dict(method="ddim", steps=10,
                                  guidance={"dihyfo1": [4.0, 8.0, 16.0, 24.0], "dihyfo2": None})},
+    # The CPU demo's generator (MNIST-4 and MNIST-10): the adaLN-Zero MLP over whole canonical,
+    # per-value standardized vectors, x0 prediction, condition dropout for an unconditional mode,
+    # unguided sampling (guidance trades prompt alignment for extremeness; docs/experiments.md).
+    "cpu-mlp": {"model": dict(backbone="mlp", hidden=512, layers=4, mlp_ratio=1.0, cond_dim=256),
+                "tokenizer": dict(token_size=64, normalization="coordinate", canonical=True),
+                "train": dict(steps=2000, batch_size=256, lr=1e-3, warmup_steps=50, ema_decay=0.999,
+                              weight_decay=0.0, grad_clip=1.0, loss_weighting="uniform", cond_dropout=0.1,
+                              permute=False, eval_every=0, test_every=500, checkpoint_every=500,
+                              view={"balanced": {"mode": "weights"}}),
+                "sample": dict(method="ddim", steps=50, guidance=None)},
     # A larger CPU run (tens of minutes), or a quick GPU run.
     "cpu-base": {"model": dict(hidden=256, layers=6, heads=8, num_freqs=64, freq_max_exp=10.0),
                  "tokenizer": dict(token_size=200, normalization="layer"),
@@ -273,6 +505,17 @@ PRESETS: dict[str, dict] = {
                             weight_decay=0.1, grad_clip=0.75, eval_every=5000),
               "sample": dict(method="ddpm", steps=1000, guidance=None)},
 }
+
+
+PRESETS["paper-adaln"] = {
+    # The paper's DiT size with DiT's adaLN-Zero conditioning over canonical, per-value standardized
+    # tokens (a GPU configuration; the in-context "paper" preset stays as G.pt has it).
+    "model": dict(hidden=1536, layers=12, heads=16, conditioning="adaln", cond_dim=1536),
+    "tokenizer": dict(token_size=1000, normalization="coordinate", canonical=True),
+    "train": dict(steps=100_000, batch_size=1024, lr=4e-4, warmup_steps=2000, ema_decay=0.9999, weight_decay=0.1,
+                  grad_clip=0.75, loss_weighting="uniform", cond_dropout=0.1, permute=False, eval_every=5000,
+                  view={"balanced": {"mode": "weights"}}),
+    "sample": dict(method="ddim", steps=100, guidance=None)}
 
 
 def get_preset(name: str) -> dict:

@@ -51,7 +51,8 @@ class Hypernetwork:
         self.device = torch.device(device or "cpu")
         self.model, self.tokenizer = build(self.variant, self.spec, self.config["normalization"],
                                            DiTConfig.from_dict(self.config["model"]),
-                                           TokenizerConfig.from_dict(self.config["tokenizer"]))
+                                           TokenizerConfig.from_dict(self.config["tokenizer"]),
+                                           self.config.get("loss_stats"))
         try:
             state = load_file(str(weights))
         except Exception as exc:  # safetensors raises several types for damaged files

@@ -8,8 +8,14 @@ zero padding makes the padded rows of a token's matrix inert, so this is the sam
 shared map (SANE-style). ``detokenize`` drops the padding and undoes the normalization exactly.
 
 Normalization modes:
-    "global": x · c with c = target_std / std(all parameters) (G.pt: 0.538 / std, no shift).
-    "layer":  (x − mean_l) · target_std / std_l with each layer's own statistics.
+    "global":     x · c with c = target_std / std(all parameters) (G.pt: 0.538 / std, no shift).
+    "layer":      (x − mean_l) · target_std / std_l with each layer's own statistics.
+    "coordinate": (x − mean_i) / std_i for every value i of the vector (statistics of canonical
+                  vectors, see ``canonical``): every coordinate enters the diffusion at unit scale,
+                  so the noise schedule treats a rarely-moving bias and a pixel weight alike.
+
+With ``canonical`` the hidden units of every vector are put in a canonical order (sorted by
+fc1.bias, zoo.augment.canonicalize) before normalization: one vector per function instead of H!.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 from zoo.errors import HyperForgetError
 from zoo.mlp import MLPSpec
 
-NORMALIZATIONS = ("global", "layer")
+NORMALIZATIONS = ("global", "layer", "coordinate")
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,8 @@ class TokenizerConfig:
 
     token_size: int = 64  # most values in one token; must stay below the DiT hidden size
     normalization: str = "global"  # "global" (one scale, G.pt) or "layer" (per-layer mean/std)
-    target_std: float = 0.538  # std of normalized parameters (G.pt's constant)
+    target_std: float = 0.538  # std of normalized parameters (G.pt's constant; "coordinate" uses 1)
+    canonical: bool = False  # sort hidden units by fc1.bias before normalizing (one mode per function)
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -64,6 +71,26 @@ def compute_normalization(spec: MLPSpec, params: torch.Tensor | np.ndarray) -> d
         layers[s.name] = {"mean": float(v.mean()), "std": float(v.std())}
     std = float(p.std())
     return {"mean": float(p.mean()), "std": std, "gpt_coeff": 0.538 / max(std, 1e-12), "layers": layers}
+
+
+def compute_coordinate_normalization(spec: MLPSpec, params: torch.Tensor | np.ndarray, canonical: bool) -> dict:
+    """Per-value mean and std of (N, P) checkpoints (canonicalized first when ``canonical``).
+
+    Returns {"mean": (P,) list, "std": (P,) list, "canonical": bool, "rows": N}; stored with the
+    hypernetwork under normalization["coordinate"].
+    """
+    from zoo.augment import canonicalize
+
+    p = torch.as_tensor(params, dtype=torch.float32)
+    spec.layout.check(p)
+    p = p[torch.isfinite(p).all(1)]
+    if len(p) < 2:
+        raise HyperForgetError(f"{len(p)} finite checkpoints cannot give per-value statistics; grow the zoo")
+    if canonical:
+        p = canonicalize(spec, p)
+    p = p.double()
+    return {"mean": p.mean(0).float().tolist(), "std": p.std(0).float().tolist(), "canonical": bool(canonical),
+            "rows": int(len(p))}
 
 
 def _layer_stats(stats: dict, name: str) -> tuple[float, float]:
@@ -113,6 +140,16 @@ class ParamTokenizer:
             if not std > 0:
                 raise HyperForgetError(f"global parameter std is {std}; the zoo's statistics are broken")
             scale[:] = self.config.target_std / std
+        elif self.config.normalization == "coordinate":
+            coord = stats.get("coordinate")
+            if not coord or len(coord.get("mean", ())) != p or bool(coord.get("canonical")) != self.config.canonical:
+                raise HyperForgetError("normalization statistics lack per-value statistics of this form "
+                                       f"(canonical={self.config.canonical}); the trainer computes them, "
+                                       "the model directory is damaged")
+            std = torch.as_tensor(coord["std"], dtype=torch.float32)
+            # A value that never moved (std 0) keeps unit scale rather than dividing by zero.
+            scale[:] = torch.where(std > 1e-8, 1.0 / std.clamp_min(1e-8), torch.ones_like(std))
+            shift[:] = torch.as_tensor(coord["mean"], dtype=torch.float32)
         else:
             for s in self.spec.layout.slots:
                 mean, std = _layer_stats(stats, s.name)
@@ -120,6 +157,27 @@ class ParamTokenizer:
                 scale[s.offset:s.stop] = self.config.target_std / std if std > 1e-12 else 1.0
                 shift[s.offset:s.stop] = mean
         return scale, shift
+
+    # ---------------------------------------------------------------- canonical order
+    def canonical_permutations(self, params: torch.Tensor) -> torch.Tensor | None:
+        """(B, H) hidden-unit orders that make raw (B, P) vectors canonical, or None without ``canonical``."""
+        if not self.config.canonical:
+            return None
+        from zoo.augment import canonical_permutations
+
+        return canonical_permutations(self.spec, params).to(params.device)
+
+    def permute(self, params: torch.Tensor, perms: torch.Tensor | None) -> torch.Tensor:
+        """Apply (B, H) hidden-unit orders to raw (B, P) vectors (same functions); None: unchanged."""
+        if perms is None:
+            return params
+        from zoo.augment import permute_hidden
+
+        return permute_hidden(self.spec, params, perms).to(params)
+
+    def canonicalize(self, params: torch.Tensor) -> torch.Tensor:
+        """Raw (B, P) -> raw (B, P) in canonical hidden-unit order (unchanged without ``canonical``)."""
+        return self.permute(params, self.canonical_permutations(params))
 
     # ---------------------------------------------------------------- normalization
     def normalize(self, params: torch.Tensor) -> torch.Tensor:

@@ -35,8 +35,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from hyper.diffusion import DiffusionConfig, GaussianDiffusion
-from hyper.model import DiT, DiTConfig, get_preset
-from hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute_normalization
+from hyper.model import DiTConfig, build_denoiser, get_preset
+from hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute_coordinate_normalization, compute_normalization
 from zoo.errors import HyperForgetError
 from zoo.mlp import MLPSpec
 
@@ -79,6 +79,8 @@ class TrainConfig:
     # losses. G.pt starts from "potentially random noise"; a zoo saves few step-0 checkpoints, so
     # without this the noise start is off the training distribution.
     noise_start_share: float = 0.0
+    # Training-view parameters by view kind (queries.views), e.g. {"balanced": {"mode": "weights"}}.
+    view: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.loss_weighting not in LOSS_WEIGHTINGS:
@@ -247,7 +249,7 @@ def data_from_tensors(spec: MLPSpec, params: torch.Tensor, losses: torch.Tensor,
 
 
 def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                  permute: bool = True) -> HyperData:
+                  permute: bool = True, view: dict | None = None) -> HyperData:
     """HyperData over a zoo's training/test views (built on first use by queries.views)."""
     from queries.loader import CheckpointStream
     from queries.views import ensure_training_views
@@ -259,7 +261,9 @@ def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: 
     if not norm:
         raise HyperForgetError(f"zoo {zoo} has no normalization statistics; run `hyperforget zoo stats {zoo}` "
                                "(or finish its collection) first")
-    train_view, test_view = ensure_training_views(zoo, variant, seed=seed)
+    from queries.views import VARIANT_KINDS
+
+    train_view, test_view = ensure_training_views(zoo, variant, seed=seed, **(view or {}).get(VARIANT_KINDS[variant], {}))
     per_rank = batch_size // world_size
     # Full, equal batches on every rank: a short or missing batch on one rank would hang DDP.
     even = "pad" if world_size > 1 else False
@@ -275,6 +279,28 @@ def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: 
     return HyperData(spec=cfg.spec, classes=list(cfg.classes), normalization=dict(norm),
                      loss_stats=loss_statistics(losses), train_stream=train_stream, test_stream=test_stream,
                      dataset=dataset, zoo=str(zoo), pivots=list(getattr(cfg, "pivots", []) or []))
+
+
+def coordinate_statistics(data: HyperData, variant: str, canonical: bool, max_rows: int = 20_000) -> dict:
+    """Per-value mean/std of the training stream's targets (θ*), from up to ``max_rows`` of them.
+
+    Reads the first batches of the stream and restores its position, so training sees the same
+    data order with or without this pass.
+    """
+    stream = data.train_stream
+    state = stream.state_dict() if hasattr(stream, "state_dict") else None
+    key = "target_params" if variant == "dihyfo1" else "params"
+    rows, n = [], 0
+    for batch in stream:
+        rows.append(torch.as_tensor(batch[key], dtype=torch.float32))
+        n += len(rows[-1])
+        if n >= max_rows:
+            break
+    if state is not None:
+        stream.load_state_dict(state)
+    if not rows:
+        raise HyperForgetError("the training view yields no batch; lower --batch-size or grow the zoo")
+    return compute_coordinate_normalization(data.spec, torch.cat(rows)[:max_rows], canonical)
 
 
 def _dataset_description(cfg) -> dict:
@@ -293,9 +319,11 @@ def _dataset_description(cfg) -> dict:
 
 
 def build(variant: str, spec: MLPSpec, normalization: dict, model_cfg: DiTConfig,
-          tok_cfg: TokenizerConfig) -> tuple[DiT, ParamTokenizer]:
+          tok_cfg: TokenizerConfig, loss_stats: dict | None = None) -> tuple[torch.nn.Module, ParamTokenizer]:
+    """The denoiser and the tokenizer a saved (or resolved) config describes."""
     tokenizer = ParamTokenizer(spec, tok_cfg, normalization)
-    model = DiT(replace(model_cfg, variant=variant), tokenizer.num_tokens, tok_cfg.token_size, spec.num_classes)
+    model = build_denoiser(replace(model_cfg, variant=variant), tokenizer.num_tokens, tok_cfg.token_size,
+                           spec.num_params, spec.num_classes, loss_stats)
     return model, tokenizer
 
 
@@ -307,7 +335,10 @@ def make_model_fn(model: torch.nn.Module, tokenizer: ParamTokenizer, target_loss
     current: normalized flat θ (B, P) or None. With ``guidance`` s, a scalar or one scale per row
     (B,) (classifier-free): x̂0 = x̂0_uncond + s · (x̂0_cond − x̂0_uncond).
     """
-    cur_tok = tokenizer.to_tokens(current) if current is not None else None
+    flat = getattr(model, "flat", False) or getattr(getattr(model, "module", None), "flat", False)  # DDP wraps
+    to_tokens = (lambda v: v) if flat else tokenizer.to_tokens
+    from_tokens = (lambda v: v) if flat else tokenizer.from_tokens
+    cur_tok = to_tokens(current) if current is not None else None
     scale = None
     if guidance is not None:
         scale = torch.as_tensor(guidance, dtype=torch.float32).to(target_losses.device)
@@ -317,15 +348,15 @@ def make_model_fn(model: torch.nn.Module, tokenizer: ParamTokenizer, target_loss
             scale = scale[:, None]  # (B, 1)
 
     def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x_tok = tokenizer.to_tokens(x_t)
+        x_tok = to_tokens(x_t)
         if scale is None:
-            return tokenizer.from_tokens(model(x_tok, t, target_losses, cur_tok, current_losses, drop))
+            return from_tokens(model(x_tok, t, target_losses, cur_tok, current_losses, drop))
         b = x_t.shape[0]
         both = model(torch.cat([x_tok, x_tok]), torch.cat([t, t]), torch.cat([target_losses, target_losses]),
                      None if cur_tok is None else torch.cat([cur_tok, cur_tok]),
                      None if current_losses is None else torch.cat([current_losses, current_losses]),
                      torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x_t.device))
-        cond, uncond = tokenizer.from_tokens(both[:b]), tokenizer.from_tokens(both[b:])
+        cond, uncond = from_tokens(both[:b]), from_tokens(both[b:])
         return uncond + scale.to(cond.dtype) * (cond - uncond)
 
     return fn
@@ -358,7 +389,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: DiT, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     no_decay = model.no_decay_parameter_names()
     decay_p = [p for n, p in model.named_parameters() if n not in no_decay]
     plain_p = [p for n, p in model.named_parameters() if n in no_decay]
@@ -385,7 +416,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> No
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(out: Path, step: int, model: DiT, ema: EMA, opt: torch.optim.Optimizer,
+def save_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: EMA, opt: torch.optim.Optimizer,
                     gen: torch.Generator, stream, epoch: int, curves: dict, keep: int = 2) -> None:
     root = out / "checkpoints"
     d = root / f"step-{step:08d}"
@@ -536,12 +567,15 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
     if data is None:
         if zoo is None:
             raise HyperForgetError("give a zoo (--zoo ZOO) to train on")
-        data = data_from_zoo(zoo, variant, cfg.batch_size, cfg.seed, rank, world, cfg.permute)
+        data = data_from_zoo(zoo, variant, cfg.batch_size, cfg.seed, rank, world, cfg.permute, cfg.view)
     if saved is not None:
         # The resumed network was built on the saved statistics; a zoo that grew since must not change them.
         data.normalization, data.loss_stats = saved["normalization"], saved["loss_stats"]
     torch.manual_seed(cfg.seed)
-    model, tokenizer = build(variant, data.spec, data.normalization, model_cfg, tok_cfg)
+    if tok_cfg.normalization == "coordinate" and "coordinate" not in data.normalization:
+        data.normalization = {**data.normalization,
+                              "coordinate": coordinate_statistics(data, variant, tok_cfg.canonical)}
+    model, tokenizer = build(variant, data.spec, data.normalization, model_cfg, tok_cfg, data.loss_stats)
     model.to(dev)
     diffusion = GaussianDiffusion(diff_cfg)
     opt = make_optimizer(model, cfg)
@@ -695,14 +729,26 @@ def _to_device(batch: dict, dev: torch.device) -> dict:
 
 def _loss_terms(net, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, batch: dict, variant: str,
                 gen: torch.Generator, dev: torch.device, weights, cond_dropout: float) -> dict:
-    """One batch -> Equation 5 terms. DiHyFo-2 learns θ* from single checkpoints, DiHyFo-1 from pairs."""
+    """One batch -> Equation 5 terms. DiHyFo-2 learns θ* from single checkpoints, DiHyFo-1 from pairs.
+
+    With a canonical tokenizer, θ is put in canonical order and θ* follows θ's order (the hidden
+    units of one run keep their identity, and at sampling time only θ is known); a noise start's
+    θ* has nothing to do with its θ, so it takes its own canonical order.
+    """
     if variant == "dihyfo1":
-        x0 = tokenizer.normalize(batch["target_params"].float())
+        theta, theta_star = batch["params"].float(), batch["target_params"].float()
+        perms = tokenizer.canonical_permutations(theta)
+        if perms is not None and "noise_start" in batch:
+            own = tokenizer.canonical_permutations(theta_star)
+            perms_star = torch.where(batch["noise_start"].bool()[:, None], own, perms)
+        else:
+            perms_star = perms
+        x0 = tokenizer.normalize(tokenizer.permute(theta_star, perms_star))
         target_losses = batch["target_losses"].float()
-        current = tokenizer.normalize(batch["params"].float())
+        current = tokenizer.normalize(tokenizer.permute(theta, perms))
         current_losses = batch["losses"].float()
     else:
-        x0 = tokenizer.normalize(batch["params"].float())
+        x0 = tokenizer.normalize(tokenizer.canonicalize(batch["params"].float()))
         target_losses, current, current_losses = batch["losses"].float(), None, None
     b = x0.shape[0]
     t = diffusion.sample_timesteps(b, gen, dev)
@@ -741,10 +787,12 @@ class NoiseStarts:
         batch["params"], batch["losses"] = batch["params"].clone(), batch["losses"].clone()
         batch["params"][rows] = starts.to(batch["params"].dtype)
         batch["losses"][rows] = torch.as_tensor(self.evaluate(starts).loss, dtype=batch["losses"].dtype)
+        batch["noise_start"] = torch.zeros(batch["params"].shape[0], dtype=torch.bool)
+        batch["noise_start"][rows] = True
         return batch
 
 
-def _ema_model(model: DiT, ema: EMA) -> DiT:
+def _ema_model(model: torch.nn.Module, ema: EMA) -> torch.nn.Module:
     import copy
 
     m = copy.deepcopy(model)
@@ -791,7 +839,7 @@ def _evaluate(model, ema, tokenizer, diffusion, data: HyperData, variant, cfg: T
 
 
 @torch.no_grad()
-def sample_params(model: DiT, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, targets: torch.Tensor,
+def sample_params(model: torch.nn.Module, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, targets: torch.Tensor,
                   current: torch.Tensor | None, current_losses: torch.Tensor | None, *, method: str = "ddim",
                   steps: int = 50, eta: float = 0.0, seed: int = 0, guidance: float | None = None,
                   device: torch.device | str = "cpu", progress=None) -> torch.Tensor:
@@ -799,7 +847,9 @@ def sample_params(model: DiT, tokenizer: ParamTokenizer, diffusion: GaussianDiff
     model.eval()
     dev = torch.device(device)
     targets = torch.as_tensor(targets, dtype=torch.float32).to(dev)
-    cur = tokenizer.normalize(torch.as_tensor(current, dtype=torch.float32).to(dev)) if current is not None else None
+    cur = None
+    if current is not None:
+        cur = tokenizer.normalize(tokenizer.canonicalize(torch.as_tensor(current, dtype=torch.float32).to(dev)))
     cl = torch.as_tensor(current_losses, dtype=torch.float32).to(dev) if current_losses is not None else None
     fn = make_model_fn(model, tokenizer, targets, cur, cl, None, guidance)
     gen = torch.Generator().manual_seed(int(seed))

@@ -76,3 +76,21 @@ def augment(spec: MLPSpec, params: torch.Tensor | np.ndarray, k: int, seed: int)
     out = torch.cat([params[:, None, :], copies.view(n, k, -1)], dim=1)  # (n, K+1, P)
     return out.reshape(n * (k + 1), -1), perm_index
 
+
+
+def canonical_permutations(spec: MLPSpec, params: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(n, H) permutations that sort each vector's hidden units by fc1.bias (ascending).
+
+    Sorting is one canonical form of the permutation symmetry: every permuted copy of a network
+    maps to the same vector, so a generator trained on canonical vectors sees one mode per
+    function instead of H! of them. Ties keep their order (a stable sort).
+    """
+    params = torch.as_tensor(params, dtype=torch.float32)
+    spec.layout.check(params)
+    bias = params[:, spec.layout.slot("fc1.bias").offset:spec.layout.slot("fc1.bias").stop]  # (n, H)
+    return torch.argsort(bias, dim=1, stable=True)
+
+
+def canonicalize(spec: MLPSpec, params: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """The canonical copy of each vector (hidden units sorted by fc1.bias): (n, P), same functions."""
+    return permute_hidden(spec, params, canonical_permutations(spec, params))

@@ -17,7 +17,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="HyperForget: checkpoint zoos, diffusion hypernetworks and class unlearning.")
 
 # Stage modules, upstream first. A module that is not there yet is skipped, not fatal.
-STAGES = ["zoo_cmds", "collect_cmds", "query_cmds", "hyper_cmds", "unlearn_cmds", "evaluate_cmds",
+STAGES = ["zoo_cmds", "collect_cmds", "query_cmds", "hyper_cmds", "quality_cmds", "unlearn_cmds", "evaluate_cmds",
           "bench_cmds"]
 for _stage in STAGES:
     try:
@@ -33,6 +33,8 @@ def main() -> None:
     try:
         # standalone_mode=False makes click return a typer.Exit code instead of exiting.
         code = app(standalone_mode=False)
+        if code == 130:  # typer turns KeyboardInterrupt into an exit code of 130
+            raise KeyboardInterrupt
         if isinstance(code, int) and code:
             sys.exit(code)
     except HyperForgetError as exc:

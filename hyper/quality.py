@@ -1,0 +1,181 @@
+"""Generation quality: what single samples of a trained DiHyFo do against their prompts.
+
+Two measurements, both on the test split of the zoo's task, with sampling seeds disjoint from
+training (the trainer seeds from ``TrainConfig.seed``) and from unlearning's selection (seeds
+from ``UnlearnConfig.seed``): every seed here is ``QUALITY_SEED_BASE + seed``.
+
+1. **Alignment sweep** per non-pivot class k: ``targets`` target losses for class k evenly
+   spaced over the zoo's [q05, q95] of that class, every other class asked for its q10 loss,
+   ``samples`` independent samples per target. Scores, pooled over all target × sample pairs:
+       R² = 1 − Σ(L*_i − L̂_i)² / Σ(L*_i − mean L*)²      (Eq. 6 of the reference text)
+       Pearson r between L* and L̂.
+   DiHyFo-1 starts from a given model (``start``: the model to unlearn) or, without one, from
+   fresh random initializations (one per sample), each with its measured class losses.
+2. **Clean single-sample share** per forget set: ``samples`` samples prompted with the forget
+   classes at their q95 loss and the others at q10; a sample is clean when every forget class
+   has test accuracy ≤ ``forget_acc_max`` and every other class ≥ ``retain_acc_min``.
+
+No selection happens here: every number is over all samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from zoo.errors import HyperForgetError
+from zoo.metrics import pearson, prompt_alignment_r2
+from zoo.mlp import evaluate_per_class, init_params
+
+QUALITY_SEED_BASE = 1 << 20  # far above the seeds training and unlearning's selection use
+
+
+@dataclass
+class QualityConfig:
+    """What the generation-quality measurement samples (stored in its JSON)."""
+
+    targets: int = 8  # target losses per swept class, evenly spaced over [low_quantile, high_quantile]
+    samples: int = 16  # samples per target (and per forget set for the clean share)
+    low_quantile: str = "q05"  # lowest swept target: a zoo loss quantile name of the hypernetwork's loss_stats
+    high_quantile: str = "q95"  # highest swept target
+    hold_quantile: str = "q10"  # what the other classes are asked for
+    forget_sets: list = field(default_factory=list)  # forget sets for the clean share (task labels)
+    forget_acc_max: float = 0.02  # a clean sample's highest forget-class test accuracy
+    retain_acc_min: float = 0.9  # a clean sample's lowest retain-class test accuracy
+    method: str = "ddim"  # sampler
+    steps: int = 50  # DDIM steps
+    guidance: float | None = None  # classifier-free guidance scale (None: unguided)
+    seed: int = 0  # offset of the sampling seeds (QUALITY_SEED_BASE + seed + ...)
+    batch: int = 256  # samples per sampler call
+
+    def __post_init__(self) -> None:
+        if self.targets < 3 or self.samples < 1:
+            raise HyperForgetError(f"need ≥ 3 targets and ≥ 1 sample per target, got {self.targets}, {self.samples}")
+        if self.steps < 1:
+            raise HyperForgetError(f"sampling steps must be ≥ 1, got {self.steps}")
+        if not (0 <= self.forget_acc_max <= 1 and 0 <= self.retain_acc_min <= 1):
+            raise HyperForgetError("forget_acc_max and retain_acc_min are accuracies in [0, 1]")
+
+
+def _stat(net, name: str) -> np.ndarray:
+    stats = net.loss_stats
+    if name not in stats:
+        raise HyperForgetError(f"{net.dir}/config.json has no loss quantile {name!r} (has {sorted(stats)}); "
+                               "retrain the hypernetwork")
+    return np.asarray(stats[name], dtype=np.float32)
+
+
+def _sample(net, targets: np.ndarray, start: torch.Tensor | None, cfg: QualityConfig, seed: int) -> torch.Tensor:
+    """Sample len(targets) models in batches; DiHyFo-1 starts from ``start`` (P,) or fresh inits."""
+    out = []
+    for i0 in range(0, len(targets), cfg.batch):
+        tg = targets[i0:i0 + cfg.batch]
+        cur = None
+        if net.variant == "dihyfo1":
+            cur = (start[None].expand(len(tg), -1) if start is not None
+                   else init_params(net.spec, [QUALITY_SEED_BASE + seed + i0 + i for i in range(len(tg))]))
+        out.append(torch.as_tensor(net.sample(tg, cur, method=cfg.method, steps=cfg.steps, seed=seed + i0,
+                                              guidance=cfg.guidance)))
+    return torch.cat(out)
+
+
+def _finite_metrics(net, params: torch.Tensor):
+    """Test-split class losses/accuracies; NaN parameter rows count as loss 1e3, accuracy 0."""
+    finite = torch.isfinite(params).all(1)
+    m = net.evaluate(torch.where(finite[:, None], params, torch.zeros_like(params)))
+    loss, acc = np.array(m.loss, dtype=np.float64), np.array(m.acc, dtype=np.float64)
+    loss[~finite.numpy()], acc[~finite.numpy()] = 1e3, 0.0
+    return np.nan_to_num(loss, nan=1e3, posinf=1e3), acc
+
+
+def generation_quality(net, cfg: QualityConfig | None = None, start: torch.Tensor | None = None) -> dict:
+    """Alignment per non-pivot class and clean single-sample share per forget set (module docstring).
+
+    Args:
+        net: a loaded hyper.sample.Hypernetwork.
+        start: DiHyFo-1 only: (P,) raw parameters of the model to unlearn, or None for fresh inits.
+    Returns a JSON-ready dict: {"config", "start", "classes": {k: {"r2", "pearson", "targets",
+    "observed" (targets × samples), "median"}}, "forget_sets": {name: {"clean", "share", ...}}}.
+    """
+    cfg = cfg or QualityConfig()
+    c = net.spec.num_classes
+    if start is not None and net.variant != "dihyfo1":
+        raise HyperForgetError("only DiHyFo-1 starts from a model; drop --start for DiHyFo-2")
+    if start is not None:
+        start = torch.as_tensor(start, dtype=torch.float32).reshape(-1)
+        net.spec.layout.check(start)
+    pivots = set(net.config.get("pivots") or [])
+    low, high, hold = _stat(net, cfg.low_quantile), _stat(net, cfg.high_quantile), _stat(net, cfg.hold_quantile)
+    report: dict = {"config": asdict(cfg), "variant": net.variant, "model_dir": str(net.dir),
+                    "start": "model" if start is not None else ("noise" if net.variant == "dihyfo1" else None),
+                    "classes": {}, "forget_sets": {}}
+    for k in [k for k in range(c) if k not in pivots]:
+        levels = np.linspace(low[k], high[k], cfg.targets, dtype=np.float32)  # (T,)
+        targets = np.repeat(hold[None], cfg.targets * cfg.samples, 0)  # (T·S, C)
+        targets[:, k] = np.repeat(levels, cfg.samples)
+        params = _sample(net, targets, start, cfg, QUALITY_SEED_BASE + cfg.seed + 1000 * k)
+        loss, _ = _finite_metrics(net, params)
+        observed = loss[:, k].reshape(cfg.targets, cfg.samples)
+        report["classes"][str(k)] = {
+            "r2": prompt_alignment_r2(targets[:, k], loss[:, k]), "pearson": pearson(targets[:, k], loss[:, k]),
+            "targets": levels.tolist(), "observed": observed.tolist(), "median": np.median(observed, 1).tolist()}
+    for i, forget in enumerate(cfg.forget_sets):
+        forget = sorted(int(f) for f in forget)
+        if any(not 0 <= f < c for f in forget) or set(forget) & pivots:
+            raise HyperForgetError(f"forget set {forget} must name non-pivot classes of 0..{c - 1} "
+                                   f"(pivots {sorted(pivots)})")
+        retain = [j for j in range(c) if j not in forget]
+        targets = np.repeat(hold[None], cfg.samples, 0)
+        targets[:, forget] = high[forget]
+        params = _sample(net, targets, start, cfg, QUALITY_SEED_BASE + cfg.seed + 100_000 + 1000 * i)
+        _, acc = _finite_metrics(net, params)
+        clean = (acc[:, forget].max(1) <= cfg.forget_acc_max) & (acc[:, retain].min(1) >= cfg.retain_acc_min)
+        report["forget_sets"]["-".join(map(str, forget))] = {
+            "forget": forget, "clean": int(clean.sum()), "samples": cfg.samples, "share": float(clean.mean()),
+            "forget_acc_mean": float(acc[:, forget].mean()), "retain_acc_min_mean": float(acc[:, retain].min(1).mean())}
+    return report
+
+
+def plot_quality(report: dict, path: str | Path) -> None:
+    """Observed vs target loss per swept class, every sample a dot, the identity line (Figure 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = report["classes"]
+    fig, axes = plt.subplots(1, max(1, len(classes)), figsize=(4.2 * max(1, len(classes)), 4), squeeze=False)
+    for ax, (k, rec) in zip(axes[0], classes.items()):
+        tg, ob = np.asarray(rec["targets"]), np.asarray(rec["observed"])
+        ax.scatter(np.repeat(tg, ob.shape[1]), ob.reshape(-1), s=6, alpha=0.35, label="samples")
+        ax.plot(tg, rec["median"], "o-", color="C1", label="median")
+        lim = [0, float(max(tg.max(), np.percentile(ob, 98)) * 1.05)]
+        ax.plot(lim, lim, "k--", lw=1, label="identity")
+        ax.set_xlim(lim), ax.set_ylim(lim)
+        ax.set_xlabel(f"target loss, class {k}"), ax.set_ylabel("obtained test loss")
+        ax.set_title(f"class {k}: R² {rec['r2']:.2f}, r {rec['pearson']:.2f}")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{report['variant']} ({'start: ' + report['start'] if report['start'] else 'targets only'})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def format_quality(report: dict) -> list[str]:
+    """Plain text lines of a report (the CLI prints them in a table)."""
+    lines = [f"{report['variant']} start={report['start']}"]
+    for k, rec in report["classes"].items():
+        lines.append(f"class {k}: R² {rec['r2']:.3f}  Pearson {rec['pearson']:.3f}")
+    for name, rec in report["forget_sets"].items():
+        lines.append(f"forget {{{name}}}: clean {rec['clean']}/{rec['samples']} ({rec['share']:.0%})")
+    return lines
+
+
+def quality_targets(net) -> Sequence[int]:
+    """The non-pivot classes a sweep covers."""
+    pivots = set(net.config.get("pivots") or [])
+    return [k for k in range(net.spec.num_classes) if k not in pivots]
