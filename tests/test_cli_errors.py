@@ -309,3 +309,41 @@ def test_query_memory_limit(zoo, monkeypatch, capsys):
     sql = "SELECT list(range) AS l FROM range(30000000)"
     refused(monkeypatch, capsys, "query", zoo, sql, "--memory-limit", "64MB", "--timeout", "30",
             naming=("memory limit", "--memory-limit"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ctrl-C: the resume line, exit 130, no traceback from this process or dask's workers
+
+
+@pytest.mark.parametrize("mode", [["--no-dask"], ["--workers", "1"]])
+def test_ctrl_c_prints_the_resume_line(tmp_path, mode):
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "zoo"
+    cmd = [sys.executable, "-m", "pipelines", "zoo", "collect", "--out", str(out), "--dataset", "digits",
+           "--runs", "4000", "--runs-per-group", "4", "--epochs", "10", *mode]
+    # SIGINT as a terminal sends it: to the whole process group, which starts with the default handler.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        # Interrupt once the first group is committed, i.e. while groups train.
+        deadline, manifest = time.time() + 90, out / "manifest.json"
+        while time.time() < deadline and proc.poll() is None:
+            if manifest.exists() and json.loads(manifest.read_text() or "{}").get("num_rows", 0) > 0:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert "error: interrupted; re-run the same command to resume" in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo"]  # nothing beside the zoo

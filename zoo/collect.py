@@ -17,11 +17,13 @@ so memory stays bounded whatever the zoo size.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
 import shutil
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -650,9 +652,14 @@ def _results_in_order(cfg: CollectConfig, todo: list[int], use_dask: bool, worke
         # dask gives its workers MALLOC_TRIM_THRESHOLD_=65536. Any explicit trim threshold turns off
         # glibc's dynamic mmap threshold, so every step's tensors above 128 KiB are mapped and
         # page-faulted anew (a lockstep step measured 42 % instead of 56 % of the matmul limit).
-        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
+                _sigint_ignored():
+            # Worker processes start with Ctrl-C ignored: the terminal sends it to the whole
+            # process group, and only this process should react (by closing the cluster). Their
+            # logs stay quiet below CRITICAL: a task's own error reaches the client through
+            # fut.result(), and a worker outliving the scheduler at shutdown is no error.
             cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   silence_logs=logging.ERROR)
+                                   silence_logs=logging.CRITICAL)
         client = Client(cluster)
     try:
         n_workers = max(1, len(client.scheduler_info().get("workers", {})) or (workers or 1))
@@ -684,6 +691,30 @@ def _results_in_order(cfg: CollectConfig, todo: list[int], use_dask: bool, worke
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Spawn processes that ignore SIGINT (they inherit it; Python then installs no handler).
+
+    SIGINT is also blocked in this thread meanwhile, so a Ctrl-C that the kernel hands to it stays
+    pending and raises KeyboardInterrupt once the handler is back; one handed to another thread
+    of this process while the workers start (a few seconds) is lost, and the next one counts.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are the main thread's to change
+        return
+    blocking = hasattr(signal, "pthread_sigmask")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocking else None
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        if blocking:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 class _Progress:
