@@ -490,7 +490,7 @@ PRESETS: dict[str, dict] = {
                 "train": dict(steps=2000, batch_size=256, lr=1e-3, warmup_steps=50, ema_decay=0.999,
                               weight_decay=0.0, grad_clip=1.0, loss_weighting="uniform", cond_dropout=0.1,
                               permute=False, eval_every=0, test_every=500, checkpoint_every=500,
-                              view={"balanced": {"mode": "weights"}}),
+                              view={"balanced": {"mode": "resample"}, "pairs": {"balance": "delta"}}),
                 "sample": dict(method="ddim", steps=50, guidance=None)},
     # A larger CPU run (tens of minutes), or a quick GPU run.
     "cpu-base": {"model": dict(hidden=256, layers=6, heads=8, num_freqs=64, freq_max_exp=10.0),
@@ -514,7 +514,7 @@ PRESETS["paper-adaln"] = {
     "tokenizer": dict(token_size=1000, normalization="coordinate", canonical=True),
     "train": dict(steps=100_000, batch_size=1024, lr=4e-4, warmup_steps=2000, ema_decay=0.9999, weight_decay=0.1,
                   grad_clip=0.75, loss_weighting="uniform", cond_dropout=0.1, permute=False, eval_every=5000,
-                  view={"balanced": {"mode": "weights"}}),
+                  view={"balanced": {"mode": "resample"}, "pairs": {"balance": "delta"}}),
     "sample": dict(method="ddim", steps=100, guidance=None)}
 
 

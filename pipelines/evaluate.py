@@ -424,13 +424,14 @@ def _method_populations(run, forget, cfg: EvalConfig, log) -> tuple[list[Populat
         name = path.name
         params, record = load_method(run, forget, name)
         secs = record.get("wall_seconds")
-        if name in DIHYFO_METHODS or record.get("kind") == "dihyfo":
+        if name in DIHYFO_METHODS or record.get("kind") in ("dihyfo", "retrieval"):
             cand_path = path / "candidates.safetensors"
             if cand_path.exists():
                 cands = _load_candidates(cand_path, run.spec)
                 finite = torch.isfinite(cands).all(1)
+                what = "retrieved" if record.get("kind") == "retrieval" else "sampled"
                 pops.append(Population(f"{name} (candidates)", "method", cands[finite], seconds_per_model=secs,
-                                       note=f"{name}: all {int(finite.sum())} sampled candidates"))
+                                       note=f"{name}: all {int(finite.sum())} {what} candidates"))
             pops.append(Population(f"{name} (selected)", "method", params, seconds_per_model=secs,
                                    note=f"{name}: the selected model(s), chosen on the validation split"))
             selected.append((name, params[0]))

@@ -22,8 +22,8 @@ from typing import Sequence
 
 import numpy as np
 
-from pipelines.unlearn import (DIHYFO_METHODS, Run, _jsonable, forget_dir_name, load_method, open_run, read_json,
-                               write_json)
+from pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, Run, _jsonable, forget_dir_name, load_method,
+                               open_run, read_json, write_json)
 from zoo.errors import HyperForgetError
 
 # (key in metrics.json, row label, preferred direction) in the paper's order.
@@ -34,7 +34,8 @@ ALIGNMENT_ROWS = [("overlap_retain", "Outputs overlap on D_r", "↑"), ("overlap
 COMPARISON_COLUMNS = [("acc_retain", "acc D_r"), ("acc_forget", "acc D_f"), ("acc_test", "acc test"), ("mia", "MIA"),
                       ("overlap_retain", "overlap D_r"), ("overlap_forget", "overlap D_f"),
                       ("overlap_test", "overlap test"), ("phi", "φ")]
-LABELS = {"dihyfo1": "DiHyFo-1", "dihyfo2": "DiHyFo-2", "retrain": "Retrained", "original": "Original"}
+LABELS = {"dihyfo1": "DiHyFo-1", "dihyfo2": "DiHyFo-2", "zoo_retrieval": "Zoo retrieval", "retrain": "Retrained",
+          "original": "Original"}
 
 
 def _label(method: str) -> str:
@@ -95,7 +96,7 @@ def collect(run: Run) -> dict:
 def paper_tables(data: dict) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
     """Tables 1/3 (performance) and 2/4 (alignment): rows are metrics, columns method × forget set."""
     sets = data["forget_sets"]
-    perf_methods = [m for m in (*DIHYFO_METHODS, "retrain") if any(m in s["methods"] for s in sets)]
+    perf_methods = [m for m in (*DIHYFO_METHODS, RETRIEVAL_METHOD, "retrain") if any(m in s["methods"] for s in sets)]
     align_methods = [m for m in DIHYFO_METHODS if any(m in s["methods"] for s in sets)]
 
     def build(methods, rows):
@@ -133,7 +134,7 @@ def render_comparison(entry: dict) -> tuple[dict, str]:
 
 
 def _method_order(methods: dict) -> list[str]:
-    first = [m for m in DIHYFO_METHODS if m in methods]
+    first = [m for m in (*DIHYFO_METHODS, RETRIEVAL_METHOD) if m in methods]
     last = [m for m in ("logit_mask", "retrain", "original") if m in methods]
     return first + sorted(m for m in methods if m not in first and m not in last) + last
 

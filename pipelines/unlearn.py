@@ -30,12 +30,14 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from pipelines.retrieval import unlearn_by_retrieval
 from zoo.errors import HyperForgetError
 from zoo.mlp import MLP, MLPSpec, batched_logits, evaluate_per_class, get_preset, load_mlps, save_mlps
 
 RUN_FORMAT = "hyperforget-run"
 RUN_VERSION = 1
 DIHYFO_METHODS = ("dihyfo1", "dihyfo2")
+RETRIEVAL_METHOD = "zoo_retrieval"  # the zoo's own answer, chosen by SQL (pipelines/retrieval.py)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -607,7 +609,7 @@ def split_accuracy(acc: np.ndarray, forget: Sequence[int]) -> tuple[np.ndarray, 
 class UnlearnConfig:
     """How one unlearning method is applied to the run's original model."""
 
-    method: str = "dihyfo1"  # dihyfo1, dihyfo2 or a name in pipelines.baselines.BASELINES
+    method: str = "dihyfo1"  # dihyfo1, dihyfo2, zoo_retrieval or a name in pipelines.baselines.BASELINES
     candidates: int = 32  # K candidates sampled per selected model (DiHyFo)
     repeats: int = 5  # selected models per method (the paper averages 5 sampled unlearned models)
     start: str = "model"  # DiHyFo-1 starting point: "model" (the model to unlearn) or "noise"
@@ -659,6 +661,10 @@ def unlearn(run: Run, forget: Sequence[int], config: UnlearnConfig, *, model_dir
     out_dir = Path(out) if out is not None else run.forget_dir(forget) / method
     if method in DIHYFO_METHODS or model_dir is not None:
         record = _unlearn_dihyfo(run, forget, config, model_dir, out_dir)
+    elif method == RETRIEVAL_METHOD:
+        record = unlearn_by_retrieval(run, forget, config, out_dir, select_best=select_best,
+                                      split_accuracy=split_accuracy, write_json=write_json,
+                                      params_sha256=params_sha256)
     else:
         record = _unlearn_baseline(run, forget, config, out_dir)
     return record
@@ -857,7 +863,7 @@ def method_dirs(run: Run, forget: Sequence[int]) -> list[Path]:
     if not base.exists():
         return []
     found = [p for p in base.iterdir() if p.is_dir() and p.name != "retrain" and (p / "model.safetensors").exists()]
-    order = {m: i for i, m in enumerate(DIHYFO_METHODS)}
+    order = {m: i for i, m in enumerate((*DIHYFO_METHODS, RETRIEVAL_METHOD))}
     return sorted(found, key=lambda p: (order.get(p.name, len(order)), p.name))
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -66,7 +67,10 @@ VIEW_KINDS: dict[str, ViewKind] = {
         "cap": 200,  # checkpoints kept per (class, bin) in mode "cap"
         "scale": "log",  # bin on ln(loss + offset) ("log") or on the loss itself ("linear")
         "offset": 1e-3,  # keeps ln finite at zero loss
-        "mode": "cap",  # "cap": re-sample; "weights": keep all, add inverse-frequency weights
+        # "cap": re-sample; "weights": keep all, add inverse-frequency weights; "resample": draw as many
+        # rows as candidates with replacement, with probability proportional to those weights (each
+        # row then weighs the same: no high-variance weighted loss)
+        "mode": "cap",
     }, "checkpoints re-sampled so each non-pivot class's loss covers its range evenly"),
     "pairs": ViewKind("pairs", "pairs", {
         "cap": 256,  # pairs kept per run
@@ -75,6 +79,11 @@ VIEW_KINDS: dict[str, ViewKind] = {
         # (zoo/augment.py), so copy j of θ and copy j of θ* are in general permuted differently
         # when H > 2. Augment pairs with the loader's permute=True (one permutation for both).
         "include_augmented": False,
+        # "none": the pairs as drawn; "delta": re-drawn with replacement so that each non-pivot class's
+        # loss change (θ* − θ) covers its range evenly (n_bins bins): the rare pairs that move from
+        # "knows the class" to "forgot it" weigh as much as the common small steps
+        "balance": "none",
+        "n_bins": 20,  # bins per non-pivot class for balance "delta"
     }, "run-grouped (θ, θ*) pairs, θ from an earlier step of the same run"),
 }
 
@@ -123,8 +132,8 @@ def resolve_params(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
             raise HyperForgetError(f"balanced views need n_bins >= 1 and cap >= 1, got {p['n_bins']}, {p['cap']}")
         if p["scale"] not in ("log", "linear"):
             raise HyperForgetError(f"scale must be 'log' or 'linear', got {p['scale']!r}")
-        if p["mode"] not in ("cap", "weights"):
-            raise HyperForgetError(f"mode must be 'cap' or 'weights', got {p['mode']!r}")
+        if p["mode"] not in ("cap", "weights", "resample"):
+            raise HyperForgetError(f"mode must be 'cap', 'weights' or 'resample', got {p['mode']!r}")
         if p["offset"] <= 0:
             raise HyperForgetError(f"offset must be > 0 so that ln(loss + offset) is finite, got {p['offset']}")
     if kind == "pairs":
@@ -132,6 +141,10 @@ def resolve_params(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
             raise HyperForgetError(f"pairs views need cap >= 1 pairs per run, got {p['cap']}")
         if p["max_gap"] < -1 or p["max_gap"] == 0:
             raise HyperForgetError(f"max_gap must be -1 (any) or a positive number of steps, got {p['max_gap']}")
+        if p["balance"] not in ("none", "delta"):
+            raise HyperForgetError(f"balance must be 'none' or 'delta', got {p['balance']!r}")
+        if p["n_bins"] < 1:
+            raise HyperForgetError(f"pairs views need n_bins >= 1, got {p['n_bins']}")
     return p
 
 
@@ -155,11 +168,57 @@ def view_sql(kind: str, num_classes: int, pivots: tuple[int, ...], params: Mappi
 def compute_view(con: duckdb.DuckDBPyConnection, kind: str, num_classes: int, pivots: tuple[int, ...],
                  params: Mapping[str, Any], name: str = "") -> pa.Table:
     """Run a view's SQL on a connection from queries.engine (which has ``checkpoints``) -> Arrow."""
-    sql, values = view_sql(kind, num_classes, pivots, params)
+    resample = kind == "balanced" and params["mode"] == "resample"
+    sql, values = view_sql(kind, num_classes, pivots, {**params, "mode": "weights"} if resample else params)
     try:
-        return con.sql(sql, params=values).to_arrow_table()
+        table = con.sql(sql, params=values).to_arrow_table()
     except duckdb.Error as exc:
         raise HyperForgetError(f"building view {name or kind!r} ({kind}) failed: {engine.one_line(exc)}") from None
+    if resample:
+        weights = table.column("weight").to_numpy()
+        return resample_rows(table.drop_columns(["weight"]), weights, params["seed"], ["checkpoint_id"])
+    if kind == "pairs" and params["balance"] == "delta":
+        nonpivot = [k for k in range(num_classes) if k not in set(pivots)]
+        weights = inverse_frequency_weights([table.column(f"delta_{k}").to_numpy() for k in nonpivot],
+                                            params["n_bins"])
+        return resample_rows(table, weights, params["seed"], ["checkpoint_id", "target_id"])
+    return table
+
+
+def inverse_frequency_weights(columns: list[np.ndarray], n_bins: int) -> np.ndarray:
+    """Weights (N,) = mean over columns of 1 / (B · n_bin): each column's histogram flattened in expectation.
+
+    Each column is cut into ``n_bins`` equal-width bins between its 0.5 % and 99.5 % quantiles (the
+    tails go to the end bins, so one outlier does not empty the others); B counts non-empty bins.
+    Non-finite values take no part in their column.
+    """
+    n = len(columns[0]) if columns else 0
+    w = np.zeros(n, dtype=np.float64)
+    for col in columns:
+        col = np.asarray(col, dtype=np.float64)
+        ok = np.isfinite(col)
+        if not ok.any():
+            continue
+        lo, hi = np.quantile(col[ok], [0.005, 0.995])
+        b = np.clip(np.floor((col[ok] - lo) / max(hi - lo, 1e-12) * n_bins), 0, n_bins - 1).astype(np.int64)
+        counts = np.bincount(b, minlength=n_bins)
+        w[ok] += 1.0 / (counts[b] * np.count_nonzero(counts))
+    return w / max(len(columns), 1)
+
+
+def resample_rows(table: pa.Table, weights: np.ndarray, seed: int, order_by: list[str]) -> pa.Table:
+    """As many rows as ``table`` drawn with replacement, P(row) ∝ weight, seeded; sorted by ``order_by``.
+
+    The sort keeps rows of one zarr chunk together, as the loader's block shuffle expects.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
+    if table.num_rows == 0 or w.sum() <= 0:
+        return table
+    rng = np.random.default_rng([int(seed), 0x5EED])
+    picked = rng.choice(table.num_rows, size=table.num_rows, replace=True, p=w / w.sum())
+    keys = [table.column(c).to_numpy()[picked] for c in reversed(order_by)]
+    return table.take(pa.array(picked[np.lexsort(keys)]))
 
 
 def _check_name(name: str) -> None:

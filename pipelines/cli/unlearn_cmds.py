@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
         forget: Annotated[str, typer.Option(help="task labels to forget, e.g. 2 or 2,3")],
         run: Annotated[Path, typer.Option(help="run directory (created with --zoo when missing)")],
         model: Annotated[Optional[Path], typer.Option(help="DiHyFo model directory (from `hyperforget train`)")] = None,
-        method: Annotated[Optional[str], typer.Option(help="dihyfo1, dihyfo2 or a baseline name")] = None,
+        method: Annotated[Optional[str], typer.Option(help="dihyfo1, dihyfo2, zoo_retrieval or a baseline name")] = None,
         zoo: Annotated[Optional[Path], typer.Option(help="zoo for prompts and the task (new runs)")] = None,
         preset: Annotated[str, typer.Option(help="task preset for a new run without a zoo")] = "mnist4",
         dataset: Annotated[str, typer.Option(help="dataset for a new run without a zoo")] = "mnist-5k",
@@ -71,8 +71,8 @@ def register(app: typer.Typer) -> None:
 
         # Check every argument before any work.
         if model is None and method is None:
-            raise HyperForgetError("give --model MODEL_DIR (DiHyFo) or --method NAME (dihyfo1, dihyfo2 or a baseline)")
-        from pipelines.unlearn import DIHYFO_METHODS, parse_classes
+            raise HyperForgetError("give --model MODEL_DIR (DiHyFo) or --method NAME (dihyfo1, dihyfo2, zoo_retrieval or a baseline)")
+        from pipelines.unlearn import DIHYFO_METHODS, RETRIEVAL_METHOD, parse_classes
 
         parse_classes(forget)
         output_dir(run, option="--run")
@@ -84,12 +84,13 @@ def register(app: typer.Typer) -> None:
             positive(value, option)
         positive(retain_scale, "--retain-scale")
         overrides = _parse_overrides(set_)
-        if model is None and method not in DIHYFO_METHODS:
+        if model is None and method not in (*DIHYFO_METHODS, RETRIEVAL_METHOD):
             from pipelines.baselines import check_overrides
 
             check_overrides(method, overrides)
         elif overrides:
-            raise HyperForgetError("--set applies to baselines; DiHyFo methods take --candidates, --steps, --guidance")
+            raise HyperForgetError("--set applies to baselines; DiHyFo and zoo_retrieval take --candidates, --repeats "
+                                   "(DiHyFo also --steps, --guidance)")
         parsed_guidance = _parse_guidance(guidance)
         if zoo is not None:
             from zoo.store import require_sound_zoo

@@ -341,3 +341,32 @@ def test_keep_converged_replaces_failed_trainings_by_spares():
     assert keep_converged(acc, 2, None) == ([0, 1], [])
     with pytest.raises(HyperForgetError, match="spare_seeds"):
         keep_converged(acc, 6, 0.1)
+
+
+def test_zoo_retrieval_picks_what_a_hand_written_query_and_the_selection_rule_pick(tiny_run):
+    import duckdb
+
+    from pipelines.retrieval import METHOD
+    from zoo.store import open_zoo
+
+    run = tiny_run
+    record = unlearn(run, "2", UnlearnConfig(method=METHOD, candidates=4, repeats=2))
+    reader = open_zoo(run.config.zoo)
+    # Independently: rank originals by forget accuracy, then retain accuracy, straight from the Parquet parts.
+    ranked = duckdb.sql(
+        "SELECT checkpoint_id FROM read_parquet($files, union_by_name = true) "
+        "WHERE perm_index = 0 AND isfinite(acc_2) ORDER BY acc_2 ASC, (acc_0 + acc_1 + acc_3) / 3.0 DESC, "
+        "checkpoint_id LIMIT 8", params={"files": reader.meta_files()}).fetchnumpy()["checkpoint_id"]
+    groups = [ranked[0::2], ranked[1::2]]
+    assert np.array_equal(record["candidates"]["checkpoint_id"], np.concatenate(groups))
+    d = run.data()
+    expected = []
+    for group in groups:
+        acc = evaluate_per_class(run.spec, torch.as_tensor(reader.read(group)), d.x_val, d.y_val).acc
+        expected.append(int(group[select_best(acc[:, 2], acc[:, [0, 1, 3]].mean(1))]))
+    assert np.array_equal(record["selected_checkpoint_ids"], expected)
+    params, saved = load_method(run, (2,), METHOD)
+    np.testing.assert_array_equal(params.numpy(), reader.read(np.array(expected)))
+    assert saved["kind"] == "retrieval"
+    metrics = compute_metrics(run, (2,))
+    assert METHOD in metrics["methods"]

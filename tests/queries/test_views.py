@@ -179,3 +179,33 @@ def test_ensure_training_views(qzoo):
     assert cols[0] == "checkpoint_id" and all(f"loss_{k}" in cols for k in range(4))
     with pytest.raises(HyperForgetError, match="unknown variant"):
         views.ensure_training_views(qzoo, "dihyfo3")
+
+
+def test_resampled_views_draw_by_weight_with_replacement_and_flatten_the_histogram(qzoo, zoo_meta):
+    weighted = _build(qzoo, "balanced", "bw", mode="weights", n_bins=4, seed=5)
+    drawn = _build(qzoo, "balanced", "br", mode="resample", n_bins=4, seed=5)
+    assert len(drawn) == len(weighted) and "weight" not in drawn.columns
+    assert set(drawn.checkpoint_id) <= set(weighted.checkpoint_id)
+    assert drawn.checkpoint_id.is_monotonic_increasing  # chunk order kept for the loader
+    assert drawn.equals(_build(qzoo, "balanced", "br2", mode="resample", n_bins=4, seed=5))
+    # Independent check of the draw's expectation: each row's share approaches its weight's share.
+    expected = weighted.set_index("checkpoint_id").weight / weighted.weight.sum()
+    big = views.resample_rows(__import__("pyarrow").Table.from_pandas(weighted.loc[weighted.index.repeat(200)]),
+                              weighted.weight.repeat(200).to_numpy(), 0, ["checkpoint_id"]).to_pandas()
+    share = big.checkpoint_id.value_counts(normalize=True).reindex(expected.index, fill_value=0)
+    assert np.abs(share - expected).max() < 0.02
+
+
+def test_delta_balanced_pairs_are_pairs_of_the_plain_view_with_more_large_moves(qzoo):
+    plain = _build(qzoo, "pairs", "pp", cap=64)
+    drawn = _build(qzoo, "pairs", "pd", cap=64, balance="delta", n_bins=5)
+    assert len(drawn) == len(plain)
+    known = set(zip(plain.checkpoint_id, plain.target_id))
+    assert set(zip(drawn.checkpoint_id, drawn.target_id)) <= known
+    assert (drawn.step < drawn.target_step).all()
+    # One column: every non-empty bin carries the same total weight (the histogram is flat).
+    col = np.r_[np.zeros(90), np.ones(9), 2.0]
+    w = views.inverse_frequency_weights([col], 3)
+    assert np.allclose([w[col == v].sum() for v in (0, 1, 2)], 1 / 3)
+    with pytest.raises(HyperForgetError, match="balance"):
+        views.build_view(qzoo, "pairs", "bad", balance="sideways")
