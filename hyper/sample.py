@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from hyper.diffusion import DiffusionConfig, GaussianDiffusion
 from hyper.model import DiTConfig
 from hyper.tokenizer import TokenizerConfig
-from hyper.train import _check_config_version, build, load_task_test_split, sample_params
+from hyper.train import _check_config_version, build, load_task_test_split, resolve_zoo_path, sample_params
 from zoo.errors import HyperForgetError
 from zoo.mlp import ClassMetrics, MLPSpec, evaluate_per_class, init_params
 
@@ -81,6 +81,11 @@ class Hypernetwork:
             return None
         scales = torch.as_tensor(np.atleast_1d(np.asarray(g, dtype=np.float32)))
         return scales[torch.arange(k) % len(scales)]
+
+    @property
+    def zoo(self) -> str | None:
+        """The zoo it was trained on (config.json's path, relative to the model directory), or None."""
+        return resolve_zoo_path(self.config.get("zoo"), self.dir)
 
     @property
     def loss_stats(self) -> dict:

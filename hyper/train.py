@@ -556,7 +556,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
             cfg = replace(cfg, steps=int(overrides["steps"]))  # resuming may extend a run, nothing else
         if saved["variant"] != variant:
             raise HyperForgetError(f"{out} holds a {saved['variant']} model; resume it with --variant {saved['variant']}")
-        zoo = zoo or saved.get("zoo")
+        zoo = zoo or resolve_zoo_path(saved.get("zoo"), out)
         preset = saved.get("preset", preset)
     else:
         if out.exists() and (out / "checkpoints" / "latest.json").exists() and not resume:
@@ -585,7 +585,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
     step, epoch, curves = 0, 0, {"train": [], "test": [], "eval": []}
     config = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "variant": variant, "preset": preset,
               "model": model_cfg.to_dict(), "tokenizer": tok_cfg.to_dict(), "diffusion": diff_cfg.to_dict(),
-              "train": cfg.to_dict(), "zoo": data.zoo, "mlp_spec": data.spec.to_dict(), "classes": data.classes,
+              "train": cfg.to_dict(), "zoo": stored_zoo_path(data.zoo, out), "mlp_spec": data.spec.to_dict(), "classes": data.classes,
               "pivots": data.pivots, "normalization": data.normalization, "loss_stats": data.loss_stats,
               "dataset": data.dataset, "tokens": tokenizer.describe(), "world_size": world,
               "sampling": sampling_defaults(preset, variant, cfg),
@@ -705,6 +705,22 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
     if world > 1:
         dist.barrier()
     return result
+
+
+def stored_zoo_path(zoo: str | None, model_dir: Path) -> str | None:
+    """How config.json records its zoo: a local path relative to the model directory (so that a
+    model directory moved together with its zoo, or used from any working directory, still finds
+    it); URLs as given."""
+    if zoo is None or "://" in str(zoo):
+        return zoo
+    return os.path.relpath(os.path.abspath(zoo), os.path.abspath(model_dir))
+
+
+def resolve_zoo_path(stored: str | None, model_dir: Path) -> str | None:
+    """The zoo a config.json names: a relative path is relative to the model directory."""
+    if stored is None or "://" in stored or os.path.isabs(stored):
+        return stored
+    return os.path.normpath(os.path.join(os.path.abspath(model_dir), stored))
 
 
 def _check_config_version(saved: dict, where) -> None:

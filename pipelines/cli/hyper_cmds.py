@@ -168,11 +168,11 @@ def sample_cmd(
             raise HyperForgetError(f"{from_params} holds {spec} MLPs, the hypernetwork generates {net.spec}")
         current = current[:1]
     elif from_checkpoint is not None:
-        if not net.config.get("zoo"):
+        if not net.zoo:
             raise HyperForgetError("the model records no zoo; use --from PARAMS.safetensors instead")
         from zoo.store import require_sound_zoo
 
-        current = torch.as_tensor(require_sound_zoo(net.config["zoo"]).read([from_checkpoint]))
+        current = torch.as_tensor(require_sound_zoo(net.zoo).read([from_checkpoint]))
     if current is not None and net.variant != "dihyfo1":
         raise HyperForgetError("--from/--from-checkpoint apply to DiHyFo-1; DiHyFo-2 samples from targets only")
     rec = net.sampling

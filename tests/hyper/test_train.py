@@ -214,3 +214,16 @@ def test_noise_starts_replace_theta_by_inits_with_their_measured_losses(ckpt_zoo
     half = NoiseStarts(data, 0.5)(batch, torch.Generator().manual_seed(1))
     replaced = (half["params"] != batch["params"]).any(1).float().mean()
     assert 0.2 < float(replaced) < 0.8
+
+
+def test_the_zoo_path_is_recorded_relative_to_the_model_directory(tmp_path, monkeypatch):
+    from hyper.train import resolve_zoo_path, stored_zoo_path
+
+    stored = stored_zoo_path(str(tmp_path / "demo" / "zoo"), tmp_path / "demo" / "models" / "dihyfo2")
+    assert stored == os.path.join("..", "..", "zoo")
+    # The whole demo directory moved, then used from another working directory.
+    monkeypatch.chdir(tmp_path)
+    moved = tmp_path / "elsewhere" / "demo"
+    assert resolve_zoo_path(stored, moved / "models" / "dihyfo2") == str(moved / "zoo")
+    assert stored_zoo_path("s3://bucket/zoo", tmp_path) == "s3://bucket/zoo"
+    assert resolve_zoo_path("/abs/zoo", moved) == "/abs/zoo" and resolve_zoo_path(None, moved) is None
