@@ -4,8 +4,10 @@
     DEMO/models/dihyfo1/    2. train both DiHyFo variants on a CPU preset (views built on first use)
     DEMO/models/dihyfo2/
     DEMO/run/               3. the original model, retrained models per forget set,
-                            4. unlearning with both variants and every baseline,
-                            5. metrics against the retrained models, and the report
+    DEMO/quality/           4. generation quality of each variant: single samples against their prompts
+                               (hyper.quality; DiHyFo-1 from the run's original model and from noise),
+    DEMO/run/               5. unlearning with both variants, zoo retrieval and every baseline,
+                            6. metrics against the retrained models, and the report
     DEMO/demo.json          the demo's config and each stage's wall time
 
 Each stage skips work whose artifacts exist, so an interrupted demo resumes where it stopped.
@@ -19,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from pipelines.unlearn import (DIHYFO_METHODS, RunConfig, UnlearnConfig, compute_metrics, init_run, read_json,
-                               write_json)
+from pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, RunConfig, UnlearnConfig, compute_metrics, init_run,
+                               read_json, write_json)
 from zoo.errors import HyperForgetError
 from zoo.mlp import get_preset
 
@@ -33,18 +35,19 @@ class DemoConfig:
     preset: str = "mnist4"  # task preset: mnist4 or mnist10
     dataset: str = "mnist-5k"  # dataset name (mnist-5k, fashion-mnist, digits, idx:DIR, mnist:DIR)
     quick: bool = False  # tiny sizes for tests and smoke runs
-    runs: int = 256  # zoo training runs
+    runs: int = 1024  # zoo training runs (~94k checkpoints for mnist4, collected in ~20 s)
     runs_per_group: int = 128  # runs trained in lockstep per zoo commit
     zoo_epochs: int | None = None  # epochs per zoo run (None: the preset's)
     workers: int | None = 2  # dask workers for collection (None: CPU count; 0: no dask)
-    hyper_preset: str = "cpu-small"  # hypernetwork preset (hyper.model.PRESETS)
+    hyper_preset: str = "cpu-mlp"  # hypernetwork preset (hyper.model.PRESETS)
     train_steps: int | None = None  # hypernetwork steps per variant (None: the preset's)
     train_overrides: dict = field(default_factory=dict)  # more hypernetwork options by name
     variants: tuple[str, ...] = DIHYFO_METHODS  # DiHyFo variants to train and use
-    # DiHyFo-1 unlearns from random initializations by default: the bundled-digit zoo holds almost
-    # no pair from a trained θ to a fully forgotten θ* (README, "DiHyFo-1's start").
-    dihyfo1_start: str = "noise"  # "noise" or "model" (the model to unlearn)
-    dihyfo1_noise_share: float = 0.75  # share of DiHyFo-1 training pairs that start from a fresh init
+    dihyfo1_start: str = "model"  # DiHyFo-1 unlearns from: "model" (the model to unlearn) or "noise"
+    dihyfo1_noise_share: float = 0.2  # share of DiHyFo-1 training pairs that start from a fresh init
+    retrieval: bool = True  # also run zoo_retrieval, the SQL-lookup control
+    quality_targets: int = 8  # generation quality: targets per swept class
+    quality_samples: int = 16  # generation quality: samples per target and per forget set
     forget_sets: list | None = None  # forget sets (None: the preset's, e.g. {2} and {2,3} for mnist4)
     candidates: int = 32  # DiHyFo candidates per selected model
     repeats: int = 5  # selected DiHyFo models per forget set (averaged in the tables)
@@ -62,7 +65,8 @@ class DemoConfig:
         if quick:
             base = dict(runs=32, zoo_epochs=6, workers=0, hyper_preset="tiny", train_steps=40,
                         train_overrides={"eval_every": -1, "test_every": 0, "batch_size": 32, "checkpoint_every": 0},
-                        candidates=8, repeats=2, sample_steps=10, retrain_seeds=2, epochs=40)
+                        candidates=8, repeats=2, sample_steps=10, retrain_seeds=2, epochs=40, quality_targets=3,
+                        quality_samples=2)
         else:
             base = {}
         base.update({k: v for k, v in dict(runs=runs, train_steps=train_steps, methods=methods).items()
@@ -98,12 +102,6 @@ def collect_zoo(cfg: DemoConfig, zoo_dir: Path) -> None:
     collect(ccfg, str(zoo_dir), use_dask=bool(cfg.workers != 0), workers=cfg.workers or None, progress=True)
 
 
-def _dihyfo1_guidance(start: str):
-    # The preset's guidance scales (4-24) were tuned for starts from the model; from noise they cost
-    # retain accuracy and no guidance did best (README, "DiHyFo-1's start").
-    return None if start == "noise" else "auto"
-
-
 def train_variant(cfg: DemoConfig, variant: str, zoo_dir: Path, model_dir: Path) -> None:
     """Stage 2: one DiHyFo variant (resumes from its checkpoints; skips a finished one)."""
     from hyper.train import train
@@ -129,8 +127,8 @@ def _trained(model_dir: Path, steps: int | None) -> bool:
 
 def unlearn_all(run, forget_sets: Sequence[Sequence[int]], *, models: dict[str, str], methods: Sequence[str],
                 candidates: int, repeats: int, sample_steps: int, baseline_repeats: int, retrain_seeds: Sequence[int],
-                seed: int = 0, dihyfo1: dict | None = None) -> None:
-    """Stages 3-5 on a run: retrain, every method per forget set (skipping finished ones), metrics.
+                seed: int = 0, dihyfo1: dict | None = None, retrieval: bool = False) -> None:
+    """Stages 3, 5, 6 on a run: retrain, every method per forget set (skipping finished ones), metrics.
 
     ``dihyfo1``: UnlearnConfig fields for DiHyFo-1 only (e.g. its start and prompts).
     """
@@ -143,6 +141,8 @@ def unlearn_all(run, forget_sets: Sequence[Sequence[int]], *, models: dict[str, 
         retrain_into(run, forget, seeds=retrain_seeds)
         _say(f"retrained {len(retrain_seeds)} models without {list(forget)} ({time.perf_counter() - t0:.1f} s)")
         todo = [(v, models[v]) for v in DIHYFO_METHODS if v in models] + [(m, None) for m in methods]
+        if retrieval:
+            todo.insert(len(models), (RETRIEVAL_METHOD, None))
         for method, model_dir in todo:
             if method in DIHYFO_METHODS and set(forget) & set(run.pivots):
                 _say(f"skip {method} for {list(forget)}: pivots cannot be forgotten by DiHyFo")
@@ -152,7 +152,8 @@ def unlearn_all(run, forget_sets: Sequence[Sequence[int]], *, models: dict[str, 
                 continue
             extra = dict(dihyfo1 or {}) if method == "dihyfo1" else {}
             ucfg = UnlearnConfig(method=method, candidates=candidates, steps=sample_steps, seed=seed,
-                                 repeats=repeats if model_dir else baseline_repeats, **extra)
+                                 repeats=repeats if model_dir or method == RETRIEVAL_METHOD else baseline_repeats,
+                                 **extra)
             rec = unlearn(run, forget, ucfg, model_dir=model_dir)
             _say(f"{method} {list(forget)}: {rec['wall_seconds']:.2f} s per model")
         compute_metrics(run, forget)
@@ -225,16 +226,26 @@ def run_demo(cfg: DemoConfig) -> Path:
         train_variant(cfg, variant, zoo_dir, model_dir)
         _stage(state, state_path, f"train_{variant}", time.perf_counter() - t0)
 
-    # 3-5. Original model, retrained models, unlearning with every method, metrics.
+    # 3. The original model (and the run directory).
     t0 = time.perf_counter()
     run = init_run(out / "run", RunConfig(preset=cfg.preset, dataset=cfg.dataset, zoo=str(zoo_dir), models=models,
                                           seed=cfg.seed, epochs=cfg.epochs,
                                           retrain_seeds=tuple(100 + i for i in range(cfg.retrain_seeds))),
                    forget_sets=forget_sets)
+    _stage(state, state_path, "original", time.perf_counter() - t0)
+
+    # 4. Generation quality: single samples against their prompts, on seeds nothing else uses.
+    t0 = time.perf_counter()
+    quality = measure_quality(cfg, models, run, forget_sets, out / "quality")
+    state["quality"] = quality
+    _stage(state, state_path, "quality", time.perf_counter() - t0)
+
+    # 5-6. Retrained models, unlearning with every method, metrics.
+    t0 = time.perf_counter()
     unlearn_all(run, forget_sets, models=models, methods=methods, candidates=cfg.candidates, repeats=cfg.repeats,
                 sample_steps=cfg.sample_steps, baseline_repeats=cfg.baseline_repeats,
-                retrain_seeds=run.config.retrain_seeds, seed=cfg.seed,
-                dihyfo1=dict(start=cfg.dihyfo1_start, guidance=_dihyfo1_guidance(cfg.dihyfo1_start)))
+                retrain_seeds=run.config.retrain_seeds, seed=cfg.seed, retrieval=cfg.retrieval,
+                dihyfo1=dict(start=cfg.dihyfo1_start, guidance=None))
     _stage(state, state_path, "unlearn", time.perf_counter() - t0)
 
     # 6. Report.
@@ -245,6 +256,35 @@ def run_demo(cfg: DemoConfig) -> Path:
     write_json(state_path, state)
     _say(f"done in {state['last_call_seconds']:.0f} s: {report}")
     return report
+
+
+def measure_quality(cfg: DemoConfig, models: dict[str, str], run, forget_sets, out_dir: Path) -> dict:
+    """Stage 4: hyper.quality for every variant (DiHyFo-1 from the original model and from noise).
+
+    Writes OUT/quality/<name>.json and .png; returns {name: {"r2", "pearson" per class, "clean" per set}}.
+    """
+    from hyper.quality import QualityConfig, generation_quality, plot_quality
+    from hyper.sample import load_hypernetwork
+
+    qcfg = QualityConfig(targets=cfg.quality_targets, samples=cfg.quality_samples, steps=cfg.sample_steps,
+                         seed=cfg.seed, forget_sets=[list(f) for f in forget_sets])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for variant, model_dir in models.items():
+        net = load_hypernetwork(model_dir)
+        starts = [("model", run.original_params()), ("noise", None)] if variant == "dihyfo1" else [(None, None)]
+        for start_name, start in starts:
+            name = variant if start_name is None else f"{variant}-from-{start_name}"
+            report = generation_quality(net, qcfg, start)
+            write_json(out_dir / f"{name}.json", report)
+            plot_quality(report, out_dir / f"{name}.png")
+            summary[name] = {"r2": {k: r["r2"] for k, r in report["classes"].items()},
+                             "pearson": {k: r["pearson"] for k, r in report["classes"].items()},
+                             "clean": {k: r["share"] for k, r in report["forget_sets"].items()}}
+            _say(f"quality {name}: " + "; ".join(
+                [f"class {k} R² {r['r2']:.2f} r {r['pearson']:.2f}" for k, r in report["classes"].items()]
+                + [f"clean {{{k}}} {r['clean']}/{r['samples']}" for k, r in report["forget_sets"].items()]))
+    return summary
 
 
 def benchmark_unlearning(*, out: str | None = None, preset: str = "mnist4", dataset: str = "mnist-5k",

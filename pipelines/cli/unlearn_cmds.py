@@ -168,7 +168,7 @@ def register(app: typer.Typer) -> None:
         runs: Annotated[Optional[int], typer.Option(help="zoo training runs (default by preset/mode)")] = None,
         train_steps: Annotated[Optional[int], typer.Option(help="hypernetwork training steps per variant")] = None,
         methods: Annotated[Optional[str], typer.Option(help="comma-separated baselines (default: all)")] = None,
-        dihyfo1_start: Annotated[str, typer.Option(help="DiHyFo-1 unlearns from: noise or model")] = "noise",
+        dihyfo1_start: Annotated[str, typer.Option(help="DiHyFo-1 unlearns from: model or noise")] = "model",
     ) -> None:
         """Run the whole pipeline: zoo, views, both DiHyFo variants, unlearning, baselines, report."""
         from pipelines.demo import DemoConfig, run_demo

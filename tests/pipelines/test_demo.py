@@ -27,11 +27,12 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     assert run.forget_sets == [(2,), (2, 3)]
     for forget in run.forget_sets:
         folder = run.forget_dir(forget)
-        for method in ("dihyfo1", "dihyfo2", "logit_mask", "neggrad_plus"):
+        for method in ("dihyfo1", "dihyfo2", "zoo_retrieval", "logit_mask", "neggrad_plus"):
             record = json.loads((folder / method / "record.json").read_text())
             assert record["forget"] == list(forget)
         metrics = json.loads((folder / "metrics.json").read_text())
-        assert {"dihyfo1", "dihyfo2", "logit_mask", "neggrad_plus", "retrain", "original"} <= set(metrics["methods"])
+        assert {"dihyfo1", "dihyfo2", "zoo_retrieval", "logit_mask", "neggrad_plus", "retrain",
+                "original"} <= set(metrics["methods"])
         # The unlearned models are the selected candidates, bit for bit.
         params, record = load_method(run, forget, "dihyfo1")
         _, candidates, _ = load_mlps(str(folder / "dihyfo1" / "candidates.safetensors"))
@@ -43,13 +44,21 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
             assert f[idx] == np.nanmin(f[g * k:(g + 1) * k])
     md = (out / "run" / "report" / "report.md").read_text()
     assert "DiHyFo-1 D_f={2,3}" in md and "| logit_mask |" in md
-    # DiHyFo-1 is trained for, and unlearns from, noise starts by default; the report says so.
-    assert "DiHyFo-1 starts from random MLP initializations" in md
-    assert record["config"]["start"] == "noise" and record["config"]["guidance"] is None
+    assert "Zoo retrieval" in md
+    # DiHyFo-1 unlearns from the model to unlearn by default, unguided, and also learned noise starts.
+    assert record["config"]["start"] == "model" and record["config"]["guidance"] is None
     d1 = json.loads((out / "models" / "dihyfo1" / "config.json").read_text())
-    assert d1["train"]["noise_start_share"] == 0.75
+    assert d1["train"]["noise_start_share"] == 0.2
     state = json.loads((out / "demo.json").read_text())
-    assert {"collect", "train_dihyfo1", "train_dihyfo2", "unlearn", "report"} <= set(state["stages"])
+    assert {"collect", "train_dihyfo1", "train_dihyfo2", "original", "quality", "unlearn",
+            "report"} <= set(state["stages"])
+    # Generation quality of single samples, per variant and DiHyFo-1 start, with its figure.
+    assert set(state["quality"]) == {"dihyfo1-from-model", "dihyfo1-from-noise", "dihyfo2"}
+    for name in state["quality"]:
+        q = json.loads((out / "quality" / f"{name}.json").read_text())
+        assert set(q["classes"]) == {"2", "3"} and set(q["forget_sets"]) == {"2", "2-3"}
+        assert np.asarray(q["classes"]["2"]["observed"]).shape == (3, 2)
+        assert (out / "quality" / f"{name}.png").stat().st_size > 1000
 
     # Resuming redoes nothing: models and records keep their bytes.
     before = {p: p.read_bytes() for p in (out / "run").rglob("*.safetensors")}
