@@ -1,15 +1,17 @@
 """Benchmark the diffusion hypernetwork: training throughput, and sampling vs retraining time.
 
-    python benchmarks/bench_hyper.py                  # tiny + cpu-small, a few minutes on 2 cores
+    python benchmarks/bench_hyper.py                  # tiny, cpu-small, cpu-mlp: a few minutes on 2 cores
     python benchmarks/bench_hyper.py --full           # adds cpu-base (and paper on a GPU)
     python benchmarks/bench_hyper.py --threads 2 --train-steps 20
     python benchmarks/bench_hyper.py --probe MODEL    # unlearning quality of a trained MNIST-4 DiHyFo
 
 1. Training throughput (samples/s, both variants) of each preset on the MNIST-4 MLP (784-2-4,
    1,582 parameters) with random batches: forward, Eq. 5 loss, backward, AdamW step. On a CUDA
-   device the paper preset (hidden 1536, 12 layers) runs too, in bf16, with its model FLOPs
-   utilization (3 × forward matmul FLOPs × samples/s / --peak-tflops).
-2. Generating one unlearned model: DDPM (1,000 steps) and DDIM (--ddim-steps) with the cpu-small
+   device the paper presets (hidden 1536, 12 layers) run too, in bf16, with their model FLOPs
+   utilization (3 × forward matmul FLOPs × samples/s / --peak-tflops). On the CPU the same
+   utilization is printed against the float32 torch.mm rate of this machine, measured in the
+   same run with the same thread count on the models' own product shapes (the baseline).
+2. Generating one unlearned model: DDPM (1,000 steps) and DDIM (--ddim-steps) with the cpu-mlp
    DiHyFo-1, against the baseline measured in the same run: retraining the MLP from scratch
    (25 epochs on mnist-5k's 4 classes, zoo.lockstep.train_models, one model). Ratios < 1 mean the
    hypernetwork is faster than retraining.
@@ -24,7 +26,7 @@ import torch
 
 from hyper.diffusion import GaussianDiffusion
 from hyper.model import get_preset
-from hyper.tokenizer import compute_normalization
+from hyper.tokenizer import compute_coordinate_normalization, compute_normalization
 from hyper.train import TrainConfig, build, make_model_fn, make_optimizer, resolve_configs, sample_params
 from zoo.mlp import MLPSpec, init_params
 
@@ -33,7 +35,10 @@ SPEC = MLPSpec(784, 2, 4)
 
 def _setup(preset: str, variant: str, device: str):
     model_cfg, tok_cfg, diff_cfg, _ = resolve_configs(preset, variant)
-    stats = compute_normalization(SPEC, init_params(SPEC, range(64)))
+    starts = init_params(SPEC, range(64))
+    stats = compute_normalization(SPEC, starts)
+    if tok_cfg.normalization == "coordinate":
+        stats["coordinate"] = compute_coordinate_normalization(SPEC, starts, tok_cfg.canonical)
     model, tok = build(variant, SPEC, stats, model_cfg, tok_cfg)
     return model.to(device), tok, GaussianDiffusion(diff_cfg)
 
@@ -74,6 +79,22 @@ def train_throughput(preset: str, variant: str, steps: int, batch: int, device: 
             "params_M": model.num_parameters() / 1e6, "tflops_achieved": 3 * model.flops_per_sample() * sps / 1e12}
 
 
+def cpu_matmul_gflops(shapes: list[tuple[int, int, int]], seconds: float = 2.0) -> float:
+    """Wall-clock float32 GFLOP/s of torch.mm with the current thread count over (m, k, n) shapes."""
+    flops = elapsed = 0.0
+    for m, k, n in shapes:
+        a, b = torch.rand(m, k), torch.rand(k, n)
+        for _ in range(3):
+            a @ b
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / len(shapes):
+            a @ b
+            reps += 1
+        elapsed += time.perf_counter() - t0
+        flops += 2.0 * m * k * n * reps
+    return flops / elapsed / 1e9
+
+
 def sampling_vs_retraining(ddim_steps: int, device: str) -> dict:
     from zoo.datasets import load_dataset
     from zoo.lockstep import train_models
@@ -82,7 +103,7 @@ def sampling_vs_retraining(ddim_steps: int, device: str) -> dict:
     t0 = time.perf_counter()
     original = train_models(SPEC, ds.x_train, ds.y_train, [0], epochs=25, lr=0.1)
     retrain_s = time.perf_counter() - t0
-    model, tok, diffusion = _setup("cpu-small", "dihyfo1", device)
+    model, tok, diffusion = _setup("cpu-mlp", "dihyfo1", device)
     targets = torch.tensor([[0.05, 0.05, 5.0, 0.05]])
     losses = torch.tensor([[0.05, 0.05, 0.1, 0.05]])
     out = {"retrain_s": retrain_s}
@@ -169,33 +190,41 @@ def main() -> None:
     cuda = torch.cuda.is_available()
 
     # Training throughput on the CPU presets, then the paper preset on a GPU.
-    presets = ["tiny", "cpu-small"] + (["cpu-base"] if args.full else [])
+    presets = ["tiny", "cpu-small", "cpu-mlp"] + (["cpu-base"] if args.full else [])
     rows = []
     for preset in presets:
         batch = get_preset(preset)["train"]["batch_size"]
         for variant in ("dihyfo1", "dihyfo2"):
             rows.append(train_throughput(preset, variant, args.train_steps, batch, "cpu", False))
     if cuda:
-        for preset in ["cpu-small", "paper"]:
-            batch = get_preset(preset)["train"]["batch_size"] if preset != "paper" else 256
+        for preset in ["cpu-mlp", "paper", "paper-adaln"]:
+            batch = get_preset(preset)["train"]["batch_size"] if not preset.startswith("paper") else 256
             for variant in ("dihyfo1", "dihyfo2"):
                 r = train_throughput(preset, variant, args.train_steps, batch, "cuda", True)
                 r["mfu"] = r["tflops_achieved"] / args.peak_tflops
                 r["device"] = "cuda"
                 rows.append(r)
-    print(f"{'preset':10} {'variant':8} {'device':6} {'batch':>5} {'params(M)':>9} {'samples/s':>10} "
+    # The CPU baseline, measured now: torch.mm on the products of a cpu-mlp step (batch 256, width 512,
+    # the 1,582-value encoder and decoder), with the same threads.
+    cpu_peak = cpu_matmul_gflops([(256, 512, 512), (256, SPEC.num_params, 512), (256, 512, SPEC.num_params)])
+    for r in rows:
+        if r.get("device", "cpu") == "cpu":
+            r["mfu"] = r["tflops_achieved"] * 1e3 / cpu_peak
+    print(f"CPU baseline: torch.mm float32 at {cpu_peak:.1f} GFLOP/s on {args.threads} thread(s) (measured now); "
+          f"GPU MFU against --peak-tflops {args.peak_tflops:g}")
+    print(f"{'preset':12} {'variant':8} {'device':6} {'batch':>5} {'params(M)':>9} {'samples/s':>10} "
           f"{'s/step':>7} {'TFLOP/s':>8} {'MFU':>6}")
     for r in rows:
-        print(f"{r['preset']:10} {r['variant']:8} {r.get('device', 'cpu'):6} {r['batch']:5d} {r['params_M']:9.2f} "
+        print(f"{r['preset']:12} {r['variant']:8} {r.get('device', 'cpu'):6} {r['batch']:5d} {r['params_M']:9.2f} "
               f"{r['samples_per_s']:10.0f} {r['s_per_step']:7.3f} {r['tflops_achieved']:8.3f} "
               f"{r.get('mfu', float('nan')):6.3f}")
 
     # One unlearned model by sampling, against retraining from scratch in this run.
     s = sampling_vs_retraining(args.ddim_steps, "cpu")
     print(f"\nretrain MLP from scratch (25 epochs, mnist-5k 4 classes): {s['retrain_s']:.2f} s  (baseline)")
-    print(f"DDIM-{args.ddim_steps} sample, cpu-small DiHyFo-1: {s['ddim_s']:.2f} s  "
+    print(f"DDIM-{args.ddim_steps} sample, cpu-mlp DiHyFo-1: {s['ddim_s']:.2f} s  "
           f"ratio vs retrain {s['ddim_s'] / s['retrain_s']:.2f}")
-    print(f"DDPM-1000 sample, cpu-small DiHyFo-1: {s['ddpm_s']:.2f} s  "
+    print(f"DDPM-1000 sample, cpu-mlp DiHyFo-1: {s['ddpm_s']:.2f} s  "
           f"ratio vs retrain {s['ddpm_s'] / s['retrain_s']:.2f}")
 
 

@@ -19,6 +19,7 @@ Output directory MODEL/:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -486,6 +487,26 @@ class TrainResult:
     samples_per_second: float  # training throughput of this invocation (all ranks)
 
 
+def _check_override_type(key: str, value) -> None:
+    """An override must have its field's kind: a bool for a bool, a number for a number, a dict for a dict."""
+    for cls in (DiTConfig, TokenizerConfig, TrainConfig, DiffusionConfig):
+        f = cls.__dataclass_fields__.get(key)
+        if f is None:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                and (isinstance(default, float) or float(value).is_integer())
+        else:
+            ok = default is None or isinstance(value, type(default))
+        if not ok:
+            raise HyperForgetError(f"training option {key}={value!r} must be a {type(default).__name__} like its "
+                                   f"default {default!r}")
+        return
+
+
 def resolve_configs(preset: str, variant: str, overrides: dict | None = None
                     ) -> tuple[DiTConfig, TokenizerConfig, DiffusionConfig, TrainConfig]:
     """Preset -> configs, with overrides keyed by field name (model, tokenizer or train fields)."""
@@ -494,6 +515,7 @@ def resolve_configs(preset: str, variant: str, overrides: dict | None = None
     model_kw = {**p["model"], "variant": variant}
     tok_kw, train_kw, diff_kw = dict(p["tokenizer"]), dict(p["train"]), {}
     for k, v in overrides.items():
+        _check_override_type(k, v)
         if k in DiTConfig.__dataclass_fields__:
             model_kw[k] = v
         elif k in TokenizerConfig.__dataclass_fields__:

@@ -50,6 +50,9 @@ def train_cmd(
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if present)")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads (1 is fastest on a busy machine)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="any model/tokenizer/diffusion/train field as KEY=VALUE (JSON value), repeatable, e.g. "
+                      "--set canonical=false --set 'view={\"balanced\": {\"mode\": \"cap\"}}'")] = None,
 ) -> None:
     """Train a diffusion hypernetwork (DiHyFo-1 or DiHyFo-2) on a zoo; works under torchrun."""
     from rich.console import Console
@@ -68,6 +71,7 @@ def train_cmd(
     for value, option in ((cond_dropout, "--cond-dropout"), (noise_start_share, "--noise-start-share")):
         if value is not None and not 0.0 <= value <= 1.0:
             raise HyperForgetError(f"{option} must be a share in [0, 1], got {value}")
+    extra = _parse_settings(set_ or [])
     _check_train_out(out, resume=resume, force=force)
     _check_device(device)
     if zoo is not None:
@@ -80,7 +84,11 @@ def train_cmd(
         torch.set_num_threads(threads)
     overrides = {"steps": steps, "batch_size": batch_size, "lr": lr, "eval_every": eval_every,
                  "token_size": token_size, "normalization": normalization, "loss_weighting": loss_weighting,
-                 "cond_dropout": cond_dropout, "noise_start_share": noise_start_share, "seed": seed}
+                 "cond_dropout": cond_dropout, "noise_start_share": noise_start_share, "seed": seed, **extra}
+    if not resume:
+        from hyper.train import resolve_configs
+
+        resolve_configs(preset, variant, overrides)  # unknown keys and bad values fail before any work
     result = train(variant=variant, out=out, preset=preset, zoo=zoo, overrides=overrides, resume=resume,
                    progress=not quiet, device=device)
     if int(os.environ.get("RANK", "0")) != 0:
@@ -96,6 +104,22 @@ def train_cmd(
     table.add_row("wall time", f"{result.seconds:.1f} s")
     table.add_row("throughput", f"{result.samples_per_second:.0f} samples/s")
     Console(stderr=True).print(table)
+
+
+def _parse_settings(items: list[str]) -> dict:
+    """--set KEY=VALUE items -> {KEY: value}; VALUE is JSON (true, 3, 1e-3, {...}) or else a string."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise HyperForgetError(f"--set {item!r} is not KEY=VALUE, e.g. --set canonical=false")
+        try:
+            out[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key.strip()] = text
+    return out
 
 
 def _check_train_out(out: Path, *, resume: bool, force: bool) -> None:
