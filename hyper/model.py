@@ -471,11 +471,9 @@ PRESETS: dict[str, dict] = {
              "tokenizer": dict(token_size=24, normalization="layer"),
              "train": dict(steps=300, batch_size=64, lr=2e-3, warmup_steps=20, ema_decay=0.99, eval_every=0),
              "sample": dict(method="ddim", steps=20, guidance=None)},
-    # The CPU demo (MNIST-4, 784-2-4: 17 tokens of ≤ 112 values): ~0.2 s/step on 2 idle cores.
-    # Condition dropout enables classifier-free guidance, which DiHyFo-1's measured unlearning needs:
-    # after 600-800 steps it moves in the right direction but too little without it. Its sampler
-    # default spreads candidates over guidance scales (row i gets scale i mod 4); DiHyFo-2 did best
-    # unguided (docs/readme/hyper.md).
+    # The in-context DiT on CPU (MNIST-4, 784-2-4: 17 tokens of ≤ 112 values): ~0.2 s/step on 2 idle
+    # cores. Its DiHyFo-1 sampler default spreads candidates over guidance scales (row i gets scale
+    # i mod 4); DiHyFo-2 did best unguided (docs/experiments.md, "The in-context DiT").
     "cpu-small": {"model": dict(hidden=128, layers=3, heads=4, num_freqs=32, freq_max_exp=8.0),
                   "tokenizer": dict(token_size=112, normalization="layer"),
                   "train": dict(steps=800, batch_size=64, lr=2e-3, warmup_steps=30, ema_decay=0.995,
@@ -483,15 +481,17 @@ PRESETS: dict[str, dict] = {
                   "sample": dict(method="ddim", steps=10,
                                  guidance={"dihyfo1": [4.0, 8.0, 16.0, 24.0], "dihyfo2": None})},
     # The CPU demo's generator (MNIST-4 and MNIST-10): the adaLN-Zero MLP over whole canonical,
-    # per-value standardized vectors, x0 prediction, condition dropout for an unconditional mode,
-    # unguided sampling (guidance trades prompt alignment for extremeness; docs/experiments.md).
+    # per-value standardized vectors, x0 prediction, condition dropout for an unconditional mode;
+    # DiHyFo-2 samples unguided (guidance trades its alignment for extremeness; docs/experiments.md).
     "cpu-mlp": {"model": dict(backbone="mlp", hidden=512, layers=4, mlp_ratio=1.0, cond_dim=256),
                 "tokenizer": dict(token_size=64, normalization="coordinate", canonical=True),
-                "train": dict(steps=2000, batch_size=256, lr=1e-3, warmup_steps=50, ema_decay=0.999,
+                "train": dict(steps=3000, batch_size=256, lr=1e-3, warmup_steps=50, ema_decay=0.999,
                               weight_decay=0.0, grad_clip=1.0, loss_weighting="uniform", cond_dropout=0.1,
                               permute=False, eval_every=0, test_every=500, checkpoint_every=500,
-                              view={"balanced": {"mode": "resample"}, "pairs": {"balance": "delta"}}),
-                "sample": dict(method="ddim", steps=50, guidance=None)},
+                              view={"balanced": {"mode": "cap", "cap": 1500}, "pairs": {"balance": "delta"}}),
+                # DiHyFo-1's moves from a trained model fall short of their prompts unguided; its
+                # candidates cycle through guidance 1, 2, 4, 8 so that selection sees each.
+                "sample": dict(method="ddim", steps=50, guidance={"dihyfo1": [1.0, 2.0, 4.0, 8.0], "dihyfo2": None})},
     # A larger CPU run (tens of minutes), or a quick GPU run.
     "cpu-base": {"model": dict(hidden=256, layers=6, heads=8, num_freqs=64, freq_max_exp=10.0),
                  "tokenizer": dict(token_size=200, normalization="layer"),
@@ -514,7 +514,7 @@ PRESETS["paper-adaln"] = {
     "tokenizer": dict(token_size=1000, normalization="coordinate", canonical=True),
     "train": dict(steps=100_000, batch_size=1024, lr=4e-4, warmup_steps=2000, ema_decay=0.9999, weight_decay=0.1,
                   grad_clip=0.75, loss_weighting="uniform", cond_dropout=0.1, permute=False, eval_every=5000,
-                  view={"balanced": {"mode": "resample"}, "pairs": {"balance": "delta"}}),
+                  view={"balanced": {"mode": "cap", "cap": 20_000}, "pairs": {"balance": "delta"}}),
     "sample": dict(method="ddim", steps=100, guidance=None)}
 
 

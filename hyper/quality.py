@@ -5,14 +5,16 @@ training (the trainer seeds from ``TrainConfig.seed``) and from unlearning's sel
 from ``UnlearnConfig.seed``): every seed here is ``QUALITY_SEED_BASE + seed``.
 
 1. **Alignment sweep** per non-pivot class k: ``targets`` target losses for class k evenly
-   spaced over the zoo's [q05, q95] of that class, every other class asked for its q10 loss,
+   spaced over the zoo's [q05, q95] of that class, every other class asked for its q10 loss
+   (``hold``; "known_median" asks instead for the median loss of the zoo's checkpoints that know
+   every class, a level they reach on all classes at once),
    ``samples`` independent samples per target. Scores, pooled over all target × sample pairs:
        R² = 1 − Σ(L*_i − L̂_i)² / Σ(L*_i − mean L*)²      (Eq. 6 of the reference text)
        Pearson r between L* and L̂.
    DiHyFo-1 starts from a given model (``start``: the model to unlearn) or, without one, from
    fresh random initializations (one per sample), each with its measured class losses.
 2. **Clean single-sample share** per forget set: ``samples`` samples prompted with the forget
-   classes at their q95 loss and the others at q10; a sample is clean when every forget class
+   classes at their q95 loss and the others at the hold level; a sample is clean when every forget class
    has test accuracy ≤ ``forget_acc_max`` and every other class ≥ ``retain_acc_min``.
 
 No selection happens here: every number is over all samples.
@@ -42,7 +44,7 @@ class QualityConfig:
     samples: int = 16  # samples per target (and per forget set for the clean share)
     low_quantile: str = "q05"  # lowest swept target: a zoo loss quantile name of the hypernetwork's loss_stats
     high_quantile: str = "q95"  # highest swept target
-    hold_quantile: str = "q10"  # what the other classes are asked for
+    hold: str = "q10"  # what the other classes are asked for: a loss_stats name ("q10", "known_median")
     forget_sets: list = field(default_factory=list)  # forget sets for the clean share (task labels)
     forget_acc_max: float = 0.02  # a clean sample's highest forget-class test accuracy
     retain_acc_min: float = 0.9  # a clean sample's lowest retain-class test accuracy
@@ -109,8 +111,10 @@ def generation_quality(net, cfg: QualityConfig | None = None, start: torch.Tenso
         start = torch.as_tensor(start, dtype=torch.float32).reshape(-1)
         net.spec.layout.check(start)
     pivots = set(net.config.get("pivots") or [])
-    low, high, hold = _stat(net, cfg.low_quantile), _stat(net, cfg.high_quantile), _stat(net, cfg.hold_quantile)
+    hold_name = cfg.hold
+    low, high, hold = _stat(net, cfg.low_quantile), _stat(net, cfg.high_quantile), _stat(net, hold_name)
     report: dict = {"config": asdict(cfg), "variant": net.variant, "model_dir": str(net.dir),
+                    "hold": hold.tolist(), "hold_name": hold_name,
                     "start": "model" if start is not None else ("noise" if net.variant == "dihyfo1" else None),
                     "classes": {}, "forget_sets": {}}
     for k in [k for k in range(c) if k not in pivots]:

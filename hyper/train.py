@@ -28,7 +28,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -208,11 +208,26 @@ def load_task_test_split(dataset: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test)
 
 
-def loss_statistics(losses: np.ndarray) -> dict:
-    """Per-class quantiles of the class losses (N, C) -> {name: (C,) list}."""
+KNOWN_ACCURACY = 0.9  # a checkpoint "knows every class" when each class's test accuracy reaches this
+
+
+def loss_statistics(losses: np.ndarray, accuracies: np.ndarray | None = None) -> dict:
+    """Per-class quantiles of the class losses (N, C) -> {name: (C,) list}.
+
+    With per-class accuracies (N, C), also "known_median": the per-class median loss of the
+    checkpoints that know every class (accuracy ≥ KNOWN_ACCURACY on each): a low loss that the
+    zoo's models reach on all classes at once, unlike the per-class q10, which few checkpoints
+    reach jointly.
+    """
     losses = np.asarray(losses, dtype=np.float64)
     qs = {"min": 0.0, "q05": 0.05, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q95": 0.95, "max": 1.0}
-    return {k: np.nanquantile(losses, q, axis=0).astype(float).tolist() for k, q in qs.items()}
+    stats = {k: np.nanquantile(losses, q, axis=0).astype(float).tolist() for k, q in qs.items()}
+    if accuracies is not None:
+        known = (np.asarray(accuracies) >= KNOWN_ACCURACY).all(1) & np.isfinite(losses).all(1)
+        if known.any():
+            stats["known_median"] = np.median(losses[known], axis=0).astype(float).tolist()
+            stats["known_rows"] = int(known.sum())
+    return stats
 
 
 def data_from_tensors(spec: MLPSpec, params: torch.Tensor, losses: torch.Tensor, *, variant: str,
@@ -276,9 +291,10 @@ def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: 
     meta = reader.metadata()
     c = cfg.spec.num_classes
     losses = np.stack([meta.column(f"loss_{k}").to_numpy(zero_copy_only=False) for k in range(c)], 1)
+    accs = np.stack([meta.column(f"acc_{k}").to_numpy(zero_copy_only=False) for k in range(c)], 1)
     dataset = _dataset_description(cfg)
     return HyperData(spec=cfg.spec, classes=list(cfg.classes), normalization=dict(norm),
-                     loss_stats=loss_statistics(losses), train_stream=train_stream, test_stream=test_stream,
+                     loss_stats=loss_statistics(losses, accs), train_stream=train_stream, test_stream=test_stream,
                      dataset=dataset, zoo=str(zoo), pivots=list(getattr(cfg, "pivots", []) or []))
 
 
@@ -554,12 +570,14 @@ def _dist_info() -> tuple[int, int]:
 
 def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zoo: str | None = None,
           data: HyperData | None = None, overrides: dict | None = None, resume: bool = False,
-          progress: bool = True, device: str | None = None) -> TrainResult:
+          progress: bool = True, device: str | None = None,
+          on_step: Callable[[int, int], None] | None = None) -> TrainResult:
     """Train a DiHyFo-1 or DiHyFo-2 hypernetwork and write MODEL/ (see module docstring).
 
     Give either ``zoo`` (a zoo path; views are built on first use) or ``data`` (in memory).
     ``overrides`` replaces preset fields by name (e.g. {"steps": 50, "hidden": 64}).
     With ``resume`` the run continues from MODEL/checkpoints with the configs saved there.
+    ``on_step(step, total)`` is called after every optimizer step (progress of a caller's own display).
     """
     # Set up: distributed context, configs, data, model.
     rank, world = _dist_info()
@@ -685,6 +703,8 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
             opt.step()
             ema.update(model)
             step += 1
+            if on_step is not None:
+                on_step(step, cfg.steps)
             window.append(float(terms["mse"]))
             if step % cfg.log_every == 0 or step == cfg.steps:
                 curves["train"].append({"step": step, "mse": float(np.mean(window)), "lr": lr})

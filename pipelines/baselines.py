@@ -13,7 +13,7 @@ Defaults are the published hyper-parameters (see ``../shared/notes/unlearning-ev
 those were tuned for ResNets on CIFAR with hundreds of optimizer steps per epoch. On the 5k-MNIST
 subset an epoch is ~13 steps, so methods with a small learning rate and one epoch (bad teacher,
 random labels) barely move a 784-2-4 MLP; that is a property of the published settings, recorded in
-the README, not a bug. Override any default through :func:`run_baseline`.
+docs/experiments.md, not a bug. Override any default through :func:`run_baseline`.
 
 D_r: training examples whose label is not in ``forget``; D_f: those whose label is; D = D_r ∪ D_f.
 """

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, RunConfig, UnlearnConfig, compute_metrics, init_run,
-                               read_json, write_json)
+from pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, RunConfig, UnlearnConfig, compute_metrics,
+                               forget_dir_name, init_run, read_json, write_json)
 from zoo.errors import HyperForgetError
 from zoo.mlp import get_preset
 
@@ -46,6 +46,7 @@ class DemoConfig:
     dihyfo1_start: str = "model"  # DiHyFo-1 unlearns from: "model" (the model to unlearn) or "noise"
     dihyfo1_noise_share: float = 0.2  # share of DiHyFo-1 training pairs that start from a fresh init
     retrieval: bool = True  # also run zoo_retrieval, the SQL-lookup control
+    parallel_training: bool = True  # train the two variants at once, one process and one thread each
     quality_targets: int = 8  # generation quality: targets per swept class
     quality_samples: int = 16  # generation quality: samples per target and per forget set
     forget_sets: list | None = None  # forget sets (None: the preset's, e.g. {2} and {2,3} for mnist4)
@@ -102,18 +103,76 @@ def collect_zoo(cfg: DemoConfig, zoo_dir: Path) -> None:
     collect(ccfg, str(zoo_dir), use_dask=bool(cfg.workers != 0), workers=cfg.workers or None, progress=True)
 
 
-def train_variant(cfg: DemoConfig, variant: str, zoo_dir: Path, model_dir: Path) -> None:
-    """Stage 2: one DiHyFo variant (resumes from its checkpoints; skips a finished one)."""
-    from hyper.train import train
-
+def _train_kwargs(cfg: DemoConfig, variant: str, zoo_dir: Path, model_dir: Path) -> dict:
     overrides = dict(cfg.train_overrides)
     if variant == "dihyfo1":
         overrides.setdefault("noise_start_share", cfg.dihyfo1_noise_share)
     if cfg.train_steps is not None:
         overrides["steps"] = cfg.train_steps
     resume = (model_dir / "checkpoints" / "latest.json").exists()
-    train(variant=variant, out=str(model_dir), preset=cfg.hyper_preset, zoo=str(zoo_dir), overrides=overrides,
-          resume=resume, progress=True)
+    return dict(variant=variant, out=str(model_dir), preset=cfg.hyper_preset, zoo=str(zoo_dir), overrides=overrides,
+                resume=resume)
+
+
+def train_variant(cfg: DemoConfig, variant: str, zoo_dir: Path, model_dir: Path) -> None:
+    """Stage 2: one DiHyFo variant (resumes from its checkpoints; skips a finished one)."""
+    from hyper.train import train
+
+    train(**_train_kwargs(cfg, variant, zoo_dir, model_dir), progress=True)
+
+
+def _train_child(kwargs: dict, done, total) -> None:
+    """A spawned process training one variant on one thread, reporting its step through shared values."""
+    import torch
+
+    from hyper.train import train
+
+    torch.set_num_threads(1)
+
+    def report(step: int, steps: int) -> None:
+        done.value, total.value = step, steps
+
+    train(**kwargs, progress=False, on_step=report)
+
+
+def train_variants_in_parallel(cfg: DemoConfig, jobs: list[tuple[str, Path]], zoo_dir: Path) -> None:
+    """Stage 2 with one process per variant, one thread each: on a 2-core machine both train at once
+    instead of one after the other on two threads (which scale far below 2× on these small products)."""
+    import multiprocessing as mp
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from hyper.train import resolve_configs
+    from queries.views import VARIANT_KINDS, ensure_training_views
+
+    ctx = mp.get_context("spawn")
+    procs = []
+    for variant, model_dir in jobs:
+        kwargs = _train_kwargs(cfg, variant, zoo_dir, model_dir)
+        # Views are built here, before the processes start, so that two never build one at once.
+        train_cfg = resolve_configs(cfg.hyper_preset, variant, kwargs["overrides"])[3]
+        ensure_training_views(str(zoo_dir), variant, seed=train_cfg.seed,
+                              **train_cfg.view.get(VARIANT_KINDS[variant], {}))
+        done, total = ctx.Value("i", 0), ctx.Value("i", 1)
+        p = ctx.Process(target=_train_child, args=(kwargs, done, total), daemon=True)
+        p.start()
+        procs.append((variant, p, done, total))
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        tasks = {v: bar.add_task(f"train {v}", total=None) for v, *_ in procs}
+        try:
+            while any(p.is_alive() for _, p, *_ in procs):
+                for v, p, done, total in procs:
+                    bar.update(tasks[v], completed=done.value, total=total.value)
+                time.sleep(0.5)
+        finally:
+            for _, p, *_ in procs:
+                if p.is_alive():
+                    p.terminate()
+                p.join()
+    failed = [v for v, p, *_ in procs if p.exitcode != 0]
+    if failed:
+        raise HyperForgetError(f"training {', '.join(failed)} failed (see the message above); re-run the demo "
+                               "to resume from its last checkpoint")
 
 
 def _trained(model_dir: Path, steps: int | None) -> bool:
@@ -214,17 +273,20 @@ def run_demo(cfg: DemoConfig) -> Path:
     collect_zoo(cfg, zoo_dir)
     _stage(state, state_path, "collect", time.perf_counter() - t0)
 
-    # 2. Train the hypernetworks (views are built by the trainer on first use).
-    models = {}
-    for variant in cfg.variants:
-        model_dir = out / "models" / variant
-        models[variant] = str(model_dir)
-        if _trained(model_dir, cfg.train_steps):
-            continue
-        t0 = time.perf_counter()
-        _say(f"training {variant} ({cfg.hyper_preset}) -> {model_dir}")
-        train_variant(cfg, variant, zoo_dir, model_dir)
-        _stage(state, state_path, f"train_{variant}", time.perf_counter() - t0)
+    # 2. Train the hypernetworks (views are built on first use), both at once when there are two.
+    models = {v: str(out / "models" / v) for v in cfg.variants}
+    todo = [(v, Path(d)) for v, d in models.items() if not _trained(Path(d), cfg.train_steps)]
+    t0 = time.perf_counter()
+    if len(todo) > 1 and cfg.parallel_training:
+        _say(f"training {', '.join(v for v, _ in todo)} ({cfg.hyper_preset}) in parallel -> {out / 'models'}")
+        train_variants_in_parallel(cfg, todo, zoo_dir)
+        _stage(state, state_path, "train_" + "_".join(v for v, _ in todo), time.perf_counter() - t0)
+    else:
+        for variant, model_dir in todo:
+            t0 = time.perf_counter()
+            _say(f"training {variant} ({cfg.hyper_preset}) -> {model_dir}")
+            train_variant(cfg, variant, zoo_dir, model_dir)
+            _stage(state, state_path, f"train_{variant}", time.perf_counter() - t0)
 
     # 3. The original model (and the run directory).
     t0 = time.perf_counter()
@@ -245,7 +307,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     unlearn_all(run, forget_sets, models=models, methods=methods, candidates=cfg.candidates, repeats=cfg.repeats,
                 sample_steps=cfg.sample_steps, baseline_repeats=cfg.baseline_repeats,
                 retrain_seeds=run.config.retrain_seeds, seed=cfg.seed, retrieval=cfg.retrieval,
-                dihyfo1=dict(start=cfg.dihyfo1_start, guidance=None))
+                dihyfo1=dict(start=cfg.dihyfo1_start, guidance="auto"))
     _stage(state, state_path, "unlearn", time.perf_counter() - t0)
 
     # 6. Report.
@@ -317,3 +379,44 @@ def benchmark_unlearning(*, out: str | None = None, preset: str = "mnist4", data
     unlearn_all(run, sets, models=variants, methods=methods, candidates=candidates, repeats=repeats, sample_steps=50,
                 baseline_repeats=repeats, retrain_seeds=run.config.retrain_seeds, seed=seed)
     return write_report(run.path)
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path, tolerance: float = 0.05) -> tuple[int, list[str]]:
+    """Compare two runs' metrics (RUN/forget-X/metrics.json) number by number, within a tolerance.
+
+    Two runs of the same command agree bit for bit on one machine; on another CPU float rounding
+    changes the zoo, the hypernetworks and every sampled model, so their metrics agree only up
+    to sampling noise. This is the check for that: every number both files hold (means of
+    accuracies, MIA, φ, ...; wall times and counts left out) must differ by at most
+    ``tolerance``. Returns (numbers compared, one line per difference).
+    """
+    from pipelines.unlearn import open_run
+
+    a, b = open_run(run_a), open_run(run_b)
+    if not 0 <= tolerance < 1e9:
+        raise HyperForgetError(f"--tolerance must be a number >= 0, got {tolerance}")
+    shared = [f for f in a.forget_sets if f in b.forget_sets]
+    if not shared:
+        raise HyperForgetError(f"{run_a} and {run_b} have no forget set in common")
+    compared, diffs = 0, []
+
+    def walk(x, y, where: str) -> None:
+        nonlocal compared
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) & set(y)):
+                if key in ("wall_seconds", "seconds", "num_models", "num_retrained", "std", "timings"):
+                    continue
+                walk(x[key], y[key], f"{where}.{key}")
+        elif isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool):
+            compared += 1
+            if not (abs(float(x) - float(y)) <= tolerance or (x != x and y != y)):  # NaN equals NaN here
+                diffs.append(f"{where}: {float(x):.4f} vs {float(y):.4f}")
+
+    for forget in shared:
+        name = forget_dir_name(forget)
+        pa_, pb_ = a.forget_dir(forget) / "metrics.json", b.forget_dir(forget) / "metrics.json"
+        if pa_.exists() and pb_.exists():
+            walk(read_json(pa_).get("methods", {}), read_json(pb_).get("methods", {}), name)
+    if compared == 0:
+        raise HyperForgetError(f"{run_a} and {run_b} share no metrics.json numbers; run the demo to the end first")
+    return compared, diffs

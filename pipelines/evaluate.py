@@ -1,6 +1,6 @@
 """Evaluation that unlearning researchers trust: every method against a population of retrained models.
 
-For each forget set of a run directory (docs/design.md, "Unlearning run directory") this:
+For each forget set of a run directory (docs/format.md, "Unlearning run directory") this:
 
 1. Trains ``n_retrained`` (default 128) MLPs from scratch without the forget classes, in lockstep
    (zoo.lockstep.train_models, several data orders), from seeds in a range disjoint from the run's

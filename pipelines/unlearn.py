@@ -1,6 +1,6 @@
 """Class unlearning runs: the run directory, prompts, sampling, selection, baselines and metrics.
 
-A run directory (layout in docs/design.md, "Unlearning run directory") holds one model to
+A run directory (layout in docs/format.md, "Unlearning run directory") holds one model to
 unlearn, the models retrained without each forget set (the gold standard) and, per forget set,
 one folder per unlearning method. Every artifact stores the configuration that made it.
 

@@ -3,7 +3,7 @@
 A connection made here holds, for one zoo:
 
 - ``checkpoints``: one row per committed checkpoint, read from the Parquet parts named by the
-  manifest (columns in docs/design.md, "The zoo on disk");
+  manifest (columns in docs/format.md, "The zoo on disk");
 - ``runs``: one row per training run (``queries/sql/runs.sql``);
 - one view per materialized view in ``ZOO/views`` (``views.NAME.parquet`` → ``NAME``);
 - the macro ``run_split(run_id, seed, test_fraction)`` → ``'train'``/``'test'``, the run-level

@@ -97,7 +97,7 @@ COMPRESSORS = ("blosc-lz4-shuffle", "blosc-zstd-bitshuffle", "blosc-zstd-shuffle
 # New zoos only: a zoo's compressor is recorded in zoo.json and zarr.json, so zoos written with an
 # earlier default stay readable. On the parameters of a real MNIST-4 zoo, blosc-lz4-shuffle stores
 # them smaller than the earlier default blosc-zstd-bitshuffle and decodes them several times faster
-# (README, "Streaming loader"; `python benchmarks/bench_loader.py --codecs ZOO`).
+# (docs/benchmarks.md, "The loader and views"; `python benchmarks/bench_loader.py --codecs ZOO`).
 DEFAULT_COMPRESSOR = "blosc-lz4-shuffle"
 
 

@@ -25,6 +25,9 @@ def quality_cmd(
     samples: Annotated[int, typer.Option(help="samples per target and per forget set")] = 16,
     steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
     guidance: Annotated[Optional[float], typer.Option(help="classifier-free guidance scale (default: none)")] = None,
+    hold: Annotated[str, typer.Option(help="loss asked of the other classes: a zoo loss quantile such as q10, or "
+                                           "known_median (median loss of the zoo's checkpoints that know every class)")
+                    ] = "q10",
     seed: Annotated[int, typer.Option(help="offset of the sampling seeds (disjoint from training and selection)")] = 0,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
 ) -> None:
@@ -47,7 +50,8 @@ def quality_cmd(
     if start is not None and not start.is_file():
         raise HyperForgetError(f"--start {start} is not a file; give an MLP .safetensors file such as "
                                "RUN/original/model.safetensors")
-    cfg = QualityConfig(targets=targets, samples=samples, steps=steps, guidance=guidance, seed=seed, forget_sets=sets)
+    cfg = QualityConfig(targets=targets, samples=samples, steps=steps, guidance=guidance, seed=seed, forget_sets=sets,
+                        hold=hold)
 
     import torch
 

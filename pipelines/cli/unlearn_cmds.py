@@ -185,6 +185,24 @@ def register(app: typer.Typer) -> None:
         report = run_demo(cfg)
         typer.echo(f"report -> {report}")
 
+    @app.command("compare")
+    def compare_cmd(
+        run_a: Annotated[Path, typer.Argument(help="a run directory (e.g. runs/demo/run)")],
+        run_b: Annotated[Path, typer.Argument(help="another run of the same command")],
+        tolerance: Annotated[float, typer.Option(help="largest accepted difference of any metric")] = 0.05,
+    ) -> None:
+        """Check that two runs of the same command agree within a tolerance (exit 1 if not)."""
+        from pipelines.demo import compare_runs
+
+        input_dir(run_a, option="RUN_A", what="run")
+        input_dir(run_b, option="RUN_B", what="run")
+        compared, diffs = compare_runs(run_a, run_b, tolerance)
+        for line in diffs:
+            typer.echo(f"DIFFERS {line}")
+        typer.echo(f"{compared - len(diffs)} of {compared} metrics agree within {tolerance:g}")
+        if diffs:
+            raise typer.Exit(1)
+
     @app.command("benchmark-unlearning")
     def bench_cmd(
         forget: Annotated[list[str], typer.Option(help="forget set, repeatable: --forget 2 --forget 2,3")] = [],

@@ -45,13 +45,13 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     md = (out / "run" / "report" / "report.md").read_text()
     assert "DiHyFo-1 D_f={2,3}" in md and "| logit_mask |" in md
     assert "Zoo retrieval" in md
-    # DiHyFo-1 unlearns from the model to unlearn by default, unguided, and also learned noise starts.
-    assert record["config"]["start"] == "model" and record["config"]["guidance"] is None
+    # DiHyFo-1 unlearns from the model to unlearn by default (the preset's guidance), and also learned noise starts.
+    assert record["config"]["start"] == "model" and record["config"]["guidance"] == "auto"
     d1 = json.loads((out / "models" / "dihyfo1" / "config.json").read_text())
     assert d1["train"]["noise_start_share"] == 0.2
     state = json.loads((out / "demo.json").read_text())
-    assert {"collect", "train_dihyfo1", "train_dihyfo2", "original", "quality", "unlearn",
-            "report"} <= set(state["stages"])
+    # The two variants trained at once, in two processes.
+    assert {"collect", "train_dihyfo1_dihyfo2", "original", "quality", "unlearn", "report"} <= set(state["stages"])
     # Generation quality of single samples, per variant and DiHyFo-1 start, with its figure.
     assert set(state["quality"]) == {"dihyfo1-from-model", "dihyfo1-from-noise", "dihyfo2"}
     for name in state["quality"]:
@@ -65,7 +65,26 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert all(p.read_bytes() == b for p, b in before.items())
-    assert json.loads((out / "demo.json").read_text())["stages"]["train_dihyfo1"] == state["stages"]["train_dihyfo1"]
+    stages = json.loads((out / "demo.json").read_text())["stages"]
+    assert stages["train_dihyfo1_dihyfo2"] == state["stages"]["train_dihyfo1_dihyfo2"]
+
+    # The reproducibility check: a copy agrees; one metric moved by 0.1 is named, and the command exits 1.
+    import shutil
+
+    from pipelines.demo import compare_runs
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "run", copy)
+    compared, diffs = compare_runs(out / "run", copy)
+    assert compared > 20 and diffs == []
+    path = copy / "forget-2" / "metrics.json"
+    m = json.loads(path.read_text())
+    m["methods"]["dihyfo2"]["acc_retain"]["mean"] += 0.1
+    path.write_text(json.dumps(m))
+    _, diffs = compare_runs(out / "run", copy, tolerance=0.05)
+    assert len(diffs) == 1 and diffs[0].startswith("forget-2.dihyfo2.acc_retain.mean")
+    res = CliRunner().invoke(app, ["compare", str(out / "run"), str(copy)])
+    assert res.exit_code == 1 and "DIFFERS forget-2.dihyfo2.acc_retain.mean" in res.output
 
 
 def test_demo_rejects_unknown_methods(tmp_path):
