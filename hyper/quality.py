@@ -111,6 +111,11 @@ def generation_quality(net, cfg: QualityConfig | None = None, start: torch.Tenso
         start = torch.as_tensor(start, dtype=torch.float32).reshape(-1)
         net.spec.layout.check(start)
     pivots = set(net.config.get("pivots") or [])
+    sets = [sorted(int(f) for f in forget) for forget in cfg.forget_sets]
+    for forget in sets:
+        if not forget or any(not 0 <= f < c for f in forget) or set(forget) & pivots or len(forget) >= c:
+            raise HyperForgetError(f"forget set {forget} must name non-pivot classes of 0..{c - 1} and keep one "
+                                   f"(pivots {sorted(pivots)}: the zoo never forgets them, so DiHyFo cannot)")
     hold_name = cfg.hold
     low, high, hold = _stat(net, cfg.low_quantile), _stat(net, cfg.high_quantile), _stat(net, hold_name)
     report: dict = {"config": asdict(cfg), "variant": net.variant, "model_dir": str(net.dir),
@@ -127,11 +132,7 @@ def generation_quality(net, cfg: QualityConfig | None = None, start: torch.Tenso
         report["classes"][str(k)] = {
             "r2": prompt_alignment_r2(targets[:, k], loss[:, k]), "pearson": pearson(targets[:, k], loss[:, k]),
             "targets": levels.tolist(), "observed": observed.tolist(), "median": np.median(observed, 1).tolist()}
-    for i, forget in enumerate(cfg.forget_sets):
-        forget = sorted(int(f) for f in forget)
-        if any(not 0 <= f < c for f in forget) or set(forget) & pivots:
-            raise HyperForgetError(f"forget set {forget} must name non-pivot classes of 0..{c - 1} "
-                                   f"(pivots {sorted(pivots)})")
+    for i, forget in enumerate(sets):
         retain = [j for j in range(c) if j not in forget]
         targets = np.repeat(hold[None], cfg.samples, 0)
         targets[:, forget] = high[forget]

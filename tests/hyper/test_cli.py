@@ -43,6 +43,22 @@ def test_train_then_sample(zoo_path, tmp_path, variant):
     assert params.shape == (3, spec.num_params) and json.loads(meta["targets"]) == [0.05, 0.05, 3.0, 0.05]
     assert len(json.loads(meta["losses"])) == 3
 
+    # Generation quality of single samples: JSON and the observed-vs-target figure.
+    qargs = ["quality", str(model), "--forget", "2", "--forget", "2,3", "--targets", "3", "--samples", "2",
+             "--steps", "3"]
+    if variant == "dihyfo1":
+        qargs += ["--start", str(out)]
+    res = runner.invoke(app, qargs)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    q = json.load(open(model / "quality" / "quality.json"))
+    assert set(q["classes"]) == {"2", "3"} and set(q["forget_sets"]) == {"2", "2-3"}
+    assert q["start"] == ("model" if variant == "dihyfo1" else None) and q["hold_name"] == "q10"
+    assert len(q["classes"]["2"]["observed"]) == 3 and (model / "quality" / "quality.png").stat().st_size > 1000
+    res = runner.invoke(app, ["quality", str(model), "--forget", "0"])  # a pivot
+    assert isinstance(res.exception, HyperForgetError) and "pivot" in str(res.exception)
+    res = runner.invoke(app, ["quality", str(model), "--hold", "q42"])
+    assert isinstance(res.exception, HyperForgetError) and "q42" in str(res.exception)
+
     # Resuming a finished run with more steps continues it.
     res = runner.invoke(app, ["train", "--variant", variant, "--zoo", zoo_path, "--out", str(model),
                               "--steps", "8", "--resume", "--quiet"])
