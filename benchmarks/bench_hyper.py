@@ -28,6 +28,7 @@ from hyper.diffusion import GaussianDiffusion
 from hyper.model import get_preset
 from hyper.tokenizer import compute_coordinate_normalization, compute_normalization
 from hyper.train import TrainConfig, build, make_model_fn, make_optimizer, resolve_configs, sample_params
+from zoo.lockstep import matmul_gflops
 from zoo.mlp import MLPSpec, init_params
 
 SPEC = MLPSpec(784, 2, 4)
@@ -77,22 +78,6 @@ def train_throughput(preset: str, variant: str, steps: int, batch: int, device: 
     sps = steps * batch / dt
     return {"preset": preset, "variant": variant, "batch": batch, "samples_per_s": sps, "s_per_step": dt / steps,
             "params_M": model.num_parameters() / 1e6, "tflops_achieved": 3 * model.flops_per_sample() * sps / 1e12}
-
-
-def cpu_matmul_gflops(shapes: list[tuple[int, int, int]], seconds: float = 2.0) -> float:
-    """Wall-clock float32 GFLOP/s of torch.mm with the current thread count over (m, k, n) shapes."""
-    flops = elapsed = 0.0
-    for m, k, n in shapes:
-        a, b = torch.rand(m, k), torch.rand(k, n)
-        for _ in range(3):
-            a @ b
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / len(shapes):
-            a @ b
-            reps += 1
-        elapsed += time.perf_counter() - t0
-        flops += 2.0 * m * k * n * reps
-    return flops / elapsed / 1e9
 
 
 def sampling_vs_retraining(ddim_steps: int, device: str) -> dict:
@@ -205,8 +190,9 @@ def main() -> None:
                 r["device"] = "cuda"
                 rows.append(r)
     # The CPU baseline, measured now: torch.mm on the products of a cpu-mlp step (batch 256, width 512,
-    # the 1,582-value encoder and decoder), with the same threads.
-    cpu_peak = cpu_matmul_gflops([(256, 512, 512), (256, SPEC.num_params, 512), (256, 512, SPEC.num_params)])
+    # the 1,582-value encoder and decoder), with the same threads and, like the steps, by the wall clock.
+    cpu_peak = matmul_gflops([(256, 512, 512, False), (256, SPEC.num_params, 512, False),
+                              (256, 512, SPEC.num_params, False)], seconds=2.0, threads=args.threads, wall=True)
     for r in rows:
         if r.get("device", "cpu") == "cpu":
             r["mfu"] = r["tflops_achieved"] * 1e3 / cpu_peak

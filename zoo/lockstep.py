@@ -197,26 +197,30 @@ def step_product_shapes(spec: MLPSpec, runs: int, batch_size: int) -> list[tuple
     return [(batch_size, spec.input_size, hr, False), (hr, batch_size, spec.input_size, True)]
 
 
-def matmul_gflops(shapes: Sequence[tuple[int, int, int, bool]], seconds: float = 1.0) -> float:
-    """float32 GFLOP/s of torch.mm on this thread, over CPU time, averaged over (m, k, n, a_transposed) shapes.
+def matmul_gflops(shapes: Sequence[tuple[int, int, int, bool]], seconds: float = 1.0, threads: int = 1,
+                  wall: bool = False) -> float:
+    """float32 GFLOP/s of torch.mm on ``threads`` threads, averaged over (m, k, n, a_transposed) shapes.
 
-    The compute limit a lockstep step is judged against, measured on its own shapes; CPU time
-    (not wall time) so that a busy machine's preemptions count neither here nor in the steps.
+    The compute limit a lockstep step is judged against, measured on its own shapes; by default over
+    the calling thread's CPU time, so that a busy machine's preemptions count neither here nor in
+    the steps; ``wall`` (or several threads, whose CPU times would add up) times it by the wall
+    clock, for work that is itself timed by the wall clock.
     a_transposed: the (m, k) operand is the transpose of a contiguous (k, m) tensor.
     """
     old = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
+    clock = time.perf_counter if wall or threads > 1 else time.thread_time
     try:
         flops = elapsed = 0.0
         for m, k, n, a_t in shapes:
             a, b = (torch.rand(k, m).T if a_t else torch.rand(m, k)), torch.rand(k, n)
             for _ in range(3):
                 a @ b
-            reps, t0 = 0, time.thread_time()
-            while time.thread_time() - t0 < seconds / len(shapes):
+            reps, t0 = 0, clock()
+            while clock() - t0 < seconds / len(shapes):
                 a @ b
                 reps += 1
-            elapsed += time.thread_time() - t0
+            elapsed += clock() - t0
             flops += 2.0 * m * k * n * reps
         return flops / elapsed / 1e9
     finally:
