@@ -73,24 +73,32 @@ def compute_normalization(spec: MLPSpec, params: torch.Tensor | np.ndarray) -> d
     return {"mean": float(p.mean()), "std": std, "gpt_coeff": 0.538 / max(std, 1e-12), "layers": layers}
 
 
-def compute_coordinate_normalization(spec: MLPSpec, params: torch.Tensor | np.ndarray, canonical: bool) -> dict:
+def compute_coordinate_normalization(spec: MLPSpec, params: torch.Tensor | np.ndarray, canonical: bool,
+                                     all_reduce=None) -> dict:
     """Per-value mean and std of (N, P) checkpoints (canonicalized first when ``canonical``).
 
-    Returns {"mean": (P,) list, "std": (P,) list, "canonical": bool, "rows": N}; stored with the
-    hypernetwork under normalization["coordinate"].
+    ``all_reduce`` (in place, summing, e.g. torch.distributed.all_reduce) combines the sums of
+    several DDP ranks, so that every rank normalizes alike. Returns {"mean": (P,) list, "std": (P,)
+    list, "canonical": bool, "rows": N}; stored with the hypernetwork under normalization["coordinate"].
     """
     from zoo.augment import canonicalize
 
     p = torch.as_tensor(params, dtype=torch.float32)
     spec.layout.check(p)
     p = p[torch.isfinite(p).all(1)]
-    if len(p) < 2:
-        raise HyperForgetError(f"{len(p)} finite checkpoints cannot give per-value statistics; grow the zoo")
     if canonical:
         p = canonicalize(spec, p)
     p = p.double()
-    return {"mean": p.mean(0).float().tolist(), "std": p.std(0).float().tolist(), "canonical": bool(canonical),
-            "rows": int(len(p))}
+    sums = torch.stack([torch.full((p.shape[1],), float(len(p)), dtype=torch.float64), p.sum(0), (p * p).sum(0)])
+    if all_reduce is not None:
+        all_reduce(sums)
+    n, s1, s2 = sums[0, 0], sums[1], sums[2]
+    if n < 2:
+        raise HyperForgetError(f"{int(n)} finite checkpoints cannot give per-value statistics; grow the zoo")
+    mean = s1 / n
+    std = ((s2 - n * mean * mean).clamp_min(0) / (n - 1)).sqrt()  # the unbiased estimator, as torch.std
+    return {"mean": mean.float().tolist(), "std": std.float().tolist(), "canonical": bool(canonical),
+            "rows": int(n)}
 
 
 def _layer_stats(stats: dict, name: str) -> tuple[float, float]:

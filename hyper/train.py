@@ -317,7 +317,9 @@ def coordinate_statistics(data: HyperData, variant: str, canonical: bool, max_ro
         stream.load_state_dict(state)
     if not rows:
         raise HyperForgetError("the training view yields no batch; lower --batch-size or grow the zoo")
-    return compute_coordinate_normalization(data.spec, torch.cat(rows)[:max_rows], canonical)
+    # Under DDP every rank sees its own slice: the sums of all ranks make one set of statistics.
+    reduce = dist.all_reduce if dist.is_available() and dist.is_initialized() else None
+    return compute_coordinate_normalization(data.spec, torch.cat(rows)[:max_rows], canonical, reduce)
 
 
 def _dataset_description(cfg) -> dict:

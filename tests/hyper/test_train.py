@@ -123,13 +123,14 @@ def test_lr_schedule_warms_up_then_decays():
     assert lr_at(55, cfg) == pytest.approx(0.55) and lr_at(100, cfg) == pytest.approx(0.1)
 
 
-def test_two_process_gloo_ddp(ckpt_zoo, tmp_path):
+@pytest.mark.parametrize("preset", ["tiny", "cpu-mlp"])
+def test_two_process_gloo_ddp(ckpt_zoo, tmp_path, preset):
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, ckpt_zoo, str(tmp_path / "ddp")), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, port, ckpt_zoo, str(tmp_path / "ddp"), preset), nprocs=2, join=True)
     a = load_file(str(tmp_path / "ddp/rank0.safetensors"))
     b = load_file(str(tmp_path / "ddp/rank1.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -139,7 +140,7 @@ def test_two_process_gloo_ddp(ckpt_zoo, tmp_path):
     assert summary["steps"] == 4 and summary["world_size"] == 2
 
 
-def _ddp_worker(rank: int, world: int, port: int, z: dict, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, z: dict, out: str, preset: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     import torch.distributed as dist
@@ -154,12 +155,21 @@ def _ddp_worker(rank: int, world: int, port: int, z: dict, out: str) -> None:
         captured["model"] = model
         return original(model, cfg)
 
-    ht.make_optimizer = spy
-    ht.train(variant="dihyfo1", out=out, preset="tiny", data=_data(z, "dihyfo1", 32, rank, world),
-             overrides={"steps": 4, "batch_size": 32, "eval_every": -1, "test_every": 4}, progress=False,
+    original_build = ht.build
+
+    def build_spy(*args, **kwargs):  # and on its tokenizer: every rank must normalize alike
+        model, tok = original_build(*args, **kwargs)
+        captured["tokenizer"] = tok
+        return model, tok
+
+    ht.make_optimizer, ht.build = spy, build_spy
+    small = {"hidden": 32, "layers": 1, "cond_dim": 16} if preset == "cpu-mlp" else {}
+    ht.train(variant="dihyfo1", out=out, preset=preset, data=_data(z, "dihyfo1", 32, rank, world),
+             overrides={"steps": 4, "batch_size": 32, "eval_every": -1, "test_every": 4, **small}, progress=False,
              device="cpu")
-    save_file({k: v.detach().contiguous() for k, v in captured["model"].state_dict().items()},
-              f"{out}/rank{rank}.safetensors")
+    tensors = {k: v.detach().contiguous() for k, v in captured["model"].state_dict().items()}
+    tensors["tokenizer.scale"], tensors["tokenizer.shift"] = captured["tokenizer"].scale, captured["tokenizer"].shift
+    save_file(tensors, f"{out}/rank{rank}.safetensors")
     dist.destroy_process_group()
 
 
