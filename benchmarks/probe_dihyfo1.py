@@ -14,12 +14,12 @@ import torch
 
 torch.set_num_threads(1)
 from hyper.sample import load_hypernetwork
-from pipelines.unlearn import open_run, _eval_split, split_accuracy
+from pipelines.unlearn import open_run, eval_split, split_accuracy
 model_dir = sys.argv[1]; forget = [int(c) for c in sys.argv[2].split(",")]
 run = open_run(sys.argv[3] if len(sys.argv) > 3 else "runs/demo/run")
 net = load_hypernetwork(model_dir)
 orig = run.original_params()
-ol = torch.as_tensor(_eval_split(run, orig[None], "test").loss)[0]
+ol = torch.as_tensor(eval_split(run, orig[None], "test").loss)[0]
 C = ol.shape[0]
 K = 48
 rng = np.random.default_rng(0)
@@ -36,7 +36,7 @@ for retain_mode in ["current", "best", "half"]:
                     t[:, c] = ol[c] * 0.5
             cand = net.sample(t, orig[None].expand(K, -1).contiguous(), ol[None].expand(K, -1).contiguous(),
                               method="ddim", steps=10, seed=0, guidance=g)
-            val = _eval_split(run, torch.nan_to_num(cand), "val")
+            val = eval_split(run, torch.nan_to_num(cand), "val")
             f, r = split_accuracy(val.acc, forget)
             ok = f <= 0.02
             best_r = r[ok].max() if ok.any() else float("nan")

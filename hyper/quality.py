@@ -24,14 +24,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 from zoo.errors import HyperForgetError
 from zoo.metrics import pearson, prompt_alignment_r2
-from zoo.mlp import evaluate_per_class, init_params
+from zoo.mlp import init_params
 
 QUALITY_SEED_BASE = 1 << 20  # far above the seeds training and unlearning's selection use
 
@@ -168,19 +167,3 @@ def plot_quality(report: dict, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
-
-
-def format_quality(report: dict) -> list[str]:
-    """Plain text lines of a report (the CLI prints them in a table)."""
-    lines = [f"{report['variant']} start={report['start']}"]
-    for k, rec in report["classes"].items():
-        lines.append(f"class {k}: R² {rec['r2']:.3f}  Pearson {rec['pearson']:.3f}")
-    for name, rec in report["forget_sets"].items():
-        lines.append(f"forget {{{name}}}: clean {rec['clean']}/{rec['samples']} ({rec['share']:.0%})")
-    return lines
-
-
-def quality_targets(net) -> Sequence[int]:
-    """The non-pivot classes a sweep covers."""
-    pivots = set(net.config.get("pivots") or [])
-    return [k for k in range(net.spec.num_classes) if k not in pivots]

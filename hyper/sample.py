@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from hyper.diffusion import DiffusionConfig, GaussianDiffusion
 from hyper.model import DiTConfig
 from hyper.tokenizer import TokenizerConfig
-from hyper.train import _check_config_version, build, load_task_test_split, resolve_zoo_path, sample_params
+from hyper.train import check_config_version, build, load_task_test_split, resolve_zoo_path, sample_params
 from zoo.errors import HyperForgetError
 from zoo.mlp import ClassMetrics, MLPSpec, evaluate_per_class, init_params
 
@@ -43,7 +43,7 @@ class Hypernetwork:
             raise HyperForgetError(f"{model_dir} is not a trained hypernetwork (needs config.json and "
                                    "model.safetensors); train one with `hyperforget train`")
         self.config = json.loads(cfg_path.read_text())
-        _check_config_version(self.config, cfg_path)
+        check_config_version(self.config, cfg_path)
         self.dir = model_dir
         self.variant: str = self.config["variant"]
         self.spec = MLPSpec.from_dict(self.config["mlp_spec"])

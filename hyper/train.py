@@ -591,7 +591,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
     saved = None
     if resume and (out / "config.json").exists():
         saved = json.loads((out / "config.json").read_text())
-        _check_config_version(saved, out)
+        check_config_version(saved, out)
         model_cfg, tok_cfg = DiTConfig.from_dict(saved["model"]), TokenizerConfig.from_dict(saved["tokenizer"])
         diff_cfg, cfg = DiffusionConfig.from_dict(saved["diffusion"]), TrainConfig.from_dict(saved["train"])
         if overrides and overrides.get("steps"):
@@ -767,7 +767,7 @@ def resolve_zoo_path(stored: str | None, model_dir: Path) -> str | None:
     return os.path.normpath(os.path.join(os.path.abspath(model_dir), stored))
 
 
-def _check_config_version(saved: dict, where) -> None:
+def check_config_version(saved: dict, where) -> None:
     if saved.get("format") != CONFIG_FORMAT:
         raise HyperForgetError(f"{where} is not a hyperforget hypernetwork (format {saved.get('format')!r})")
     if saved.get("version") != CONFIG_VERSION:

@@ -21,8 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from pipelines.retrain import init_run
 from pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, RunConfig, UnlearnConfig, compute_metrics,
-                               forget_dir_name, init_run, read_json, write_json)
+                               forget_dir_name, read_json, write_json)
 from zoo.errors import HyperForgetError
 from zoo.mlp import get_preset
 

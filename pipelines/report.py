@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, Run, _jsonable, forget_dir_name, load_method,
+from pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, Run, jsonable, forget_dir_name, load_method,
                                open_run, read_json, write_json)
 from zoo.errors import HyperForgetError
 
@@ -126,7 +126,7 @@ def render_comparison(entry: dict) -> tuple[dict, str]:
     """One forget set's side-by-side table as JSON ({"header", "rows"}) and as Markdown.
 
     ``entry`` has the shape of forget-X/metrics.json ({"forget", "methods": {name: metrics}}); a run's
-    report and ``python -m pipelines.baselines`` (whose compare_baselines returns that shape) both
+    report and ``python -m pipelines.compare_baselines`` (whose compare_baselines returns that shape) both
     print their tables through here.
     """
     header, rows = comparison_table(entry)
@@ -412,6 +412,6 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
                     md.append(f"![training curves {variant}]({name})")
         md.append("")
     data["figures"] = figs
-    write_json(out_dir / "report.json", _jsonable(data))
+    write_json(out_dir / "report.json", jsonable(data))
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
     return out_dir / "report.md"

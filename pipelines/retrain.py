@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from pipelines.unlearn import Run, _eval_split, forget_dir_name, params_sha256, write_json
+from pipelines.unlearn import Run, RunConfig, create_run, eval_split, forget_dir_name, params_sha256, write_json
 from zoo.errors import HyperForgetError
 from zoo.mlp import MLPSpec, save_mlps
 
@@ -56,7 +56,7 @@ def keep_converged(val_acc: np.ndarray, wanted: int, margin: float | None) -> tu
 
 def _keep(run: Run, params: torch.Tensor, seeds: Sequence[int], retain: Sequence[int], wanted: int,
           margin: float | None) -> tuple[torch.Tensor, list[int], list[dict]]:
-    acc = _eval_split(run, params, "val").acc[:, list(retain)].mean(1)  # (R,) mean retain-class accuracy
+    acc = eval_split(run, params, "val").acc[:, list(retain)].mean(1)  # (R,) mean retain-class accuracy
     keep, failed = keep_converged(acc, wanted, margin)
     return params[keep], [int(seeds[i]) for i in keep], [{"seed": int(seeds[i]), "val_acc": float(acc[i])}
                                                          for i in failed]
@@ -70,9 +70,17 @@ def _spares(seeds: Sequence[int], n: int) -> list[int]:
 def _summary(run: Run, params: torch.Tensor) -> dict:
     out = {}
     for split in ("fit", "val", "test"):
-        m = _eval_split(run, params, split)
+        m = eval_split(run, params, split)
         out[split] = {"acc": m.acc, "loss": m.loss, "total_acc": m.total_acc, "total_loss": m.total_loss}
     return out
+
+
+def init_run(path, config: RunConfig, *, forget_sets: Iterable[Sequence[int]] = ()) -> Run:
+    """Create (or reopen) a run directory and train its original model when missing."""
+    run = create_run(path, config, forget_sets=forget_sets)
+    if not (run.path / "original" / "model.safetensors").exists():
+        train_original_into(run)
+    return run
 
 
 def train_original_into(run: Run, *, force: bool = False) -> torch.Tensor:

@@ -49,7 +49,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(obj), indent=1, allow_nan=True) + "\n")
+    tmp.write_text(json.dumps(jsonable(obj), indent=1, allow_nan=True) + "\n")
     os.replace(tmp, path)
 
 
@@ -70,13 +70,13 @@ def read_json(path: str | os.PathLike) -> dict:
     return d
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return _jsonable(np.asarray(obj).tolist())
+        return jsonable(np.asarray(obj).tolist())
     if isinstance(obj, (np.floating,)):
         return float(obj)
     if isinstance(obj, (np.integer,)):
@@ -84,7 +84,7 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "__dataclass_fields__"):
-        return _jsonable(asdict(obj))
+        return jsonable(asdict(obj))
     return obj
 
 
@@ -360,9 +360,9 @@ class Run:
         return [tuple(s) for s in self.meta.get("forget_sets", [])]
 
 
-def init_run(path: str | os.PathLike, config: RunConfig, *, forget_sets: Iterable[Sequence[int]] = (),
-             train_original: bool = True) -> Run:
-    """Create (or reopen) a run directory and train its original model when missing.
+def create_run(path: str | os.PathLike, config: RunConfig, *, forget_sets: Iterable[Sequence[int]] = ()) -> Run:
+    """Create (or reopen) a run directory, without training anything (pipelines.retrain.init_run
+    also trains its original model).
 
     A run that exists keeps its own configuration (the same directory must not mix tasks);
     a conflicting spec or dataset raises HyperForgetError.
@@ -416,10 +416,6 @@ def init_run(path: str | os.PathLike, config: RunConfig, *, forget_sets: Iterabl
         run = Run(path)
     for forget in forget_sets:
         run.note(forget=run.check_forget(forget))
-    if train_original and not (path / "original" / "model.safetensors").exists():
-        from pipelines.retrain import train_original_into
-
-        train_original_into(run)
     return run
 
 
@@ -670,7 +666,7 @@ def unlearn(run: Run, forget: Sequence[int], config: UnlearnConfig, *, model_dir
     return record
 
 
-def _eval_split(run: Run, params: torch.Tensor, split: str):
+def eval_split(run: Run, params: torch.Tensor, split: str):
     d = run.data()
     x, y = {"val": (d.x_val, d.y_val), "test": (d.x_test, d.y_test), "fit": (d.x_fit, d.y_fit)}[split]
     return evaluate_per_class(run.spec, params, x, y)
@@ -711,7 +707,7 @@ def _unlearn_dihyfo(run: Run, forget: tuple[int, ...], config: UnlearnConfig, mo
     targets = torch.as_tensor(np.tile(prompts, (r, 1)))  # (R*K, C)
     original = run.original_params()  # (P,)
     current_params = current_losses = None
-    original_test = _eval_split(run, original[None], "test")
+    original_test = eval_split(run, original[None], "test")
     if variant == "dihyfo1" and config.start == "model":
         current_params = original[None].expand(r * k, -1).contiguous()  # (R*K, P)
         current_losses = torch.as_tensor(original_test.loss).expand(r * k, -1).contiguous()  # (R*K, C)
@@ -738,7 +734,7 @@ def _unlearn_dihyfo(run: Run, forget: tuple[int, ...], config: UnlearnConfig, mo
     t0 = time.perf_counter()
     finite = torch.isfinite(candidates).all(1)
     safe = torch.where(finite[:, None], candidates, torch.zeros_like(candidates))
-    val = _eval_split(run, safe, "val")
+    val = eval_split(run, safe, "val")
     f_acc, r_acc = split_accuracy(val.acc, forget)
     f_acc[~finite.numpy()] = np.nan
     r_acc[~finite.numpy()] = np.nan
@@ -748,7 +744,7 @@ def _unlearn_dihyfo(run: Run, forget: tuple[int, ...], config: UnlearnConfig, mo
     selected = candidates[chosen]  # (R, P), exactly as sampled
     if not torch.isfinite(selected).all():
         raise HyperForgetError(f"every {variant} candidate in a group had NaN parameters; retrain the hypernetwork")
-    test = _eval_split(run, safe, "test")
+    test = eval_split(run, safe, "test")
     wall = t_load + t_prompts + t_sample + t_select
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -910,7 +906,7 @@ def compute_metrics(run: Run, forget: Sequence[int], methods: Sequence[str] | No
                                         distinct_pairs=name == "retrain")
         # The paper computes φ "across the entire dataset": the test split's value is the table's φ.
         summary["phi"] = summary.get("phi_test")
-        out["methods"][name] = {"wall_seconds": record.get("wall_seconds"), **_jsonable(summary)}
+        out["methods"][name] = {"wall_seconds": record.get("wall_seconds"), **jsonable(summary)}
     write_json(run.forget_dir(forget) / "metrics.json", out)
     return out
 

@@ -67,7 +67,8 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Optional[Path], typer.Option(help="write the method folder here instead of the run")] = None,
     ) -> None:
         """Unlearn classes from the run's original model with a DiHyFo model or a baseline."""
-        from pipelines.unlearn import PromptConfig, RunConfig, UnlearnConfig, init_run, refresh_metrics, unlearn
+        from pipelines.retrain import init_run
+        from pipelines.unlearn import PromptConfig, RunConfig, UnlearnConfig, refresh_metrics, unlearn
 
         # Check every argument before any work.
         if model is None and method is None:
@@ -132,7 +133,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Retrain the run's MLP from scratch without the forget classes (the gold standard)."""
         from pipelines.retrain import retrain_into
-        from pipelines.unlearn import RunConfig, init_run, refresh_metrics
+        from pipelines.retrain import init_run
+        from pipelines.unlearn import RunConfig, refresh_metrics
 
         if seeds < 1:
             raise HyperForgetError(f"--seeds must be >= 1, got {seeds}")

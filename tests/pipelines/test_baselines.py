@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines import baselines as B
+from pipelines import compare_baselines as CB
 from zoo import metrics as M
 from zoo.datasets import load_dataset
 from zoo.errors import HyperForgetError
@@ -204,7 +205,7 @@ def test_compare_baselines_records_render_through_the_report(case):
 
 def test_cli_prints_the_comparison_table(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    B.main(["--dataset", "digits", "--hidden", "8", "--epochs", "2", "--retrained", "2", "--json", str(out)])
+    CB.main(["--dataset", "digits", "--hidden", "8", "--epochs", "2", "--retrained", "2", "--json", str(out)])
     text = capsys.readouterr().out
     assert text.lstrip().startswith("| method | models | acc D_r |") and "| Retrained | 2 |" in text
     for name in B.BASELINES:
@@ -213,6 +214,6 @@ def test_cli_prints_the_comparison_table(tmp_path, capsys):
     assert saved["forget"] == [2] and saved["table"]["header"][-1] == "wall time / model"
     assert set(saved["dropped_seeds"]) == {"original", "retrain"}
     with pytest.raises(HyperForgetError, match="--retrained must be >= 1"):
-        B.main(["--dataset", "digits", "--retrained", "0"])
+        CB.main(["--dataset", "digits", "--retrained", "0"])
     with pytest.raises(HyperForgetError, match="comma-separated"):
-        B.main(["--dataset", "digits", "--forget", "two"])
+        CB.main(["--dataset", "digits", "--forget", "two"])

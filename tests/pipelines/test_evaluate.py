@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.unlearn import RunConfig, UnlearnConfig, init_run, write_json
+from pipelines.retrain import init_run
+from pipelines.unlearn import RunConfig, UnlearnConfig, write_json
 from zoo.errors import HyperForgetError
 from zoo.mlp import load_mlps, save_mlps
 

@@ -10,7 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.unlearn import RunConfig, init_run, open_run
+from pipelines.retrain import init_run
+from pipelines.unlearn import RunConfig, open_run
 from zoo.errors import HyperForgetError
 
 torch.set_num_threads(1)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.unlearn import RunConfig, UnlearnConfig, compute_metrics, init_run, read_json, unlearn
+from pipelines.retrain import init_run
+from pipelines.unlearn import RunConfig, UnlearnConfig, compute_metrics, create_run, read_json, unlearn
 
 torch.set_num_threads(1)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -156,7 +157,7 @@ def test_report_without_metrics_is_a_clear_error(tmp_path, fixture_run):
 
     with pytest.raises(HyperForgetError, match="not a run directory"):
         write_report(tmp_path)
-    run = init_run(tmp_path / "empty", RunConfig(dataset="digits", epochs=1), train_original=False)
+    run = create_run(tmp_path / "empty", RunConfig(dataset="digits", epochs=1))
     with pytest.raises(HyperForgetError, match="no forget-X/metrics.json"):
         write_report(run.path)
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.retrain import init_run
 from pipelines.unlearn import (LossStats, PromptConfig, RunConfig, UnlearnConfig, build_prompts, carve_validation,
-                               compute_metrics, init_run, load_method, params_sha256, parse_classes, read_json,
+                               compute_metrics, load_method, params_sha256, parse_classes, read_json,
                                select_best, unlearn)
 from zoo.errors import HyperForgetError
 from zoo.mlp import evaluate_per_class, load_mlps
