@@ -246,6 +246,8 @@ def test_info_does_not_count_phantom_rows_as_augmented(zoo, monkeypatch, capsys)
     (["evaluate", "{tmp}/afile"], "is a file"),
     (["zoo", "collect", "--out", "{tmp}/newzoo", "--runs", "1000000000000"], "runs"),
     (["zoo", "collect", "--out", "{tmp}/afile"], "is a file"),
+    (["zoo", "collect", "--out", "{tmp}/newzoo", "--holdout", "0,2"], "pivots"),
+    (["zoo", "collect", "--out", "{tmp}/newzoo", "--holdout", "2,x"], "--holdout"),
     (["demo", "--out", "{tmp}/afile", "--quick"], "is a file"),
     (["query", "{zoo}", "select 1", "--limit", "100000000000000000000"], "--limit"),
     (["query", "{zoo}", "select 1", "--limit", "-1"], "--limit"),

@@ -36,6 +36,7 @@ import torch
 from zoo.augment import augment as permute_augment
 from zoo.datasets import Dataset, load_dataset
 from zoo.errors import HyperForgetError, from_settings
+from zoo.holdout import check_holdout, forgets_any, restrict_plan
 from zoo.lockstep import (LockstepSGD, epoch_batches, flush_denormals, matmul_gflops, step_product_shapes,
                           steps_per_epoch)
 from zoo.mlp import (PerClassEvaluator, TaskPreset, concat_models, flat_from_hidden_major, get_preset, init_params,
@@ -75,6 +76,12 @@ class CollectConfig:
     deletion_window: tuple[float, float] = (0.3, 0.6)  # deletion step as a fraction of the run's steps
     forgetting_lr: float = 0.0  # > 0: a deletion restarts the run's cosine lr at this multiple of its base lr
     deletion_undersample: bool = True  # may deletion runs undersample classes too (False: they learn all first)
+    # Forget sets kept out of the zoo (zoo/holdout.py): no run lowers all of a set's classes, and no
+    # checkpoint with every class of a set at accuracy <= holdout_forget_acc and every other class
+    # >= holdout_retain_acc is saved.
+    holdout: list = field(default_factory=list)
+    holdout_forget_acc: float = 0.2
+    holdout_retain_acc: float = 0.8
     max_param_abs: float = 10.0  # checkpoints with a larger |parameter| are not kept (G.pt drops them)
     selection: SelectionConfig = field(default_factory=SelectionConfig)  # Appendix A.5 heuristics
 
@@ -82,7 +89,8 @@ class CollectConfig:
         if isinstance(self.selection, dict):
             self.selection = SelectionConfig.from_dict(self.selection)
         self.deletion_window = tuple(float(v) for v in self.deletion_window)
-        get_preset(self.preset)
+        preset = get_preset(self.preset)
+        self.holdout = check_holdout(self.holdout, preset.spec.num_classes, preset.pivots)
         checks = [
             (self.runs >= 1, f"runs must be ≥ 1, got {self.runs}"),
             (self.runs <= MAX_RUNS, f"runs must be ≤ {MAX_RUNS:,} (one zoo's collection), got {self.runs:,}; "
@@ -102,6 +110,9 @@ class CollectConfig:
              f"deletion_window must be two fractions 0 < a ≤ b < 1, got {self.deletion_window}"),
             (self.max_param_abs > 0, "max_param_abs must be > 0"),
             (self.forgetting_lr >= 0, f"forgetting_lr must be ≥ 0, got {self.forgetting_lr}"),
+            (0 <= self.holdout_forget_acc < self.holdout_retain_acc <= 1,
+             f"need 0 ≤ holdout_forget_acc < holdout_retain_acc ≤ 1, got {self.holdout_forget_acc}, "
+             f"{self.holdout_retain_acc}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -210,6 +221,11 @@ def plan_run(cfg: CollectConfig, task: Task, run_id: int) -> RunPlan:
         deletion_step = min(max(deletion_step, 1), task.total_steps - 1)
         if not cfg.deletion_undersample:
             under, rates = (), ()
+    if cfg.holdout:  # a separate stream: zoos without a holdout keep their plans
+        under, rates, deleted = restrict_plan(cfg.holdout, under, rates, deleted,
+                                              np.random.default_rng([cfg.seed, 5, run_id]))
+        if not deleted:
+            deletion_step = -1
     return RunPlan(run_id, seed, lr, kind, under, rates, deleted, deletion_step)
 
 
@@ -358,7 +374,10 @@ def _train_group(cfg: CollectConfig, g: int, t_start: float) -> GroupResult:
                 continue
             evaluated += len(runs)
             loss, acc = metrics.loss[at], metrics.acc[at]
-            keep_, reason = selector.select(t, runs, loss, acc, valid_all[at])  # False for NaN / inf too
+            valid = valid_all[at]
+            if cfg.holdout:  # never save a model that forgot a held-out set
+                valid = valid & ~forgets_any(acc, cfg.holdout, cfg.holdout_forget_acc, cfg.holdout_retain_acc)
+            keep_, reason = selector.select(t, runs, loss, acc, valid)  # False for NaN / inf too
             if keep_.any():
                 kept_params.append(flat_from_hidden_major(spec, take_models(spec, lay, cols[keep_])))
                 totals = np.stack([metrics.total_loss[at][keep_], metrics.total_acc[at][keep_]], 1)

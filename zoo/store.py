@@ -1355,7 +1355,23 @@ def zoo_info(path: str | os.PathLike) -> dict:
         "compression_ratio": (raw / params_bytes) if params_bytes else None,
         "metadata_bytes": meta_bytes, "size_on_disk": r._loc.size(""),
         "normalization": cfg.normalization, "created_at": cfg.created_at,
+        "holdout": _holdout_info(r),
     }
+
+
+def _holdout_info(r: "ZooReader") -> dict | None:
+    """The held-out forget sets of a holdout collection and how many checkpoints forget each (0 expected)."""
+    from zoo.holdout import holdout_counts
+
+    col = r.config.collection.get("config") or {}
+    sets = col.get("holdout") or []
+    if not sets:
+        return None
+    fa, ra = float(col.get("holdout_forget_acc", 0.2)), float(col.get("holdout_retain_acc", 0.8))
+    c = r.config.spec.num_classes
+    acc = r.metadata(columns=[f"acc_{k}" for k in range(c)])
+    acc = np.stack([acc.column(f"acc_{k}").to_numpy() for k in range(c)], 1) if acc.num_rows else np.zeros((0, c))
+    return {"sets": sets, "forget_acc": fa, "retain_acc": ra, "forgetting": holdout_counts(acc, sets, fa, ra)}
 
 
 def _value_counts(col: pa.ChunkedArray) -> tuple[list, list]:

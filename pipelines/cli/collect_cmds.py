@@ -31,6 +31,12 @@ def collect_cmd(
         help="> 0: a deletion restarts the run's cosine lr at this multiple of its base lr")] = 0.0,
     deletion_undersample: Annotated[bool, typer.Option(
         help="deletion runs may undersample classes too (--no-deletion-undersample: they learn all first)")] = True,
+    holdout: Annotated[Optional[list[str]], typer.Option(
+        help="a forget set kept out of the zoo, e.g. 2,3 (repeatable): no run lowers all its classes and no "
+             "checkpoint that forgot it is saved")] = None,
+    holdout_forget_acc: Annotated[float, typer.Option(
+        help="a checkpoint forgot a held-out set when each of its classes is at most this accurate ...")] = 0.2,
+    holdout_retain_acc: Annotated[float, typer.Option(help="... and every other class at least this")] = 0.8,
     no_dask: Annotated[bool, typer.Option("--no-dask", help="train groups in this process, one by one")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
@@ -47,10 +53,15 @@ def collect_cmd(
         window = tuple(float(v) for v in deletion_window.split(","))
     except ValueError:
         raise HyperForgetError(f"--deletion-window must be two fractions A,B, got {deletion_window!r}") from None
+    try:
+        holdout_sets = [[int(k) for k in h.split(",")] for h in holdout or []]
+    except ValueError:
+        raise HyperForgetError(f"--holdout takes comma-separated class labels such as 2,3, got {holdout}") from None
     cfg = CollectConfig(preset=preset, dataset=dataset, data_root=data_root, runs=runs, augment=augment,
                         runs_per_group=runs_per_group, seed=seed, epochs=epochs, deletion_share=deletion_share,
                         deletion_window=window, forgetting_lr=forgetting_lr, deletion_undersample=deletion_undersample,
-                        selection=SelectionConfig(max_per_run=max_per_run))
+                        holdout=holdout_sets, holdout_forget_acc=holdout_forget_acc,
+                        holdout_retain_acc=holdout_retain_acc, selection=SelectionConfig(max_per_run=max_per_run))
     summary = collect(cfg, out, use_dask=not no_dask, workers=workers, scheduler=scheduler, progress=True)
     if as_json:
         typer.echo(json.dumps(summary.to_dict(), indent=1))

@@ -54,6 +54,11 @@ def info(path: PathArg, as_json: Annotated[bool, typer.Option("--json", help="pr
         ("chunks / shards", f"{d['chunk_rows']} / {d['shard_rows']} rows, {d['compressor']}"),
         ("normalization", f"gpt_coeff {d['normalization']['gpt_coeff']:.4g}" if d["normalization"] else "none"),
     ]
+    if d.get("holdout"):
+        h = d["holdout"]
+        rows.append(("held-out forget sets", "; ".join(
+            f"{{{','.join(map(str, s))}}}: {h['forgetting']['-'.join(map(str, s))]:,} checkpoints forget it"
+            for s in h["sets"]) + f" (forget acc ≤ {h['forget_acc']}, others ≥ {h['retain_acc']})"))
     if d["metadata_rows"] != d["checkpoints"]:
         rows.insert(1, ("DAMAGED", f"the manifest commits {d['checkpoints']:,} rows but its parts hold "
                                    f"{d['metadata_rows']:,}; run `hyperforget zoo verify {path}`"))

@@ -5,10 +5,12 @@
 -- At most $cap pairs per run, the ones with the smallest hash(θ id, θ* id, $seed): a uniform,
 -- deterministic sample kept by a bounded top-n aggregate (memory: runs x $cap, not pairs).
 -- $max_gap < 0 means any gap; otherwise target_step - step <= $max_gap.
+-- $start_max_loss < 0 means any θ; otherwise θ's largest class loss is at most $start_max_loss (θ
+-- knows every class, as the model handed to unlearning does).
 -- Only the four key columns go through the self-join (a CTE that carried the losses made the
 -- 10^8-row join five times slower); losses and phases are joined to the few picked pairs.
 WITH keys AS (
-    SELECT checkpoint_id, run_id, step, perm_index
+    SELECT checkpoint_id, run_id, step, perm_index, greatest({{losses}}) AS max_loss
     FROM checkpoints
     WHERE ($split = 'all' OR run_split(run_id, $split_seed, $test_fraction) = $split)
       AND ($include_augmented OR perm_index = 0)
@@ -18,7 +20,8 @@ candidates AS (
            hash(CAST(a.checkpoint_id AS BIGINT), CAST(b.checkpoint_id AS BIGINT), CAST($seed AS BIGINT)) AS h
     FROM keys AS a JOIN keys AS b
       ON a.run_id = b.run_id AND a.perm_index = b.perm_index AND a.step < b.step
-    WHERE $max_gap < 0 OR b.step - a.step <= $max_gap
+    WHERE ($max_gap < 0 OR b.step - a.step <= $max_gap)
+      AND ($start_max_loss < 0 OR a.max_loss <= $start_max_loss)
 ),
 -- The pair travels packed in one BIGINT (θ id * 2^32 + θ* id; ids < 2^31, else DuckDB raises an
 -- overflow error): twice as fast as a struct through the top-n and the unnest.

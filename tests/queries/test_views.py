@@ -93,6 +93,19 @@ def test_pairs_uncapped_gap_and_split(qzoo, zoo_meta):
     assert set(te.run_id) == set(split.run_id) and not set(tr.run_id) & set(te.run_id)
 
 
+def test_pairs_from_trained_starts(qzoo, zoo_meta):
+    losses = [f"loss_{k}" for k in range(4)]
+    limit = float(np.median(zoo_meta[losses].max(axis=1)))
+    view = _build(qzoo, "pairs", "ptrained", cap=10_000, start_max_loss=limit)
+    brute = _all_pairs(zoo_meta[zoo_meta.perm_index == 0])
+    starts = zoo_meta.checkpoint_id[zoo_meta[losses].max(axis=1) <= np.float32(limit)]
+    brute = brute[brute.checkpoint_id.isin(starts)]
+    assert len(view) > 0 and (view[losses].max(axis=1) <= np.float32(limit)).all()
+    assert set(zip(view.checkpoint_id, view.target_id)) == set(zip(brute.checkpoint_id, brute.checkpoint_id_t))
+    with pytest.raises(HyperForgetError, match="start_max_loss"):
+        _build(qzoo, "pairs", "pbad", start_max_loss=-0.5)
+
+
 def _bins(x: np.ndarray, n_bins: int) -> np.ndarray:
     lo, hi = x.min(), x.max()
     if hi == lo:
