@@ -9,7 +9,7 @@ One process run measures, on the same machine and data:
    after its steps (``--probe-seconds``): the limit where and when the steps ran, which on a
    shared machine can differ by 2× from the one measured before or after;
 2. one group trained in the benchmark process (no second worker on the cores), then
-   the collector (`zoo.collect.collect`, LocalCluster of W single-thread workers): checkpoints/s,
+   the collector (`hyperforget.zoo.collect.collect`, LocalCluster of W single-thread workers): checkpoints/s,
    run-steps/s, the FLOP rate of its lockstep training steps and of all its work, peak RSS of the
    process tree;
 3. the same work done plainly for a few runs (nn.Linear MLP, torch.optim.SGD Nesterov, shuffled
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from process_rss import TreePeakRSS
-from zoo.lockstep import matmul_gflops, step_product_shapes
+from hyperforget.zoo.lockstep import matmul_gflops, step_product_shapes
 
 
 def _matmul_worker(shapes, seconds, barrier, out) -> None:
@@ -65,7 +65,7 @@ def matmul_rate_concurrent(shapes: list[tuple[int, int, int, bool]], processes: 
 
 def plain_loop(task, plans, steps_per_run: int, eval_share: float, keep_share: float, batch_size: int) -> dict:
     """Train the given runs one at a time the ordinary way; returns seconds and counts."""
-    from zoo.mlp import MLP
+    from hyperforget.zoo.mlp import MLP
 
     spec = task.spec
     x, y = torch.as_tensor(task.data.x_train), torch.as_tensor(task.data.y_train)
@@ -118,7 +118,7 @@ def plain_loop(task, plans, steps_per_run: int, eval_share: float, keep_share: f
 
 
 def main() -> None:
-    from zoo.collect import CollectConfig
+    from hyperforget.zoo.collect import CollectConfig
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="mnist4")
@@ -136,7 +136,7 @@ def main() -> None:
                     help="torch.mm timing on the steps' shapes inside each group task (half before, half after)")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args()
-    from zoo.collect import collect, plan_run, resolve_task
+    from hyperforget.zoo.collect import collect, plan_run, resolve_task
 
     if args.build_200k:
         args.runs, args.augment = max(args.runs, 1280), max(args.augment, 1)
@@ -161,7 +161,7 @@ def main() -> None:
     # 2a. One group trained in this process with the workers not yet started: what the lockstep
     # code reaches without a second worker (and other jobs' caches) on the same cores. The
     # second of two runs counts (the first pays one-time costs a long-lived worker pays once).
-    from zoo.collect import train_group
+    from hyperforget.zoo.collect import train_group
 
     quiet = min((train_group(cfg, 0, probe_seconds=args.probe_seconds) for _ in range(2)),
                 key=lambda res: res.train_cpu_seconds)

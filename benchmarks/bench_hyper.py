@@ -24,12 +24,12 @@ import time
 
 import torch
 
-from hyper.diffusion import GaussianDiffusion
-from hyper.model import get_preset
-from hyper.tokenizer import compute_coordinate_normalization, compute_normalization
-from hyper.train import TrainConfig, build, make_model_fn, make_optimizer, resolve_configs, sample_params
-from zoo.lockstep import matmul_gflops
-from zoo.mlp import MLPSpec, init_params
+from hyperforget.hyper.diffusion import GaussianDiffusion
+from hyperforget.hyper.model import get_preset
+from hyperforget.hyper.tokenizer import compute_coordinate_normalization, compute_normalization
+from hyperforget.hyper.train import TrainConfig, build, make_model_fn, make_optimizer, resolve_configs, sample_params
+from hyperforget.zoo.lockstep import matmul_gflops
+from hyperforget.zoo.mlp import MLPSpec, init_params
 
 SPEC = MLPSpec(784, 2, 4)
 
@@ -81,8 +81,8 @@ def train_throughput(preset: str, variant: str, steps: int, batch: int, device: 
 
 
 def sampling_vs_retraining(ddim_steps: int, device: str) -> dict:
-    from zoo.datasets import load_dataset
-    from zoo.lockstep import train_models
+    from hyperforget.zoo.datasets import load_dataset
+    from hyperforget.zoo.lockstep import train_models
 
     ds = load_dataset("mnist-5k", classes=(0, 1, 2, 3))
     t0 = time.perf_counter()
@@ -110,10 +110,10 @@ def unlearning_probe(model_dir: str, per_scale: int, scales: list[float], steps:
     """
     import numpy as np
 
-    from hyper.sample import load_hypernetwork
-    from zoo.datasets import load_dataset
-    from zoo.lockstep import train_models
-    from zoo.mlp import batched_logits, evaluate_per_class
+    from hyperforget.hyper.sample import load_hypernetwork
+    from hyperforget.zoo.datasets import load_dataset
+    from hyperforget.zoo.lockstep import train_models
+    from hyperforget.zoo.mlp import batched_logits, evaluate_per_class
 
     ds = load_dataset("mnist-5k", classes=(0, 1, 2, 3))
     x, y = torch.as_tensor(ds.x_test), ds.y_test

@@ -42,10 +42,10 @@ import psutil
 import torch
 
 from process_rss import TreePeakRSS
-from queries.loader import CheckpointStream, make_loader
-from queries.views import build_view
-from zoo.mlp import TASK_PRESETS
-from zoo.store import COMPRESSORS, DEFAULT_COMPRESSOR, ZooConfig, create_zoo, open_zoo
+from hyperforget.queries.loader import CheckpointStream, make_loader
+from hyperforget.queries.views import build_view
+from hyperforget.zoo.mlp import TASK_PRESETS
+from hyperforget.zoo.store import COMPRESSORS, DEFAULT_COMPRESSOR, ZooConfig, create_zoo, open_zoo
 
 MB = 1e6
 
@@ -163,7 +163,7 @@ def bench(work: str, rows: int, compressor: str, args) -> dict:
     t_naive = (time.perf_counter() - t0) * rows / k
 
     # Decode-only: every chunk once through the loader's reader, no shuffling or batching.
-    from queries.loader import ShardFiles
+    from hyperforget.queries.loader import ShardFiles
 
     cfg = open_zoo(path).config
     files = ShardFiles.open(path, cfg.chunk_rows, cfg.shard_rows, p)
@@ -209,8 +209,8 @@ def codecs(zoo: str, work: str) -> None:
     """
     import zarr
 
-    from queries.loader import ShardFiles
-    from zoo.store import _compressor_codecs
+    from hyperforget.queries.loader import ShardFiles
+    from hyperforget.zoo.store import _compressor_codecs
 
     r = open_zoo(zoo)
     cfg = r.config

@@ -56,8 +56,8 @@ def main() -> None:
     ap.add_argument("--compressor", default="blosc-zstd-bitshuffle")
     args = ap.parse_args()
 
-    from zoo.mlp import MLPSpec
-    from zoo.store import ZooConfig, create_zoo, open_zoo
+    from hyperforget.zoo.mlp import MLPSpec
+    from hyperforget.zoo.store import ZooConfig, create_zoo, open_zoo
 
     # The MLP whose P is closest to --params (784-h-4); the benchmark needs exactly P columns.
     h = max(1, round((args.params - 4) / (784 + 1 + 4)))

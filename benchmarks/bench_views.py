@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from queries import engine, views
+from hyperforget.queries import engine, views
 
 
 def synthetic_metadata(rows: int, out_dir: str, num_classes: int = 4, run_len: int = 150, file_rows: int = 1 << 20,

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 torch.set_num_threads(1)
-from hyper.sample import load_hypernetwork
-from pipelines.unlearn import open_run, eval_split, split_accuracy
+from hyperforget.hyper.sample import load_hypernetwork
+from hyperforget.pipelines.unlearn import open_run, eval_split, split_accuracy
 model_dir = sys.argv[1]; forget = [int(c) for c in sys.argv[2].split(",")]
 run = open_run(sys.argv[3] if len(sys.argv) > 3 else "runs/demo/run")
 net = load_hypernetwork(model_dir)

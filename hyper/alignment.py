@@ -17,9 +17,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from zoo.metrics import pearson as _pearson
-from zoo.metrics import prompt_alignment_r2 as _r2
-from zoo.mlp import MLPSpec, evaluate_per_class, init_params
+from hyperforget.zoo.metrics import pearson as _pearson
+from hyperforget.zoo.metrics import prompt_alignment_r2 as _r2
+from hyperforget.zoo.mlp import MLPSpec, evaluate_per_class, init_params
 
 # sampler(targets (K, C), current_params (K, P) | None, current_losses (K, C) | None, seed) -> (K, P) raw
 SampleFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int], torch.Tensor]

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from zoo.errors import HyperForgetError
+from hyperforget.zoo.errors import HyperForgetError
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hyper.tokenizer import frequency_encode, loss_transform
-from zoo.errors import HyperForgetError
+from hyperforget.hyper.tokenizer import frequency_encode, loss_transform
+from hyperforget.zoo.errors import HyperForgetError
 
 VARIANTS = ("dihyfo1", "dihyfo2")
 BACKBONES = ("transformer", "mlp")

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from hyper.diffusion import DiffusionConfig, GaussianDiffusion
-from hyper.model import DiTConfig
-from hyper.tokenizer import TokenizerConfig
-from hyper.train import check_config_version, build, load_task_test_split, resolve_zoo_path, sample_params
-from zoo.errors import HyperForgetError
-from zoo.mlp import ClassMetrics, MLPSpec, evaluate_per_class, init_params
+from hyperforget.hyper.diffusion import DiffusionConfig, GaussianDiffusion
+from hyperforget.hyper.model import DiTConfig
+from hyperforget.hyper.tokenizer import TokenizerConfig
+from hyperforget.hyper.train import check_config_version, build, load_task_test_split, resolve_zoo_path, sample_params
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import ClassMetrics, MLPSpec, evaluate_per_class, init_params
 
 METHODS = ("ddim", "ddpm")
 

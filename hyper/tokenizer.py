@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from zoo.errors import HyperForgetError
-from zoo.mlp import MLPSpec
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLPSpec
 
 NORMALIZATIONS = ("global", "layer", "coordinate")
 
@@ -81,7 +81,7 @@ def compute_coordinate_normalization(spec: MLPSpec, params: torch.Tensor | np.nd
     several DDP ranks, so that every rank normalizes alike. Returns {"mean": (P,) list, "std": (P,)
     list, "canonical": bool, "rows": N}; stored with the hypernetwork under normalization["coordinate"].
     """
-    from zoo.augment import canonicalize
+    from hyperforget.zoo.augment import canonicalize
 
     p = torch.as_tensor(params, dtype=torch.float32)
     spec.layout.check(p)
@@ -171,7 +171,7 @@ class ParamTokenizer:
         """(B, H) hidden-unit orders that make raw (B, P) vectors canonical, or None without ``canonical``."""
         if not self.config.canonical:
             return None
-        from zoo.augment import canonical_permutations
+        from hyperforget.zoo.augment import canonical_permutations
 
         return canonical_permutations(self.spec, params).to(params.device)
 
@@ -179,7 +179,7 @@ class ParamTokenizer:
         """Apply (B, H) hidden-unit orders to raw (B, P) vectors (same functions); None: unchanged."""
         if perms is None:
             return params
-        from zoo.augment import permute_hidden
+        from hyperforget.zoo.augment import permute_hidden
 
         return permute_hidden(self.spec, params, perms).to(params)
 

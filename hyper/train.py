@@ -35,11 +35,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from hyper.diffusion import DiffusionConfig, GaussianDiffusion
-from hyper.model import DiTConfig, build_denoiser, get_preset
-from hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute_coordinate_normalization, compute_normalization
-from zoo.errors import HyperForgetError
-from zoo.mlp import MLPSpec
+from hyperforget.hyper.diffusion import DiffusionConfig, GaussianDiffusion
+from hyperforget.hyper.model import DiTConfig, build_denoiser, get_preset
+from hyperforget.hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute_coordinate_normalization, compute_normalization
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLPSpec
 
 log = logging.getLogger("hyperforget.train")  # step lines at INFO for runs without a progress bar
 CONFIG_FORMAT = "hyperforget-dihyfo"
@@ -201,7 +201,7 @@ class HyperData:
 
 def load_task_test_split(dataset: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The test split of the dataset a zoo records (its name, original classes, pixel scaling)."""
-    from zoo.datasets import load_dataset
+    from hyperforget.zoo.datasets import load_dataset
 
     ds = load_dataset(dataset["name"], root=dataset.get("root"), classes=dataset.get("classes"),
                       scaling=dataset.get("scaling", "unit"))
@@ -267,9 +267,9 @@ def data_from_tensors(spec: MLPSpec, params: torch.Tensor, losses: torch.Tensor,
 def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                   permute: bool = True, view: dict | None = None) -> HyperData:
     """HyperData over a zoo's training/test views (built on first use by queries.views)."""
-    from queries.loader import CheckpointStream
-    from queries.views import ensure_training_views
-    from zoo.store import open_zoo
+    from hyperforget.queries.loader import CheckpointStream
+    from hyperforget.queries.views import ensure_training_views
+    from hyperforget.zoo.store import open_zoo
 
     reader = open_zoo(zoo)
     cfg = reader.config
@@ -277,7 +277,7 @@ def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: 
     if not norm:
         raise HyperForgetError(f"zoo {zoo} has no normalization statistics; run `hyperforget zoo stats {zoo}` "
                                "(or finish its collection) first")
-    from queries.views import VARIANT_KINDS
+    from hyperforget.queries.views import VARIANT_KINDS
 
     train_view, test_view = ensure_training_views(zoo, variant, seed=seed, **(view or {}).get(VARIANT_KINDS[variant], {}))
     per_rank = batch_size // world_size
@@ -777,7 +777,7 @@ def check_config_version(saved: dict, where) -> None:
 
 def _iterate(stream, num_workers: int):
     if num_workers > 0:
-        from queries.loader import make_loader
+        from hyperforget.queries.loader import make_loader
 
         return make_loader(stream, num_workers=num_workers)
     return stream
@@ -829,14 +829,14 @@ class NoiseStarts:
     """
 
     def __init__(self, data: "HyperData", share: float):
-        from zoo.mlp import PerClassEvaluator
+        from hyperforget.zoo.mlp import PerClassEvaluator
 
         self.spec, self.share = data.spec, share
         x, y = data.test_split()
         self.evaluate = PerClassEvaluator(data.spec, x, y)
 
     def __call__(self, batch: dict, gen: torch.Generator) -> dict:
-        from zoo.mlp import init_params
+        from hyperforget.zoo.mlp import init_params
 
         rows = torch.nonzero(torch.rand(batch["params"].shape[0], generator=gen) < self.share).flatten()
         if len(rows) == 0:
@@ -882,7 +882,7 @@ def _test_mse(model, ema, tokenizer, diffusion, stream, state0, variant, cfg, de
 
 def _evaluate(model, ema, tokenizer, diffusion, data: HyperData, variant, cfg: TrainConfig, dev) -> dict:
     """Prompt alignment R² and Pearson r per class (hyper.alignment) with the EMA weights."""
-    from hyper.alignment import evaluate_alignment
+    from hyperforget.hyper.alignment import evaluate_alignment
 
     m = _ema_model(model, ema)
     x_test, y_test = data.test_split()

@@ -1,3 +1,5 @@
-from pipelines.cli import main
+"""``python -m hyperforget.pipelines ...`` is the ``hyperforget`` command (``python -m hyperforget`` too)."""
+
+from hyperforget.pipelines.cli import main
 
 main()

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.errors import HyperForgetError
-from zoo.mlp import MLP
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLP
 
 __all__ = ["BaselineSpec", "BASELINES", "run_baseline", "LogitMaskedMLP", "ssd_dampen", "ssd_importances",
            "finetune", "neggrad_plus", "random_labels", "ssd", "bad_teacher", "scrub", "unsir", "logit_mask",
@@ -56,7 +56,7 @@ class _Data:
 
 def _prepare(model: nn.Module, x, y, forget: Sequence[int], seed: int) -> _Data:
     if not isinstance(model, MLP):
-        raise HyperForgetError(f"baselines unlearn a zoo.mlp.MLP, got {type(model).__name__}; "
+        raise HyperForgetError(f"baselines unlearn a hyperforget.zoo.mlp.MLP, got {type(model).__name__}; "
                                "build one with MLP.from_flat(spec, params)")
     spec = model.spec
     x = torch.as_tensor(x, dtype=torch.float32)
@@ -600,14 +600,14 @@ def compare_baselines(original: MLP, retrained: Sequence[MLP], x_train, y_train,
         overrides: {method: {hparam: value}}. retrain_seconds: training time per retrained model.
     Returns:
         A forget set's entry in the shape of a run's forget-X/metrics.json, so that
-        :func:`pipelines.report.render_comparison` formats it: {"forget", "num_retrained",
+        :func:`hyperforget.pipelines.report.render_comparison` formats it: {"forget", "num_retrained",
         "methods": {name: zoo.metrics.unlearning_metrics(...) without per_model, plus "phi" (φ on
         test), "wall_seconds" and "hparams"}} with "original", "retrain" (each seed against the
         other seeds) and each method.
     """
     from rich.progress import Progress
 
-    from zoo import metrics as M
+    from hyperforget.zoo import metrics as M
 
     overrides = overrides or {}
     methods = list(methods) if methods is not None else list(BASELINES)

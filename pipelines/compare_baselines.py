@@ -14,13 +14,13 @@ from typing import Sequence
 
 import torch
 
-from pipelines.baselines import compare_baselines
-from pipelines.report import render_comparison
-from pipelines.retrain import keep_converged, retrain_without
-from pipelines.unlearn import RunConfig, parse_classes, write_json
-from zoo.datasets import load_dataset
-from zoo.errors import HyperForgetError
-from zoo.mlp import MLP, MLPSpec, evaluate_per_class, get_preset
+from hyperforget.pipelines.baselines import compare_baselines
+from hyperforget.pipelines.report import render_comparison
+from hyperforget.pipelines.retrain import keep_converged, retrain_without
+from hyperforget.pipelines.unlearn import RunConfig, parse_classes, write_json
+from hyperforget.zoo.datasets import load_dataset
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLP, MLPSpec, evaluate_per_class, get_preset
 
 
 def _train_from_scratch(spec, x: torch.Tensor, y: torch.Tensor, forget: Sequence[int], seeds: Sequence[int],

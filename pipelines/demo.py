@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from pipelines.retrain import init_run
-from pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, RunConfig, UnlearnConfig, compute_metrics,
+from hyperforget.pipelines.retrain import init_run
+from hyperforget.pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, RunConfig, UnlearnConfig, compute_metrics,
                                forget_dir_name, read_json, write_json)
-from zoo.errors import HyperForgetError
-from zoo.mlp import get_preset
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import get_preset
 
 
 @dataclass
@@ -90,13 +90,13 @@ def _say(msg: str) -> None:
 
 def collect_zoo(cfg: DemoConfig, zoo_dir: Path) -> None:
     """Stage 1: the zoo (resumes a partial collection; skips a complete one)."""
-    from zoo.collect import CollectConfig, collect
+    from hyperforget.zoo.collect import CollectConfig, collect
 
     ccfg = CollectConfig(preset=cfg.preset, dataset=cfg.dataset, runs=cfg.runs, runs_per_group=cfg.runs_per_group,
                          epochs=cfg.zoo_epochs, seed=cfg.seed)
     if (zoo_dir / "manifest.json").exists():
-        from zoo.collect import group_key
-        from zoo.store import open_zoo
+        from hyperforget.zoo.collect import group_key
+        from hyperforget.zoo.store import open_zoo
 
         # A finished collection is an artifact like any other: skip it without re-checking settings.
         if {group_key(g) for g in range(ccfg.num_groups)} <= set(open_zoo(str(zoo_dir)).committed_keys):
@@ -117,7 +117,7 @@ def _train_kwargs(cfg: DemoConfig, variant: str, zoo_dir: Path, model_dir: Path)
 
 def train_variant(cfg: DemoConfig, variant: str, zoo_dir: Path, model_dir: Path) -> None:
     """Stage 2: one DiHyFo variant (resumes from its checkpoints; skips a finished one)."""
-    from hyper.train import train
+    from hyperforget.hyper.train import train
 
     train(**_train_kwargs(cfg, variant, zoo_dir, model_dir), progress=True)
 
@@ -126,7 +126,7 @@ def _train_child(kwargs: dict, done, total) -> None:
     """A spawned process training one variant on one thread, reporting its step through shared values."""
     import torch
 
-    from hyper.train import train
+    from hyperforget.hyper.train import train
 
     torch.set_num_threads(1)
 
@@ -143,8 +143,8 @@ def train_variants_in_parallel(cfg: DemoConfig, jobs: list[tuple[str, Path]], zo
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from hyper.train import resolve_configs
-    from queries.views import VARIANT_KINDS, ensure_training_views
+    from hyperforget.hyper.train import resolve_configs
+    from hyperforget.queries.views import VARIANT_KINDS, ensure_training_views
 
     ctx = mp.get_context("spawn")
     procs = []
@@ -192,8 +192,8 @@ def unlearn_all(run, forget_sets: Sequence[Sequence[int]], *, models: dict[str, 
 
     ``dihyfo1``: UnlearnConfig fields for DiHyFo-1 only (e.g. its start and prompts).
     """
-    from pipelines.retrain import retrain_into
-    from pipelines.unlearn import unlearn
+    from hyperforget.pipelines.retrain import retrain_into
+    from hyperforget.pipelines.unlearn import unlearn
 
     for forget in forget_sets:
         forget = run.check_forget(forget)
@@ -221,8 +221,8 @@ def unlearn_all(run, forget_sets: Sequence[Sequence[int]], *, models: dict[str, 
 
 def check_demo(cfg: DemoConfig) -> tuple[list[tuple[int, ...]], list[str]]:
     """Refuse a demo configuration that a later stage would refuse; returns (forget sets, methods)."""
-    from pipelines.baselines import BASELINES
-    from zoo.collect import CollectConfig
+    from hyperforget.pipelines.baselines import BASELINES
+    from hyperforget.zoo.collect import CollectConfig
 
     preset = get_preset(cfg.preset)
     CollectConfig(preset=cfg.preset, dataset=cfg.dataset, runs=cfg.runs, runs_per_group=cfg.runs_per_group,
@@ -255,7 +255,7 @@ def check_demo(cfg: DemoConfig) -> tuple[list[tuple[int, ...]], list[str]]:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage (skipping finished ones) and write the report; returns report.md's path."""
-    from pipelines.report import write_report
+    from hyperforget.pipelines.report import write_report
 
     # Check every setting before any work or any file.
     forget_sets, methods = check_demo(cfg)
@@ -326,8 +326,8 @@ def measure_quality(cfg: DemoConfig, models: dict[str, str], run, forget_sets, o
 
     Writes OUT/quality/<name>.json and .png; returns {name: {"r2", "pearson" per class, "clean" per set}}.
     """
-    from hyper.quality import QualityConfig, generation_quality, plot_quality
-    from hyper.sample import load_hypernetwork
+    from hyperforget.hyper.quality import QualityConfig, generation_quality, plot_quality
+    from hyperforget.hyper.sample import load_hypernetwork
 
     qcfg = QualityConfig(targets=cfg.quality_targets, samples=cfg.quality_samples, steps=cfg.sample_steps,
                          seed=cfg.seed, forget_sets=[list(f) for f in forget_sets])
@@ -358,16 +358,16 @@ def benchmark_unlearning(*, out: str | None = None, preset: str = "mnist4", data
 
     Without a zoo the task comes from the preset and the dataset, and only baselines run.
     """
-    from hyper.sample import load_hypernetwork
-    from pipelines.baselines import BASELINES
-    from pipelines.report import write_report
+    from hyperforget.hyper.sample import load_hypernetwork
+    from hyperforget.pipelines.baselines import BASELINES
+    from hyperforget.pipelines.report import write_report
 
     out_dir = Path(out or f"bench-out/unlearning-{preset}")
     variants = {}
     for m in models:
         variants[str(load_hypernetwork(m).variant)] = str(m)
     if variants and zoo is None:
-        from pipelines.unlearn import hypernetwork_zoo
+        from hyperforget.pipelines.unlearn import hypernetwork_zoo
 
         zoo = hypernetwork_zoo(next(iter(variants.values())))
     methods = list(methods) if methods is not None else list(BASELINES)
@@ -391,7 +391,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, tolerance: float = 0.05) 
     accuracies, MIA, φ, ...; wall times and counts left out) must differ by at most
     ``tolerance``. Returns (numbers compared, one line per difference).
     """
-    from pipelines.unlearn import open_run
+    from hyperforget.pipelines.unlearn import open_run
 
     a, b = open_run(run_a), open_run(run_b)
     if not 0 <= tolerance < 1e9:

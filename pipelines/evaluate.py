@@ -36,9 +36,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from zoo import attacks as za
-from zoo.errors import HyperForgetError
-from zoo.mlp import MLPSpec, batched_hidden, batched_logits
+from hyperforget.zoo import attacks as za
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLPSpec, batched_hidden, batched_logits
 
 EVAL_FORMAT = "hyperforget-evaluation"
 EVAL_VERSION = 1
@@ -178,7 +178,7 @@ def nearest_zoo_checkpoint(zoo_path: str, spec: MLPSpec, target: torch.Tensor, *
 
     Permuted copies (perm_index > 0) are skipped: the distance is already permutation-invariant.
     """
-    from zoo.store import open_zoo
+    from hyperforget.zoo.store import open_zoo
 
     reader = open_zoo(zoo_path)
     if reader.spec != spec:
@@ -242,7 +242,7 @@ def relearn_steps(spec: MLPSpec, params: torch.Tensor, x_sub: torch.Tensor, y_su
     Returns:
         (M,) steps; 0 when already at the level, NaN when max_steps did not reach it.
     """
-    from zoo.lockstep import LockstepSGD
+    from hyperforget.zoo.lockstep import LockstepSGD
 
     opt = LockstepSGD(spec, params, lr, max_steps, momentum=0.9, nesterov=False, weight_decay=0.0,
                       schedule="constant")
@@ -285,7 +285,7 @@ class _Context:
 
 
 def _mia(ctx: _Context, params: torch.Tensor, masked: Sequence[int]) -> dict:
-    from zoo import metrics as zm
+    from hyperforget.zoo import metrics as zm
 
     k = min(params.shape[0], ctx.config.mia_models)
     out = {"entropy": [], "loss": []}
@@ -369,14 +369,14 @@ def _used_seeds(run) -> tuple[set[int], str]:
     if not zoo:
         return seeds, "the run names no zoo, so only the run's own seeds were checked"
     try:
-        from zoo.store import open_zoo
+        from hyperforget.zoo.store import open_zoo
 
         meta = open_zoo(zoo).metadata()
         zoo_seeds = {int(s) for s in np.unique(meta.column("seed").drop_null().to_numpy())}
     except HyperForgetError as exc:
         return seeds, f"the zoo {zoo} could not be read ({exc}), so only the run's own seeds were checked"
     except ImportError:
-        return seeds, "zoo.store is not available, so only the run's own seeds were checked"
+        return seeds, "hyperforget.zoo.store is not available, so only the run's own seeds were checked"
     return seeds | zoo_seeds, f"checked against the run's seeds and the {len(zoo_seeds)} run seeds of zoo {zoo}"
 
 
@@ -397,7 +397,7 @@ def train_reference(run, forget: Sequence[int], seeds: Sequence[int], groups: in
     Lockstep groups share a minibatch order; each group gets its own (data_seed = its first seed),
     so the population varies in data order as well as initialization.
     """
-    from zoo.lockstep import train_models
+    from hyperforget.zoo.lockstep import train_models
 
     d = run.data()
     keep = ~torch.isin(d.y_fit, torch.as_tensor(list(forget)))
@@ -417,7 +417,7 @@ def train_reference(run, forget: Sequence[int], seeds: Sequence[int], groups: in
 
 def _method_populations(run, forget, cfg: EvalConfig, log) -> tuple[list[Population], list[tuple[str, torch.Tensor]]]:
     """Rows of the methods in RUN/forget-X, and the selected DiHyFo models (for the nearest-checkpoint control)."""
-    from pipelines.unlearn import DIHYFO_METHODS, load_method, method_dirs
+    from hyperforget.pipelines.unlearn import DIHYFO_METHODS, load_method, method_dirs
 
     pops, selected = [], []
     for path in method_dirs(run, forget):
@@ -464,13 +464,13 @@ def _top_up_baseline(run, forget, name, params, record, cfg: EvalConfig, log) ->
     if params.shape[0] >= cfg.baseline_seeds:
         return params[:cfg.baseline_seeds]
     try:
-        from pipelines.baselines import BASELINES, run_baseline
+        from hyperforget.pipelines.baselines import BASELINES, run_baseline
     except ImportError:
-        log(f"pipelines.baselines is not available: {name} keeps its {params.shape[0]} saved model(s)")
+        log(f"hyperforget.pipelines.baselines is not available: {name} keeps its {params.shape[0]} saved model(s)")
         return params
     if name not in BASELINES:
         return params
-    from zoo.mlp import MLP
+    from hyperforget.zoo.mlp import MLP
 
     d = run.data()
     overrides = (record.get("hyperparameters") or {}).get("overrides") or {}
@@ -492,7 +492,7 @@ def _setup_seconds(run) -> dict:
     Keys naming "collect" or "zoo" count as zoo time; keys naming a DiHyFo variant as its
     hypernetwork's training time. Returns {"zoo": s or None, "train": {variant: s}, "sources": [...]}.
     """
-    from pipelines.unlearn import DIHYFO_METHODS, read_json
+    from hyperforget.pipelines.unlearn import DIHYFO_METHODS, read_json
 
     sources = [("run.json timings", run.meta.get("timings") or {})]
     demo = run.path.parent / "demo.json"
@@ -525,7 +525,7 @@ def evaluate(run_dir: str | Path, forget_sets: Sequence[Sequence[int]] | None = 
     Writes RUN/evaluation/forget-X.json, forget-X.md, eps_hist_forget-X.png and
     retain_vs_forget_forget-X.png for each forget set (default: every forget set in run.json).
     """
-    from pipelines.unlearn import forget_dir_name, open_run, parse_classes, write_json
+    from hyperforget.pipelines.unlearn import forget_dir_name, open_run, parse_classes, write_json
 
     cfg = config or EvalConfig(n_retrained=n_retrained, baseline_seeds=baseline_seeds)
     run = open_run(run_dir)

@@ -22,9 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
-from pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, Run, jsonable, forget_dir_name, load_method,
+from hyperforget.pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, Run, jsonable, forget_dir_name, load_method,
                                open_run, read_json, write_json)
-from zoo.errors import HyperForgetError
+from hyperforget.zoo.errors import HyperForgetError
 
 # (key in metrics.json, row label, preferred direction) in the paper's order.
 PERFORMANCE_ROWS = [("acc_retain", "Accuracy on D_r", "↑"), ("acc_forget", "Accuracy on D_f", "↓"),
@@ -305,8 +305,8 @@ def confusion_matrices(run: Run, forget: Sequence[int], method: str) -> dict[str
     on the test split and on D_r (the forget set is left out, as in the paper's Figures 5-8)."""
     import torch
 
-    from pipelines.unlearn import model_logits
-    from zoo.metrics import confusion_matrix
+    from hyperforget.pipelines.unlearn import model_logits
+    from hyperforget.zoo.metrics import confusion_matrix
 
     params, record = load_method(run, forget, method)
     retrained, _ = load_method(run, forget, "retrain")

@@ -15,15 +15,15 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from pipelines.unlearn import Run, RunConfig, create_run, eval_split, forget_dir_name, params_sha256, write_json
-from zoo.errors import HyperForgetError
-from zoo.mlp import MLPSpec, save_mlps
+from hyperforget.pipelines.unlearn import Run, RunConfig, create_run, eval_split, forget_dir_name, params_sha256, write_json
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLPSpec, save_mlps
 
 
 def train_mlps(spec: MLPSpec, x: torch.Tensor, y: torch.Tensor, seeds: Sequence[int], *, epochs: int,
                lr: float = 0.1, batch_size: int = 128) -> torch.Tensor:
     """Train len(seeds) MLPs from their seeded initializations on (x (N, D), y (N,)) -> (R, P)."""
-    from zoo.lockstep import train_models
+    from hyperforget.zoo.lockstep import train_models
 
     if len(x) == 0:
         raise HyperForgetError("no training examples left to train on")
@@ -113,7 +113,7 @@ def retrain_into(run: Run, forget: Sequence[int], *, seeds: Sequence[int] | None
 
     Skips the work when the file exists with the same seeds (resumable stages).
     """
-    from pipelines.unlearn import read_json
+    from hyperforget.pipelines.unlearn import read_json
 
     forget = run.check_forget(forget)
     run.note(forget=forget)
@@ -123,7 +123,7 @@ def retrain_into(run: Run, forget: Sequence[int], *, seeds: Sequence[int] | None
     out = run.forget_dir(forget) / "retrain"
     if (out / "models.safetensors").exists() and (out / "record.json").exists() and not force:
         if tuple(read_json(out / "record.json").get("seeds", ())) == seeds:
-            from zoo.mlp import load_mlps
+            from hyperforget.zoo.mlp import load_mlps
 
             return load_mlps(str(out / "models.safetensors"))[1]
     c = run.config

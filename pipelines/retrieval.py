@@ -18,9 +18,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from queries.engine import render, run_query, sql_template
-from zoo.errors import HyperForgetError
-from zoo.mlp import evaluate_per_class, save_mlps
+from hyperforget.queries.engine import render, run_query, sql_template
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import evaluate_per_class, save_mlps
 
 METHOD = "zoo_retrieval"  # pipelines.unlearn.RETRIEVAL_METHOD
 
@@ -56,7 +56,7 @@ def unlearn_by_retrieval(run, forget: tuple[int, ...], config, out_dir: Path, *,
     ``config`` is an UnlearnConfig (candidates K, repeats R, tolerance); the selection helpers are
     passed in by pipelines.unlearn so that both methods use the very same rule.
     """
-    from zoo.store import open_zoo
+    from hyperforget.zoo.store import open_zoo
 
     if not run.config.zoo:
         raise HyperForgetError(f"run {run.path} has no zoo to retrieve from: re-create it with --zoo ZOO")

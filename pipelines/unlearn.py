@@ -30,9 +30,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from pipelines.retrieval import unlearn_by_retrieval
-from zoo.errors import HyperForgetError
-from zoo.mlp import MLP, MLPSpec, batched_logits, evaluate_per_class, get_preset, load_mlps, save_mlps
+from hyperforget.pipelines.retrieval import unlearn_by_retrieval
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLP, MLPSpec, batched_logits, evaluate_per_class, get_preset, load_mlps, save_mlps
 
 RUN_FORMAT = "hyperforget-run"
 RUN_VERSION = 1
@@ -192,7 +192,7 @@ class RunData:
 
 def zoo_task(zoo_path: str) -> dict:
     """What a zoo says about its task: spec, classes, pivots, dataset name and scaling, preset."""
-    from zoo.store import open_zoo
+    from hyperforget.zoo.store import open_zoo
 
     cfg = open_zoo(zoo_path).config
     ds = dict(cfg.dataset or {})
@@ -209,7 +209,7 @@ def zoo_identity(zoo_path: str) -> str:
     Copies and moves of a zoo share it; normalizing or growing a zoo keeps it; two zoos collected
     separately differ in ``created_at`` (or settings).
     """
-    from zoo.store import open_zoo
+    from hyperforget.zoo.store import open_zoo
 
     cfg = open_zoo(zoo_path).config
     collection = json.loads(json.dumps(cfg.collection or {}))
@@ -296,7 +296,7 @@ class Run:
 
     def data(self) -> RunData:
         if self._data is None:
-            from zoo.datasets import load_dataset
+            from hyperforget.zoo.datasets import load_dataset
 
             c = self.config
             ds = load_dataset(c.dataset, root=c.data_root, classes=self.classes, scaling=c.scaling)
@@ -398,7 +398,7 @@ def create_run(path: str | os.PathLike, config: RunConfig, *, forget_sets: Itera
             config.data_root = task["data_root"] if task["data_root"] is not None else config.data_root
             config.scaling = task["scaling"] or config.scaling
             config.preset = task["preset"] or config.preset
-        from zoo.datasets import load_dataset
+        from hyperforget.zoo.datasets import load_dataset
 
         ds = load_dataset(config.dataset, root=config.data_root, classes=classes, scaling=config.scaling)
         if not config.zoo and ds.input_size != spec.input_size:
@@ -492,7 +492,7 @@ class LossStats:
     def from_zoo(cls, zoo) -> "LossStats":
         """zoo: a path or a ZooReader; reads only the loss_k columns (original rows, not permuted copies)."""
         if isinstance(zoo, (str, os.PathLike)):
-            from zoo.store import open_zoo
+            from hyperforget.zoo.store import open_zoo
 
             zoo = open_zoo(str(zoo))
         table = zoo.metadata()
@@ -674,7 +674,7 @@ def eval_split(run: Run, params: torch.Tensor, split: str):
 
 def _unlearn_dihyfo(run: Run, forget: tuple[int, ...], config: UnlearnConfig, model_dir: str | None,
                     out_dir: Path) -> dict:
-    from hyper.sample import load_hypernetwork
+    from hyperforget.hyper.sample import load_hypernetwork
 
     t_start = time.perf_counter()
     if model_dir is None:
@@ -771,7 +771,7 @@ def _unlearn_dihyfo(run: Run, forget: tuple[int, ...], config: UnlearnConfig, mo
 
 
 def _unlearn_baseline(run: Run, forget: tuple[int, ...], config: UnlearnConfig, out_dir: Path) -> dict:
-    from pipelines.baselines import BASELINES, run_baseline
+    from hyperforget.pipelines.baselines import BASELINES, run_baseline
 
     if config.method not in BASELINES:
         names = ", ".join([*DIHYFO_METHODS, *BASELINES])
@@ -822,7 +822,7 @@ def _unlearn_baseline(run: Run, forget: tuple[int, ...], config: UnlearnConfig, 
 
 def _module_params(module) -> tuple[torch.Tensor, list[int]]:
     """A baseline's module -> ((P,) parameters, classes whose logits it masks)."""
-    from pipelines.baselines import LogitMaskedMLP
+    from hyperforget.pipelines.baselines import LogitMaskedMLP
 
     if isinstance(module, LogitMaskedMLP):
         return module.flat_params().detach().clone(), list(module.forget)
@@ -880,7 +880,7 @@ def compute_metrics(run: Run, forget: Sequence[int], methods: Sequence[str] | No
     (minus validation); "test" is the dataset's test split. Each method's M models are compared
     with each of the S retrained models and summarized as mean / std / min / max.
     """
-    from zoo import metrics as zm
+    from hyperforget.zoo import metrics as zm
 
     forget = run.check_forget(forget)
     retrained, _ = load_method(run, forget, "retrain")  # (S, P)

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import duckdb
 import pyarrow as pa
 
-from zoo.errors import HyperForgetError
+from hyperforget.zoo.errors import HyperForgetError
 
 # Statement types an ad-hoc query may have. DESCRIBE, SHOW, SUMMARIZE, VALUES and FROM-first
 # queries all parse as SELECT in DuckDB 2.0.
@@ -63,9 +63,9 @@ class SQLLimits:
 
 def sql_template(name: str) -> str:
     """The text of ``queries/sql/NAME.sql`` (package data)."""
-    path = resources.files("queries") / "sql" / f"{name}.sql"
+    path = resources.files(__package__) / "sql" / f"{name}.sql"
     if not path.is_file():
-        known = sorted(p.name[:-4] for p in (resources.files("queries") / "sql").iterdir()
+        known = sorted(p.name[:-4] for p in (resources.files(__package__) / "sql").iterdir()
                        if p.name.endswith(".sql"))
         raise HyperForgetError(f"no SQL template {name!r}: choose one of {', '.join(known)}")
     return path.read_text()
@@ -172,7 +172,7 @@ def connect_files(meta_files: Sequence[str] | pa.Table, *, num_classes: int,
 
 def _zoo_parts(zoo: Any) -> tuple[Any, str]:
     """(ZooReader, zoo root path) for a path or an open reader."""
-    from zoo.store import open_zoo
+    from hyperforget.zoo.store import open_zoo
 
     if isinstance(zoo, (str, os.PathLike)):
         return open_zoo(os.fspath(zoo)), os.fspath(zoo)

@@ -2,7 +2,7 @@
 
 Usage from any project (DiHyFo-2 style, one checkpoint and its losses per sample)::
 
-    from queries.loader import CheckpointStream, make_loader
+    from hyperforget.queries.loader import CheckpointStream, make_loader
     stream = CheckpointStream("ZOO", "dihyfo2_train_1234abcd", batch_size=256, normalize="layer")
     for batch in make_loader(stream, num_workers=2):  # batch["params"] (B, P), batch["losses"] (B, C)
         ...
@@ -60,7 +60,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from zoo.errors import HyperForgetError
+from hyperforget.zoo.errors import HyperForgetError
 
 STATE_VERSION = 2  # 2: the buffer shuffle displaces one held row per arrival (version 1 orders differ)
 PIECE_ROWS = 1024  # rows read and placed in the buffer at once (bounds the buffer's overflow)
@@ -488,7 +488,7 @@ class CheckpointStream(IterableDataset):
                  permute: bool = False, drop_last: bool = False, rank: int | None = None,
                  world_size: int | None = None, even_ranks: bool | str = False, chunk_cache: int = 4,
                  fast_reads: bool = True, prefetch: int = 2, release_pages: bool = False):
-        from zoo.store import open_zoo
+        from hyperforget.zoo.store import open_zoo
 
         super().__init__()
         if batch_size < 1:
@@ -581,7 +581,7 @@ class CheckpointStream(IterableDataset):
         else:
             path = os.path.join(zoo_path, "views", view + ".parquet")
         if not os.path.exists(path):
-            from queries.engine import materialized_views
+            from hyperforget.queries.engine import materialized_views
 
             have = ", ".join(sorted(materialized_views(zoo_path))) or "none"
             raise HyperForgetError(f"no view {view!r} ({path}); views of this zoo: {have}. "
@@ -598,7 +598,7 @@ class CheckpointStream(IterableDataset):
         stats = self.config.normalization
         if not stats:
             raise HyperForgetError(f"zoo {self.zoo_path} has no normalization statistics; compute them with "
-                                   "zoo.store.compute_normalization and ZooWriter.set_normalization, or use "
+                                   "hyperforget.zoo.store.compute_normalization and ZooWriter.set_normalization, or use "
                                    "normalize=None")
         p = self.spec.num_params
         mean, std = np.zeros(p, np.float32), np.ones(p, np.float32)
@@ -716,7 +716,7 @@ class CheckpointStream(IterableDataset):
 
     def _zoo(self):
         if self._reader is None or self._reader_pid != os.getpid():
-            from zoo.store import open_zoo
+            from hyperforget.zoo.store import open_zoo
 
             self._reader, self._reader_pid, self._cache = open_zoo(self.zoo_path), os.getpid(), OrderedDict()
             self._files = ShardFiles.open(self.zoo_path, self.chunk_rows, self.shard_rows, self.spec.num_params) \

@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from queries import engine
-from zoo.errors import HyperForgetError
+from hyperforget.queries import engine
+from hyperforget.zoo.errors import HyperForgetError
 
 VIEW_FORMAT = "hyperforget-view"
 VIEW_VERSION = 1
@@ -261,7 +261,7 @@ def build_view(zoo: Any, kind: str, name: str | None = None, *, overwrite: bool 
         the JSON record: format, version, name, kind, mode, params, rows, zoo_rows, num_classes,
         pivots, columns, created_at, seconds, duckdb.
     """
-    from zoo.store import open_zoo
+    from hyperforget.zoo.store import open_zoo
 
     t0 = time.perf_counter()
     root = _local_root(zoo)
@@ -373,7 +373,7 @@ def ensure_training_views(zoo: Any, variant: str, seed: int = 0, **params: Any) 
     """
     if variant not in VARIANT_KINDS:
         raise HyperForgetError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANT_KINDS)}")
-    from zoo.store import open_zoo
+    from hyperforget.zoo.store import open_zoo
 
     kind = VARIANT_KINDS[variant]
     root = _local_root(zoo)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from zoo.datasets import load_dataset
-from zoo.mlp import MLPSpec, evaluate_per_class, init_params
+from hyperforget.zoo.datasets import load_dataset
+from hyperforget.zoo.mlp import MLPSpec, evaluate_per_class, init_params
 
 TINY_CLASSES = (0, 1, 2, 3)
 TINY_SPEC = MLPSpec(input_size=64, hidden=3, num_classes=4)  # P = 211
@@ -100,7 +100,7 @@ def tiny_zoo(tmp_path, tiny_dataset):
     Writes a zoo of ``rows`` checkpoints of the 64-3-4 MLP (chunks of 8 rows, shards of 32 so a
     117-row zoo spans several of both) and returns its path and the (rows, P) parameters written.
     """
-    from zoo.store import ZooConfig, create_zoo
+    from hyperforget.zoo.store import ZooConfig, create_zoo
 
     def make(rows: int = 117, chunk_rows: int = 8, shard_rows: int = 32, path=None, seed: int = 0):
         path = str(path or tmp_path / f"zoo-{rows}-{seed}")
@@ -119,7 +119,7 @@ def tiny_zoo(tmp_path, tiny_dataset):
 @pytest.fixture
 def normalized_zoo(tiny_zoo):
     """Path of a 117-row zoo of the 64-3-4 MLP (pivots 0, 1) with normalization statistics."""
-    from zoo.store import ZooWriter, compute_normalization, open_zoo
+    from hyperforget.zoo.store import ZooWriter, compute_normalization, open_zoo
 
     path, _ = tiny_zoo(rows=117, chunk_rows=8, shard_rows=32)
     with ZooWriter.open(path) as w:

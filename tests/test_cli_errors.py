@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.cli import main
+from hyperforget.pipelines.cli import main
 
 ROOT = os.geteuid() == 0 if hasattr(os, "geteuid") else False
 
@@ -194,8 +194,8 @@ def _phantom_rows(zoo: Path) -> None:
 
 @pytest.mark.parametrize("damage", [_delete_a_shard, _nan_rows, _phantom_rows])
 def test_train_refuses_a_damaged_zoo(zoo, tmp_path, monkeypatch, capsys, damage):
-    from zoo.errors import HyperForgetError
-    from zoo.store import require_sound_zoo, verify_zoo
+    from hyperforget.zoo.errors import HyperForgetError
+    from hyperforget.zoo.store import require_sound_zoo, verify_zoo
 
     require_sound_zoo(zoo)  # sound before the damage
     damage(zoo)
@@ -208,7 +208,7 @@ def test_train_refuses_a_damaged_zoo(zoo, tmp_path, monkeypatch, capsys, damage)
 
 
 def test_info_does_not_count_phantom_rows_as_augmented(zoo, monkeypatch, capsys):
-    from zoo.store import zoo_info
+    from hyperforget.zoo.store import zoo_info
 
     before = zoo_info(zoo)
     _phantom_rows(zoo)
@@ -324,7 +324,7 @@ def test_ctrl_c_prints_the_resume_line(tmp_path, mode):
     import time
 
     out = tmp_path / "zoo"
-    cmd = [sys.executable, "-m", "pipelines", "zoo", "collect", "--out", str(out), "--dataset", "digits",
+    cmd = [sys.executable, "-m", "hyperforget", "zoo", "collect", "--out", str(out), "--dataset", "digits",
            "--runs", "4000", "--runs-per-group", "4", "--epochs", "10", *mode]
     # SIGINT as a terminal sends it: to the whole process group, which starts with the default handler.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,

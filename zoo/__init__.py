@@ -1,5 +1,5 @@
 """zoo: datasets, the MLP family, the on-disk checkpoint-zoo format and the collector."""
 
-from zoo.errors import HyperForgetError
+from hyperforget.zoo.errors import HyperForgetError
 
 __all__ = ["HyperForgetError"]

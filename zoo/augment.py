@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from zoo.errors import HyperForgetError
-from zoo.mlp import MLPSpec
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLPSpec
 
 
 def random_permutations(hidden: int, k: int, seed: int) -> np.ndarray:

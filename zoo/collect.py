@@ -3,9 +3,9 @@
 Runs are numbered 0..runs−1 and run r's configuration (seed, learning rate, undersampled
 classes and rates, run kind, deleted classes and deletion step) is drawn from (seed, r) alone.
 Consecutive runs form groups of ``runs_per_group``; a group is trained in lockstep
-(:mod:`zoo.lockstep`) on one minibatch sequence drawn from (seed, group), its candidate
+(:mod:`hyperforget.zoo.lockstep`) on one minibatch sequence drawn from (seed, group), its candidate
 checkpoints evaluated per class in one vectorized pass and filtered by the Appendix A.5
-heuristics (:mod:`zoo.selection`), then augmented with permuted copies (:mod:`zoo.augment`).
+heuristics (:mod:`hyperforget.zoo.selection`), then augmented with permuted copies (:mod:`hyperforget.zoo.augment`).
 
 Groups are dask tasks (a LocalCluster by default, or an existing cluster). The client is the
 zoo's single committer: it commits each group under the key ``group-NNNNNN`` in group order,
@@ -33,15 +33,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from zoo.augment import augment as permute_augment
-from zoo.datasets import Dataset, load_dataset
-from zoo.errors import HyperForgetError, from_settings
-from zoo.holdout import check_holdout, forgets_any, restrict_plan
-from zoo.lockstep import (LockstepSGD, epoch_batches, flush_denormals, matmul_gflops, step_product_shapes,
+from hyperforget.zoo.augment import augment as permute_augment
+from hyperforget.zoo.datasets import Dataset, load_dataset
+from hyperforget.zoo.errors import HyperForgetError, from_settings
+from hyperforget.zoo.holdout import check_holdout, forgets_any, restrict_plan
+from hyperforget.zoo.lockstep import (LockstepSGD, epoch_batches, flush_denormals, matmul_gflops, step_product_shapes,
                           steps_per_epoch)
-from zoo.mlp import (PerClassEvaluator, TaskPreset, concat_models, flat_from_hidden_major, get_preset, init_params,
+from hyperforget.zoo.mlp import (PerClassEvaluator, TaskPreset, concat_models, flat_from_hidden_major, get_preset, init_params,
                      take_models)
-from zoo.selection import PHASES, REASONS, SelectionConfig, Selector, consider_mask
+from hyperforget.zoo.selection import PHASES, REASONS, SelectionConfig, Selector, consider_mask
 
 COLLECTION_FORMAT = 1  # version of the "collection" block this module writes into zoo.json
 
@@ -525,17 +525,17 @@ class CollectSummary:
 
 
 def _zoo_config(cfg: CollectConfig, task: Task):
-    from zoo.store import ZooConfig
+    from hyperforget.zoo.store import ZooConfig
 
     return ZooConfig(spec=task.spec, classes=tuple(task.preset.classes), pivots=tuple(task.preset.pivots),
                      dataset=task.data.describe(),
-                     collection={"format": COLLECTION_FORMAT, "collector": "zoo.collect", "config": cfg.to_dict(),
+                     collection={"format": COLLECTION_FORMAT, "collector": "hyperforget.zoo.collect", "config": cfg.to_dict(),
                                  "epochs": task.epochs, "max_per_run": task.max_per_run,
                                  "steps_per_run": task.total_steps})
 
 
 def _open_or_create(cfg: CollectConfig, task: Task, out: str):
-    from zoo.store import create_zoo
+    from hyperforget.zoo.store import create_zoo
 
     w = create_zoo(out, _zoo_config(cfg, task), exist_ok=True)  # a new zoo, or the one to resume
     try:
@@ -582,7 +582,7 @@ def collect(cfg: CollectConfig, out: str, *, use_dask: bool = True, workers: int
         probe_seconds: passed to :func:`train_group` (benchmarks: the compute limit inside each task).
         on_commit: called after each commit with the group's result and its checkpoint ids.
     """
-    from zoo.store import compute_normalization
+    from hyperforget.zoo.store import compute_normalization
 
     if max_in_flight is not None and max_in_flight < 1:
         raise HyperForgetError(f"max_in_flight must be ≥ 1, got {max_in_flight}")

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from zoo.errors import HyperForgetError
+from hyperforget.zoo.errors import HyperForgetError
 
 DEFAULT_DATASET = "mnist-5k"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from zoo.errors import HyperForgetError
+from hyperforget.zoo.errors import HyperForgetError
 
 
 def check_holdout(sets: Sequence[Sequence[int]], num_classes: int, pivots: Sequence[int]) -> list[list[int]]:

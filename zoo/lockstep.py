@@ -10,7 +10,7 @@ per-run reductions, the SGD update) is element-wise work on (B, ·, R) tensors w
 innermost, so it vectorizes over runs. With H = 2 and C = 4 that work is as large as the two
 products; as ~30 torch ops it cost twice the products, so it runs as two C loops — one pass
 over the examples for everything between the products, one over the stack for the update —
-compiled once per machine (see :mod:`zoo.kernels`), with the same maths as torch ops
+compiled once per machine (see :mod:`hyperforget.zoo.kernels`), with the same maths as torch ops
 where no C compiler exists. Tests check both paths against ``torch.optim.SGD`` on each run alone.
 
 Runs still differ where it matters: each has its own initialization, learning rate and
@@ -35,9 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from zoo import kernels as kernels_module
-from zoo.errors import HyperForgetError
-from zoo.mlp import (MLPSpec, flat_from_hidden_major, hidden_major, init_params as default_init_params, stacked_forward,
+from hyperforget.zoo import kernels as kernels_module
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import (MLPSpec, flat_from_hidden_major, hidden_major, init_params as default_init_params, stacked_forward,
                      take_models)
 
 GRAD_MODES = ("manual", "autograd")
@@ -119,7 +119,7 @@ class LockstepSGD:
         return flat_from_hidden_major(self.spec, self.layers)
 
     def select(self, runs: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
-        """Copies of the hidden-major layers (:func:`zoo.mlp.hidden_major`) of the given runs."""
+        """Copies of the hidden-major layers (:func:`hyperforget.zoo.mlp.hidden_major`) of the given runs."""
         return take_models(self.spec, self.layers, runs)
 
     def lr_factor(self, step: int) -> float:
@@ -332,7 +332,7 @@ def train_models(spec: MLPSpec, x_train: torch.Tensor | np.ndarray, y_train: tor
 
     Used for retrained-from-scratch baselines and reference populations. Every model sees the
     same minibatch sequence (drawn from ``data_seed``, default ``seeds[0]``); models differ in
-    their initialization (``zoo.mlp.init_params(spec, seeds)``) and, if given, lr / class weights.
+    their initialization (``hyperforget.zoo.mlp.init_params(spec, seeds)``) and, if given, lr / class weights.
 
     Args:
         x_train: (N, D) inputs; y_train: (N,) labels in [0, C).

@@ -23,7 +23,7 @@ Notation (paper, Appendix A.4):
   code apply the classifier to the forget set, which is what this module does.)
 
 Distribution-level scores against many retrained models (U-LiRA, the NeurIPS 2023 challenge's
-ε-score) live in :mod:`zoo.attacks`.
+ε-score) live in :mod:`hyperforget.zoo.attacks`.
 
 Tables 1–4 report each metric "averaged over the sampled models and over the retrained seeds,
 with their spread": :func:`summarize` gives mean, std, min, max and n, and
@@ -37,7 +37,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from zoo.errors import HyperForgetError
+from hyperforget.zoo.errors import HyperForgetError
 
 __all__ = [
     "as_numpy", "softmax", "predictions", "accuracy", "split_masks", "split_accuracies", "entropy",

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo import kernels
-from zoo.errors import HyperForgetError
+from hyperforget.zoo import kernels
+from hyperforget.zoo.errors import HyperForgetError
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu, "sigmoid": torch.sigmoid}
 

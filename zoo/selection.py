@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from zoo.errors import HyperForgetError, from_settings
+from hyperforget.zoo.errors import HyperForgetError, from_settings
 
 RUN_KINDS = ("binned", "relaxed", "random")
 REASONS = ("pivot_bin", "relaxed", "random", "init", "final", "augment")

@@ -50,8 +50,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from zoo.errors import HyperForgetError
-from zoo.mlp import MLP, MLPSpec
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLP, MLPSpec
 
 FORMAT = "hyperforget-zoo"
 FORMAT_VERSION = 1
@@ -1361,7 +1361,7 @@ def zoo_info(path: str | os.PathLike) -> dict:
 
 def _holdout_info(r: "ZooReader") -> dict | None:
     """The held-out forget sets of a holdout collection and how many checkpoints forget each (0 expected)."""
-    from zoo.holdout import holdout_counts
+    from hyperforget.zoo.holdout import holdout_counts
 
     col = r.config.collection.get("config") or {}
     sets = col.get("holdout") or []

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from zoo.errors import HyperForgetError
+from hyperforget.zoo.errors import HyperForgetError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="HyperForget: checkpoint zoos, diffusion hypernetworks and class unlearning.")
@@ -21,9 +21,9 @@ STAGES = ["zoo_cmds", "collect_cmds", "query_cmds", "hyper_cmds", "quality_cmds"
           "bench_cmds"]
 for _stage in STAGES:
     try:
-        _module = importlib.import_module(f"pipelines.cli.{_stage}")
+        _module = importlib.import_module(f"hyperforget.pipelines.cli.{_stage}")
     except ModuleNotFoundError as exc:
-        if exc.name != f"pipelines.cli.{_stage}":
+        if exc.name != f"hyperforget.pipelines.cli.{_stage}":
             raise
         continue
     _module.register(app)

@@ -11,7 +11,7 @@ import math
 import os
 from pathlib import Path
 
-from zoo.errors import HyperForgetError
+from hyperforget.zoo.errors import HyperForgetError
 
 ZOO_MARKERS = ("zoo.json", "manifest.json")
 

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.cli.checks import output_dir
-from pipelines.cli.zoo_cmds import zoo_app
+from hyperforget.pipelines.cli.checks import output_dir
+from hyperforget.pipelines.cli.zoo_cmds import zoo_app
 
 
 @zoo_app.command("collect")
@@ -41,10 +41,10 @@ def collect_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
     """Collect a checkpoint zoo (re-run the same command to resume an interrupted one)."""
-    from zoo.collect import CollectConfig, collect
-    from zoo.selection import SelectionConfig
+    from hyperforget.zoo.collect import CollectConfig, collect
+    from hyperforget.zoo.selection import SelectionConfig
 
-    from zoo.errors import HyperForgetError
+    from hyperforget.zoo.errors import HyperForgetError
 
     # Check every argument before creating anything.
     if "://" not in out:

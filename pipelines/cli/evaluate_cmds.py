@@ -24,9 +24,9 @@ def register(app: typer.Typer) -> None:
         progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
     ) -> None:
         """Score every method of a run against populations of retrained models (tables + plots)."""
-        from pipelines.cli.checks import input_dir, positive
-        from pipelines.evaluate import EvalConfig, evaluate
-        from pipelines.unlearn import open_run, parse_classes
+        from hyperforget.pipelines.cli.checks import input_dir, positive
+        from hyperforget.pipelines.evaluate import EvalConfig, evaluate
+        from hyperforget.pipelines.unlearn import open_run, parse_classes
 
         # Check every argument before any work.
         input_dir(run_dir, option="RUN_DIR", what="run")
@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         positive(max_zoo_rows, "--max-zoo-rows")
         run = open_run(run_dir)
         if nearest and run.config.zoo and ("://" in run.config.zoo or os.path.exists(run.config.zoo)):
-            from zoo.store import require_sound_zoo
+            from hyperforget.zoo.store import require_sound_zoo
 
             require_sound_zoo(run.config.zoo)
 

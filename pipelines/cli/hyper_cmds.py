@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.cli.checks import at_most, input_dir, output_dir, output_file, positive
-from zoo.errors import HyperForgetError
+from hyperforget.pipelines.cli.checks import at_most, input_dir, output_dir, output_file, positive
+from hyperforget.zoo.errors import HyperForgetError
 
 # Sampled models held in memory at once (their parameters, the sampler's tokens, their metrics).
 MAX_SAMPLES = 100_000
@@ -58,7 +58,7 @@ def train_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from hyper.train import train
+    from hyperforget.hyper.train import train
 
     # Check every argument before any work.
     if variant not in ("dihyfo1", "dihyfo2"):
@@ -75,7 +75,7 @@ def train_cmd(
     _check_train_out(out, resume=resume, force=force)
     _check_device(device)
     if zoo is not None:
-        from zoo.store import require_sound_zoo
+        from hyperforget.zoo.store import require_sound_zoo
 
         require_sound_zoo(zoo)
     if threads is not None:
@@ -86,7 +86,7 @@ def train_cmd(
                  "token_size": token_size, "normalization": normalization, "loss_weighting": loss_weighting,
                  "cond_dropout": cond_dropout, "noise_start_share": noise_start_share, "seed": seed, **extra}
     if not resume:
-        from hyper.train import resolve_configs
+        from hyperforget.hyper.train import resolve_configs
 
         resolve_configs(preset, variant, overrides)  # unknown keys and bad values fail before any work
     result = train(variant=variant, out=out, preset=preset, zoo=zoo, overrides=overrides, resume=resume,
@@ -168,8 +168,8 @@ def sample_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from hyper.sample import load_hypernetwork
-    from zoo.mlp import load_mlps, save_mlps
+    from hyperforget.hyper.sample import load_hypernetwork
+    from hyperforget.zoo.mlp import load_mlps, save_mlps
 
     # Check every argument before any work.
     input_dir(model, option="MODEL", what="hypernetwork")
@@ -194,7 +194,7 @@ def sample_cmd(
     elif from_checkpoint is not None:
         if not net.zoo:
             raise HyperForgetError("the model records no zoo; use --from PARAMS.safetensors instead")
-        from zoo.store import require_sound_zoo
+        from hyperforget.zoo.store import require_sound_zoo
 
         current = torch.as_tensor(require_sound_zoo(net.zoo).read([from_checkpoint]))
     if current is not None and net.variant != "dihyfo1":

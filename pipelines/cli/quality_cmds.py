@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.cli.checks import input_dir, output_dir, positive
-from zoo.errors import HyperForgetError
+from hyperforget.pipelines.cli.checks import input_dir, output_dir, positive
+from hyperforget.zoo.errors import HyperForgetError
 
 
 def quality_cmd(
@@ -35,8 +35,8 @@ def quality_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from hyper.quality import QualityConfig, generation_quality, plot_quality
-    from pipelines.unlearn import parse_classes
+    from hyperforget.hyper.quality import QualityConfig, generation_quality, plot_quality
+    from hyperforget.pipelines.unlearn import parse_classes
 
     # Check every argument before any work.
     input_dir(model, option="MODEL", what="a trained hypernetwork (hyperforget train --out)")
@@ -55,8 +55,8 @@ def quality_cmd(
 
     import torch
 
-    from hyper.sample import load_hypernetwork
-    from zoo.mlp import load_mlps
+    from hyperforget.hyper.sample import load_hypernetwork
+    from hyperforget.zoo.mlp import load_mlps
 
     if threads is not None:
         torch.set_num_threads(threads)

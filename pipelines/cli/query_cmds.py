@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.cli.checks import output_file
-from zoo.errors import HyperForgetError
+from hyperforget.pipelines.cli.checks import output_file
+from hyperforget.zoo.errors import HyperForgetError
 
 view_app = typer.Typer(no_args_is_help=True, help="Materialized views of a zoo (balanced, pairs, split).")
 
@@ -66,7 +66,7 @@ def query(zoo: Annotated[str, typer.Argument(help="zoo directory")],
           force: Annotated[bool, typer.Option("--force", help="overwrite an existing --out file")] = False,
           ) -> None:
     """Run confined, read-only ad-hoc SQL over a zoo's metadata and print (or save) the result."""
-    from queries.engine import MAX_LIMIT, SQLLimits, run_query
+    from hyperforget.queries.engine import MAX_LIMIT, SQLLimits, run_query
 
     # Check every argument before running anything.
     if out:
@@ -110,7 +110,7 @@ def view_build(zoo: Annotated[str, typer.Argument(help="zoo directory")],
                                 help="key=value, repeatable (e.g. -p split=train -p cap=100)")] = None,
                ) -> None:
     """Materialize a view to ZOO/views/NAME.parquet with its parameters in NAME.json."""
-    from queries.views import build_view
+    from hyperforget.queries.views import build_view
 
     rec = build_view(zoo, kind, name, **_parse_params(param or []))
     typer.echo(f"view {rec['name']}: {rec['rows']} rows ({rec['kind']}, {rec['mode']}) in {rec['seconds']} s")
@@ -122,7 +122,7 @@ def view_list(zoo: Annotated[str, typer.Argument(help="zoo directory")]) -> None
     """List a zoo's materialized views."""
     import pyarrow as pa
 
-    from queries.views import list_views
+    from hyperforget.queries.views import list_views
 
     recs = list_views(zoo)
     if not recs:
@@ -136,7 +136,7 @@ def view_list(zoo: Annotated[str, typer.Argument(help="zoo directory")]) -> None
 @view_app.command("kinds")
 def view_kinds() -> None:
     """List view kinds and their parameters with defaults."""
-    from queries.views import COMMON_DEFAULTS, VIEW_KINDS
+    from hyperforget.queries.views import COMMON_DEFAULTS, VIEW_KINDS
 
     for k, vk in VIEW_KINDS.items():
         typer.echo(f"{k} ({vk.mode}): {vk.help}")

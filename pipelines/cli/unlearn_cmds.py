@@ -7,12 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipelines.cli.checks import input_dir, output_dir, positive
-from zoo.errors import HyperForgetError
+from hyperforget.pipelines.cli.checks import input_dir, output_dir, positive
+from hyperforget.zoo.errors import HyperForgetError
 
 
 def _parse_sets(values: list[str]) -> list[tuple[int, ...]]:
-    from pipelines.unlearn import parse_classes
+    from hyperforget.pipelines.unlearn import parse_classes
 
     return [parse_classes(v) for v in values]
 
@@ -67,13 +67,13 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Optional[Path], typer.Option(help="write the method folder here instead of the run")] = None,
     ) -> None:
         """Unlearn classes from the run's original model with a DiHyFo model or a baseline."""
-        from pipelines.retrain import init_run
-        from pipelines.unlearn import PromptConfig, RunConfig, UnlearnConfig, refresh_metrics, unlearn
+        from hyperforget.pipelines.retrain import init_run
+        from hyperforget.pipelines.unlearn import PromptConfig, RunConfig, UnlearnConfig, refresh_metrics, unlearn
 
         # Check every argument before any work.
         if model is None and method is None:
             raise HyperForgetError("give --model MODEL_DIR (DiHyFo) or --method NAME (dihyfo1, dihyfo2, zoo_retrieval or a baseline)")
-        from pipelines.unlearn import DIHYFO_METHODS, RETRIEVAL_METHOD, parse_classes
+        from hyperforget.pipelines.unlearn import DIHYFO_METHODS, RETRIEVAL_METHOD, parse_classes
 
         parse_classes(forget)
         output_dir(run, option="--run")
@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
         positive(retain_scale, "--retain-scale")
         overrides = _parse_overrides(set_)
         if model is None and method not in (*DIHYFO_METHODS, RETRIEVAL_METHOD):
-            from pipelines.baselines import check_overrides
+            from hyperforget.pipelines.baselines import check_overrides
 
             check_overrides(method, overrides)
         elif overrides:
@@ -94,16 +94,16 @@ def register(app: typer.Typer) -> None:
                                    "(DiHyFo also --steps, --guidance)")
         parsed_guidance = _parse_guidance(guidance)
         if zoo is not None:
-            from zoo.store import require_sound_zoo
+            from hyperforget.zoo.store import require_sound_zoo
 
             require_sound_zoo(str(zoo))
         if model is not None and zoo is None:
-            from pipelines.unlearn import hypernetwork_zoo
+            from hyperforget.pipelines.unlearn import hypernetwork_zoo
 
             zoo_path = hypernetwork_zoo(str(model))
             zoo = Path(zoo_path) if zoo_path else None
             if zoo is not None and "://" not in str(zoo):
-                from zoo.store import require_sound_zoo
+                from hyperforget.zoo.store import require_sound_zoo
 
                 require_sound_zoo(str(zoo))
         cfg = RunConfig(preset=preset, dataset=dataset, zoo=str(zoo) if zoo else None)
@@ -132,9 +132,9 @@ def register(app: typer.Typer) -> None:
         dataset: Annotated[str, typer.Option(help="dataset for a new run without a zoo")] = "mnist-5k",
     ) -> None:
         """Retrain the run's MLP from scratch without the forget classes (the gold standard)."""
-        from pipelines.retrain import retrain_into
-        from pipelines.retrain import init_run
-        from pipelines.unlearn import RunConfig, refresh_metrics
+        from hyperforget.pipelines.retrain import retrain_into
+        from hyperforget.pipelines.retrain import init_run
+        from hyperforget.pipelines.unlearn import RunConfig, refresh_metrics
 
         if seeds < 1:
             raise HyperForgetError(f"--seeds must be >= 1, got {seeds}")
@@ -153,7 +153,7 @@ def register(app: typer.Typer) -> None:
         figures: Annotated[bool, typer.Option(help="draw the PNG figures")] = True,
     ) -> None:
         """Write report.md, report.json and figures for a run directory."""
-        from pipelines.report import write_report
+        from hyperforget.pipelines.report import write_report
 
         input_dir(run_dir, option="RUN_DIR", what="run")
         if out is not None:
@@ -173,7 +173,7 @@ def register(app: typer.Typer) -> None:
         dihyfo1_start: Annotated[str, typer.Option(help="DiHyFo-1 unlearns from: model or noise")] = "model",
     ) -> None:
         """Run the whole pipeline: zoo, views, both DiHyFo variants, unlearning, baselines, report."""
-        from pipelines.demo import DemoConfig, run_demo
+        from hyperforget.pipelines.demo import DemoConfig, run_demo
 
         if dihyfo1_start not in ("noise", "model"):
             raise HyperForgetError(f"unknown --dihyfo1-start {dihyfo1_start!r}: use noise or model")
@@ -181,7 +181,7 @@ def register(app: typer.Typer) -> None:
         cfg = DemoConfig.for_mode(out=str(out), preset=preset, dataset=dataset, quick=quick, runs=runs,
                                   train_steps=train_steps, dihyfo1_start=dihyfo1_start,
                                   methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None)
-        from pipelines.demo import check_demo
+        from hyperforget.pipelines.demo import check_demo
 
         check_demo(cfg)
         report = run_demo(cfg)
@@ -194,7 +194,7 @@ def register(app: typer.Typer) -> None:
         tolerance: Annotated[float, typer.Option(help="largest accepted difference of any metric")] = 0.05,
     ) -> None:
         """Check that two runs of the same command agree within a tolerance (exit 1 if not)."""
-        from pipelines.demo import compare_runs
+        from hyperforget.pipelines.demo import compare_runs
 
         input_dir(run_a, option="RUN_A", what="run")
         input_dir(run_b, option="RUN_B", what="run")
@@ -218,7 +218,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Optional[Path], typer.Option(help="run directory")] = None,
     ) -> None:
         """Run every unlearning method on the same original model and print the comparison tables."""
-        from pipelines.demo import benchmark_unlearning
+        from hyperforget.pipelines.demo import benchmark_unlearning
 
         if out is not None:
             output_dir(out, option="--out")

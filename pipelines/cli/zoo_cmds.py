@@ -29,7 +29,7 @@ def _size(n: int | None) -> str:
 @zoo_app.command("info")
 def info(path: PathArg, as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
     """Counts, sizes, compression ratio and settings of a zoo."""
-    from zoo.store import zoo_info
+    from hyperforget.zoo.store import zoo_info
 
     d = zoo_info(path)
     if as_json:
@@ -72,7 +72,7 @@ def verify(path: PathArg,
            as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
            skip_params: Annotated[bool, typer.Option("--skip-params", help="check metadata only")] = False) -> None:
     """Check that rows agree, ids are unique, no NaNs, every chunk decodes; exit 1 on problems."""
-    from zoo.store import verify_zoo
+    from hyperforget.zoo.store import verify_zoo
 
     rep = verify_zoo(path, check_params=not skip_params, progress=not as_json)
     if as_json:
@@ -96,8 +96,8 @@ def compact_cmd(path: PathArg,
                 file_rows: Annotated[int, typer.Option(help="most rows per merged Parquet file")] = 1 << 20,
                 row_group_rows: Annotated[int, typer.Option(help="rows per Parquet row group")] = 131072) -> None:
     """Merge the small per-commit Parquet parts into large files (atomic manifest swap)."""
-    from zoo.errors import HyperForgetError
-    from zoo.store import compact
+    from hyperforget.zoo.errors import HyperForgetError
+    from hyperforget.zoo.store import compact
 
     if file_rows < 1 or row_group_rows < 1:
         raise HyperForgetError("--file-rows and --row-group-rows must be positive")
@@ -110,7 +110,7 @@ def normalize(path: PathArg,
               max_rows: Annotated[int, typer.Option(help="random checkpoints to sample")] = 25000,
               seed: Annotated[int, typer.Option(help="sampling seed")] = 0) -> None:
     """Compute parameter normalization statistics (G.pt's 0.538/std, per layer) into zoo.json."""
-    from zoo.store import ZooWriter, compute_normalization, open_zoo
+    from hyperforget.zoo.store import ZooWriter, compute_normalization, open_zoo
 
     stats = compute_normalization(open_zoo(path), max_rows=max_rows, seed=seed)
     with ZooWriter.open(path) as w:

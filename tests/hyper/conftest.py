@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from zoo.datasets import load_dataset
-from zoo.lockstep import LockstepSGD, epoch_batches
-from zoo.mlp import MLPSpec, evaluate_per_class, init_params
+from hyperforget.zoo.datasets import load_dataset
+from hyperforget.zoo.lockstep import LockstepSGD, epoch_batches
+from hyperforget.zoo.mlp import MLPSpec, evaluate_per_class, init_params
 
 SPEC = MLPSpec(64, 3, 4)
 

@@ -8,9 +8,9 @@ import os
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.cli import app
-from zoo.errors import HyperForgetError
-from zoo.mlp import load_mlps
+from hyperforget.pipelines.cli import app
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import load_mlps
 
 
 @pytest.fixture
@@ -78,7 +78,7 @@ def test_cli_errors(zoo_path, tmp_path):
 
 
 def test_main_exits_2_on_bad_targets(zoo_path, tmp_path, monkeypatch, capsys):
-    from pipelines.cli import main
+    from hyperforget.pipelines.cli import main
 
     model = tmp_path / "m"
     res = CliRunner().invoke(app, ["train", "--variant", "dihyfo2", "--zoo", zoo_path, "--preset", "tiny",

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from hyper.model import AdaLNMLP, DiT, DiTConfig, build_denoiser
-from hyper.quality import QualityConfig, generation_quality
-from hyper.sample import load_hypernetwork
-from hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute_coordinate_normalization
-from hyper.train import data_from_tensors, train
-from zoo.augment import canonicalize, permute_hidden, random_permutations
-from zoo.mlp import evaluate_per_class
+from hyperforget.hyper.model import AdaLNMLP, DiT, DiTConfig, build_denoiser
+from hyperforget.hyper.quality import QualityConfig, generation_quality
+from hyperforget.hyper.sample import load_hypernetwork
+from hyperforget.hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute_coordinate_normalization
+from hyperforget.hyper.train import data_from_tensors, train
+from hyperforget.zoo.augment import canonicalize, permute_hidden, random_permutations
+from hyperforget.zoo.mlp import evaluate_per_class
 
 from tests.hyper.conftest import SPEC
 

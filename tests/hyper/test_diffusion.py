@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from hyper.diffusion import DiffusionConfig, GaussianDiffusion
-from zoo.errors import HyperForgetError
+from hyperforget.hyper.diffusion import DiffusionConfig, GaussianDiffusion
+from hyperforget.zoo.errors import HyperForgetError
 
 
 def test_schedule_is_linear_g_pt():

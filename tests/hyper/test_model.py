@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from hyper.model import DiT, DiTConfig, PRESETS, get_preset
-from hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute_normalization
-from zoo.errors import HyperForgetError
-from zoo.mlp import MLPSpec
+from hyperforget.hyper.model import DiT, DiTConfig, PRESETS, get_preset
+from hyperforget.hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute_normalization
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLPSpec
 
 SPEC = MLPSpec(37, 3, 5)
 

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from hyper.tokenizer import (ParamTokenizer, TokenizerConfig, compute_normalization, frequency_encode,
+from hyperforget.hyper.tokenizer import (ParamTokenizer, TokenizerConfig, compute_normalization, frequency_encode,
                              loss_transform)
-from zoo.errors import HyperForgetError
-from zoo.mlp import MLPSpec
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLPSpec
 
 SPEC = MLPSpec(37, 3, 5)  # 37·3 + 3 + 15 + 5 = 134 values, nothing divides evenly
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hyper.sample import load_hypernetwork
-from hyper.train import data_from_tensors, lr_at, TrainConfig, train
-from zoo.errors import HyperForgetError
+from hyperforget.hyper.sample import load_hypernetwork
+from hyperforget.hyper.train import data_from_tensors, lr_at, TrainConfig, train
+from hyperforget.zoo.errors import HyperForgetError
 
 
 def _data(z, variant, batch_size=64, rank=0, world=1):
@@ -146,7 +146,7 @@ def _ddp_worker(rank: int, world: int, port: int, z: dict, out: str, preset: str
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    import hyper.train as ht
+    import hyperforget.hyper.train as ht
 
     captured = {}
     original = ht.make_optimizer
@@ -197,7 +197,7 @@ def test_classifier_free_guidance_per_row(ckpt_zoo, tmp_path):
 
 
 def test_noise_starts_replace_theta_by_inits_with_their_measured_losses(ckpt_zoo):
-    from hyper.train import NoiseStarts
+    from hyperforget.hyper.train import NoiseStarts
 
     data = _data(ckpt_zoo, "dihyfo1")
     batch = next(iter(data.train_stream))
@@ -227,7 +227,7 @@ def test_noise_starts_replace_theta_by_inits_with_their_measured_losses(ckpt_zoo
 
 
 def test_the_zoo_path_is_recorded_relative_to_the_model_directory(tmp_path, monkeypatch):
-    from hyper.train import resolve_zoo_path, stored_zoo_path
+    from hyperforget.hyper.train import resolve_zoo_path, stored_zoo_path
 
     stored = stored_zoo_path(str(tmp_path / "demo" / "zoo"), tmp_path / "demo" / "models" / "dihyfo2")
     assert stored == os.path.join("..", "..", "zoo")

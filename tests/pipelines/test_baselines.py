@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines import baselines as B
-from pipelines import compare_baselines as CB
-from zoo import metrics as M
-from zoo.datasets import load_dataset
-from zoo.errors import HyperForgetError
-from zoo.mlp import MLP, MLPSpec
+from hyperforget.pipelines import baselines as B
+from hyperforget.pipelines import compare_baselines as CB
+from hyperforget.zoo import metrics as M
+from hyperforget.zoo.datasets import load_dataset
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLP, MLPSpec
 
 # The published defaults were tuned for CIFAR-sized data (hundreds of steps per epoch); on 540
 # digits an epoch is ~5 steps, so the two methods whose defaults are one-to-three epochs at Adam
@@ -167,13 +167,13 @@ def test_registry_and_input_errors(case):
         B.run_baseline("finetune", model, x[:, :10], y, [2])
     with pytest.raises(HyperForgetError, match="no training example"):
         B.run_baseline("finetune", model, x[y != 2], y[y != 2], [2])
-    with pytest.raises(HyperForgetError, match="zoo.mlp.MLP"):
+    with pytest.raises(HyperForgetError, match="hyperforget.zoo.mlp.MLP"):
         B.run_baseline("finetune", torch.nn.Linear(64, 4), x, y, [2])
 
 
 def test_compare_baselines_records_render_through_the_report(case):
-    from pipelines.report import render_comparison
-    from pipelines.retrain import retrain_without
+    from hyperforget.pipelines.report import render_comparison
+    from hyperforget.pipelines.retrain import retrain_without
 
     model, x, y = case
     params = retrain_without(model.spec, x, y, [2], [1, 2], epochs=3, batch_size=64)  # (2, P)

@@ -15,9 +15,9 @@ torch.set_num_threads(1)
 def test_demo_quick_end_to_end_and_resume(tmp_path):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
-    from pipelines.unlearn import load_method, open_run
-    from zoo.mlp import load_mlps
+    from hyperforget.pipelines.cli import app
+    from hyperforget.pipelines.unlearn import load_method, open_run
+    from hyperforget.zoo.mlp import load_mlps
 
     out = tmp_path / "demo"
     args = ["demo", "--quick", "--dataset", "digits", "--out", str(out), "--methods", "logit_mask,neggrad_plus"]
@@ -71,7 +71,7 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     # The reproducibility check: a copy agrees; one metric moved by 0.1 is named, and the command exits 1.
     import shutil
 
-    from pipelines.demo import compare_runs
+    from hyperforget.pipelines.demo import compare_runs
 
     copy = tmp_path / "copy"
     shutil.copytree(out / "run", copy)
@@ -88,8 +88,8 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
 
 
 def test_demo_rejects_unknown_methods(tmp_path):
-    from pipelines.demo import DemoConfig, run_demo
-    from zoo.errors import HyperForgetError
+    from hyperforget.pipelines.demo import DemoConfig, run_demo
+    from hyperforget.zoo.errors import HyperForgetError
 
     with pytest.raises(HyperForgetError, match="unknown baselines"):
         run_demo(DemoConfig.for_mode(out=str(tmp_path), quick=True, dataset="digits", methods=["forgetting_spell"]))
@@ -98,7 +98,7 @@ def test_demo_rejects_unknown_methods(tmp_path):
 
 
 def test_quick_mode_sizes_are_small():
-    from pipelines.demo import DemoConfig
+    from hyperforget.pipelines.demo import DemoConfig
 
     quick = DemoConfig.for_mode(out="x", quick=True)
     full = DemoConfig.for_mode(out="x")

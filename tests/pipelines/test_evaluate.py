@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.retrain import init_run
-from pipelines.unlearn import RunConfig, UnlearnConfig, write_json
-from zoo.errors import HyperForgetError
-from zoo.mlp import load_mlps, save_mlps
+from hyperforget.pipelines.retrain import init_run
+from hyperforget.pipelines.unlearn import RunConfig, UnlearnConfig, write_json
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import load_mlps, save_mlps
 
 torch.set_num_threads(1)
 
@@ -21,8 +21,8 @@ FORGET = (2,)
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run with an original model, a fake DiHyFo (noisy retrained models) and a 2-repeat fine-tune."""
-    from pipelines.retrain import retrain_into
-    from pipelines.unlearn import unlearn
+    from hyperforget.pipelines.retrain import retrain_into
+    from hyperforget.pipelines.unlearn import unlearn
 
     path = tmp_path_factory.mktemp("run")
     run = init_run(path, RunConfig(preset="mnist4", dataset="digits", epochs=40, seed=1,
@@ -46,7 +46,7 @@ def run_dir(tmp_path_factory):
 
 
 def _small(**kw):
-    from pipelines.evaluate import EvalConfig
+    from hyperforget.pipelines.evaluate import EvalConfig
 
     base = dict(n_retrained=16, retrain_groups=2, baseline_seeds=3, mia_models=3, probe_models=2,
                 relearn_models=2, relearn_max_steps=30, progress=False)
@@ -56,7 +56,7 @@ def _small(**kw):
 
 @pytest.fixture(scope="module")
 def result(run_dir):
-    from pipelines.evaluate import evaluate
+    from hyperforget.pipelines.evaluate import evaluate
 
     return evaluate(run_dir, [FORGET], config=_small())["forget-2"]
 
@@ -118,8 +118,8 @@ def test_floor_and_ceiling_bracket(result):
 
 
 def test_nearest_checkpoint_distance_is_permutation_invariant():
-    from pipelines.evaluate import permutation_invariant_distance
-    from zoo.mlp import MLPSpec, batched_logits, init_params
+    from hyperforget.pipelines.evaluate import permutation_invariant_distance
+    from hyperforget.zoo.mlp import MLPSpec, batched_logits, init_params
 
     for hidden in (3, 6):  # enumeration and Hungarian paths
         spec = MLPSpec(5, hidden, 3)
@@ -146,7 +146,7 @@ def test_nearest_checkpoint_distance_is_permutation_invariant():
 def test_cli_evaluate_and_errors(run_dir, tmp_path):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from hyperforget.pipelines.cli import app
 
     r = CliRunner().invoke(app, ["evaluate", str(tmp_path)])
     assert r.exit_code != 0 and isinstance(r.exception, HyperForgetError)
@@ -159,7 +159,7 @@ def test_cli_evaluate_and_errors(run_dir, tmp_path):
 def test_main_exit_code_2(run_dir, monkeypatch, capsys):
     import sys
 
-    from pipelines.cli import main
+    from hyperforget.pipelines.cli import main
 
     monkeypatch.setattr(sys, "argv", ["hyperforget", "evaluate", str(run_dir), "--retrained", "2"])
     with pytest.raises(SystemExit) as exc:
@@ -173,9 +173,9 @@ def test_zoo_seed_check_and_nearest_checkpoint(run_dir, tmp_path):
     permuted near-copy of the selected DiHyFo model and ignores augmented (perm_index > 0) rows."""
     import shutil
 
-    from pipelines.evaluate import SEED_BASE, evaluate
-    from zoo.mlp import init_params
-    from zoo.store import ZooConfig, create_zoo
+    from hyperforget.pipelines.evaluate import SEED_BASE, evaluate
+    from hyperforget.zoo.mlp import init_params
+    from hyperforget.zoo.store import ZooConfig, create_zoo
 
     run_copy = tmp_path / "run"
     shutil.copytree(run_dir, run_copy)

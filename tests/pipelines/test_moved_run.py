@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipelines.cli import app
-from pipelines.retrain import init_run
-from pipelines.unlearn import RunConfig, open_run
-from zoo.errors import HyperForgetError
+from hyperforget.pipelines.cli import app
+from hyperforget.pipelines.retrain import init_run
+from hyperforget.pipelines.unlearn import RunConfig, open_run
+from hyperforget.zoo.errors import HyperForgetError
 
 torch.set_num_threads(1)
 runner = CliRunner()
@@ -20,8 +20,8 @@ runner = CliRunner()
 
 def _zoo(path, seed: int = 0):
     from tests.conftest import TINY_CLASSES, TINY_SPEC, make_tiny_batches
-    from zoo.datasets import load_dataset
-    from zoo.store import ZooConfig, create_zoo
+    from hyperforget.zoo.datasets import load_dataset
+    from hyperforget.zoo.store import ZooConfig, create_zoo
 
     ds = load_dataset("digits", classes=TINY_CLASSES)
     _, batches = make_tiny_batches(ds, 45, seed=seed)
@@ -36,7 +36,7 @@ def _zoo(path, seed: int = 0):
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """base/zoo and base/run (made from base, the working directory of the time)."""
-    from pipelines.retrain import retrain_into
+    from hyperforget.pipelines.retrain import retrain_into
 
     base = tmp_path_factory.mktemp("made")
     zoo = _zoo(base / "zoo")

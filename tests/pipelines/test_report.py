@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.retrain import init_run
-from pipelines.unlearn import RunConfig, UnlearnConfig, compute_metrics, create_run, read_json, unlearn
+from hyperforget.pipelines.retrain import init_run
+from hyperforget.pipelines.unlearn import RunConfig, UnlearnConfig, compute_metrics, create_run, read_json, unlearn
 
 torch.set_num_threads(1)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -38,10 +38,10 @@ class _FakeNet:
 @pytest.fixture(scope="module")
 def fixture_run(tmp_path_factory):
     """A run with two forget sets, both DiHyFo variants (fake sampler), two baselines, metrics."""
-    from pipelines.retrain import retrain_into
+    from hyperforget.pipelines.retrain import retrain_into
     from tests.conftest import TINY_CLASSES, TINY_SPEC, make_tiny_batches
-    from zoo.datasets import load_dataset
-    from zoo.store import ZooConfig, create_zoo
+    from hyperforget.zoo.datasets import load_dataset
+    from hyperforget.zoo.store import ZooConfig, create_zoo
 
     base = tmp_path_factory.mktemp("report")
     ds = load_dataset("digits", classes=TINY_CLASSES)
@@ -66,10 +66,10 @@ def fixture_run(tmp_path_factory):
     for variant, d in models.items():
         nets[d] = _FakeNet(run.spec, variant)
         nets[d]._start = run.original_params()[None]
-    module = types.ModuleType("hyper.sample")
+    module = types.ModuleType("hyperforget.hyper.sample")
     module.load_hypernetwork = lambda model_dir: nets[str(model_dir)]
-    saved = sys.modules.get("hyper.sample")
-    sys.modules["hyper.sample"] = module
+    saved = sys.modules.get("hyperforget.hyper.sample")
+    sys.modules["hyperforget.hyper.sample"] = module
     try:
         for forget in ((2,), (2, 3)):
             retrain_into(run, forget)
@@ -80,14 +80,14 @@ def fixture_run(tmp_path_factory):
             compute_metrics(run, forget)
     finally:
         if saved is not None:
-            sys.modules["hyper.sample"] = saved
+            sys.modules["hyperforget.hyper.sample"] = saved
         else:
-            del sys.modules["hyper.sample"]
+            del sys.modules["hyperforget.hyper.sample"]
     return run
 
 
 def test_report_writes_tables_and_figures(fixture_run):
-    from pipelines.report import write_report
+    from hyperforget.pipelines.report import write_report
 
     path = write_report(fixture_run.path)
     md = path.read_text()
@@ -116,7 +116,7 @@ def test_report_writes_tables_and_figures(fixture_run):
 
 
 def test_report_says_where_dihyfo1_started(fixture_run, tmp_path):
-    from pipelines.report import _start_note, write_report
+    from hyperforget.pipelines.report import _start_note, write_report
 
     md = write_report(fixture_run.path, tmp_path / "r", figures=False).read_text()
     assert "DiHyFo-1 starts from the model to unlearn" in md
@@ -126,7 +126,7 @@ def test_report_says_where_dihyfo1_started(fixture_run, tmp_path):
 
 
 def test_report_numbers_match_metrics_json(fixture_run):
-    from pipelines.report import collect, comparison_table, paper_tables
+    from hyperforget.pipelines.report import collect, comparison_table, paper_tables
 
     data = collect(fixture_run)
     metrics = read_json(fixture_run.forget_dir((2,)) / "metrics.json")
@@ -142,7 +142,7 @@ def test_report_numbers_match_metrics_json(fixture_run):
 
 
 def test_confusion_matrices_count_every_example(fixture_run):
-    from pipelines.report import confusion_matrices
+    from hyperforget.pipelines.report import confusion_matrices
 
     m = confusion_matrices(fixture_run, (2,), "dihyfo1")
     d = fixture_run.data()
@@ -152,8 +152,8 @@ def test_confusion_matrices_count_every_example(fixture_run):
 
 
 def test_report_without_metrics_is_a_clear_error(tmp_path, fixture_run):
-    from pipelines.report import write_report
-    from zoo.errors import HyperForgetError
+    from hyperforget.pipelines.report import write_report
+    from hyperforget.zoo.errors import HyperForgetError
 
     with pytest.raises(HyperForgetError, match="not a run directory"):
         write_report(tmp_path)
@@ -165,7 +165,7 @@ def test_report_without_metrics_is_a_clear_error(tmp_path, fixture_run):
 def test_report_cli(fixture_run, tmp_path):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from hyperforget.pipelines.cli import app
 
     res = CliRunner().invoke(app, ["report", str(fixture_run.path), "--out", str(tmp_path / "r"), "--no-figures"])
     assert res.exit_code == 0, res.output

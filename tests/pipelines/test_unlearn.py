@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.retrain import init_run
-from pipelines.unlearn import (LossStats, PromptConfig, RunConfig, UnlearnConfig, build_prompts, carve_validation,
+from hyperforget.pipelines.retrain import init_run
+from hyperforget.pipelines.unlearn import (LossStats, PromptConfig, RunConfig, UnlearnConfig, build_prompts, carve_validation,
                                compute_metrics, load_method, params_sha256, parse_classes, read_json,
                                select_best, unlearn)
-from zoo.errors import HyperForgetError
-from zoo.mlp import evaluate_per_class, load_mlps
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import evaluate_per_class, load_mlps
 
 torch.set_num_threads(1)
 
@@ -67,7 +67,7 @@ def test_parse_classes():
 
 
 def test_prompts_lie_within_the_zoos_loss_ranges(tiny_zoo):
-    from zoo.store import open_zoo
+    from hyperforget.zoo.store import open_zoo
 
     path, _ = tiny_zoo(rows=117)
     reader = open_zoo(path)
@@ -111,10 +111,10 @@ def test_prompt_modes():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A run made from a tiny zoo: original model and 3 retrained models for forget set {2}."""
-    from pipelines.retrain import retrain_into
+    from hyperforget.pipelines.retrain import retrain_into
     from tests.conftest import TINY_CLASSES, TINY_SPEC, make_tiny_batches
-    from zoo.datasets import load_dataset
-    from zoo.store import ZooConfig, create_zoo
+    from hyperforget.zoo.datasets import load_dataset
+    from hyperforget.zoo.store import ZooConfig, create_zoo
 
     base = tmp_path_factory.mktemp("unlearn")
     ds = load_dataset("digits", classes=TINY_CLASSES)
@@ -154,7 +154,7 @@ def test_unlearn_with_a_baseline_writes_the_method_folder(tiny_run, method):
     saved = read_json(folder / "record.json")
     assert saved["method"] == method and saved["forget"] == [2] and saved["wall_seconds"] >= 0
     assert saved["config"]["repeats"] == 2 and saved["hyperparameters"]["overrides"] == {}
-    from pipelines.baselines import BASELINES
+    from hyperforget.pipelines.baselines import BASELINES
 
     assert saved["hyperparameters"]["effective"] == json.loads(json.dumps(BASELINES[method].defaults))
     assert saved["selected_sha256"] == [params_sha256(p) for p in params]
@@ -212,9 +212,9 @@ def fake_hyper(monkeypatch):
     def load_hypernetwork(model_dir):
         return nets[str(model_dir)]
 
-    module = types.ModuleType("hyper.sample")
+    module = types.ModuleType("hyperforget.hyper.sample")
     module.load_hypernetwork = load_hypernetwork
-    monkeypatch.setitem(sys.modules, "hyper.sample", module)
+    monkeypatch.setitem(sys.modules, "hyperforget.hyper.sample", module)
     return nets
 
 
@@ -276,7 +276,7 @@ def test_dihyfo_refuses_pivots_and_unknown_classes(tiny_run, fake_hyper, tmp_pat
 def test_cli_unlearn_and_errors(tiny_run, capsys):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app, main
+    from hyperforget.pipelines.cli import app, main
 
     runner = CliRunner()
     res = runner.invoke(app, ["unlearn", "--method", "logit_mask", "--run", str(tiny_run.path), "--forget", "2",
@@ -300,7 +300,7 @@ def test_cli_unlearn_and_errors(tiny_run, capsys):
 def test_benchmark_unlearning_cli_runs_every_method_and_prints_the_table(tmp_path):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from hyperforget.pipelines.cli import app
 
     out = tmp_path / "bench"
     res = CliRunner().invoke(app, ["benchmark-unlearning", "--preset", "mnist4", "--dataset", "digits",
@@ -317,8 +317,8 @@ def test_cli_unlearn_with_a_model_creates_the_run_from_the_models_zoo(tiny_run, 
 
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
-    from pipelines.unlearn import open_run
+    from hyperforget.pipelines.cli import app
+    from hyperforget.pipelines.unlearn import open_run
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()
@@ -334,7 +334,7 @@ def test_cli_unlearn_with_a_model_creates_the_run_from_the_models_zoo(tiny_run, 
 
 
 def test_keep_converged_replaces_failed_trainings_by_spares():
-    from pipelines.retrain import keep_converged
+    from hyperforget.pipelines.retrain import keep_converged
 
     acc = np.array([0.97, 0.66, 0.98, 0.33, 0.96, 0.95, 0.97])
     keep, failed = keep_converged(acc, 3, 0.1)
@@ -347,8 +347,8 @@ def test_keep_converged_replaces_failed_trainings_by_spares():
 def test_zoo_retrieval_picks_what_a_hand_written_query_and_the_selection_rule_pick(tiny_run):
     import duckdb
 
-    from pipelines.retrieval import METHOD
-    from zoo.store import open_zoo
+    from hyperforget.pipelines.retrieval import METHOD
+    from hyperforget.zoo.store import open_zoo
 
     run = tiny_run
     record = unlearn(run, "2", UnlearnConfig(method=METHOD, candidates=4, repeats=2))

@@ -14,7 +14,7 @@ def qzoo(normalized_zoo):
 @pytest.fixture
 def zoo_params(qzoo):
     """(rows, P) parameters of qzoo, read back from the store."""
-    from zoo.store import open_zoo
+    from hyperforget.zoo.store import open_zoo
 
     r = open_zoo(qzoo)
     return r.read_rows(0, r.num_rows)
@@ -23,6 +23,6 @@ def zoo_params(qzoo):
 @pytest.fixture
 def zoo_meta(qzoo):
     """qzoo's metadata as a pandas DataFrame, ordered by checkpoint_id."""
-    from zoo.store import open_zoo
+    from hyperforget.zoo.store import open_zoo
 
     return open_zoo(qzoo).metadata().to_pandas()

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from pipelines.cli import app, main
-from zoo.errors import HyperForgetError
+from hyperforget.pipelines.cli import app, main
+from hyperforget.zoo.errors import HyperForgetError
 
 runner = CliRunner()
 

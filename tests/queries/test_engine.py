@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from queries import engine
-from queries.views import build_view
-from zoo.errors import HyperForgetError
+from hyperforget.queries import engine
+from hyperforget.queries.views import build_view
+from hyperforget.zoo.errors import HyperForgetError
 
 
 def test_checkpoints_and_runs_match_metadata(qzoo, zoo_meta):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from queries.loader import CheckpointStream, hidden_permutations, make_loader, permutation_index, to_device
-from queries.views import build_view, load_view
-from zoo.errors import HyperForgetError
-from zoo.mlp import batched_logits
+from hyperforget.queries.loader import CheckpointStream, hidden_permutations, make_loader, permutation_index, to_device
+from hyperforget.queries.views import build_view, load_view
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import batched_logits
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def pair_view(qzoo):
 @pytest.fixture
 def raw_zoo(qzoo, tiny_batches, tmp_path):
     """qzoo's checkpoints in an uncompressed zoo (read through MappedShards), with its views."""
-    from zoo.store import ZooConfig, ZooWriter, compute_normalization, create_zoo, open_zoo
+    from hyperforget.zoo.store import ZooConfig, ZooWriter, compute_normalization, create_zoo, open_zoo
 
     path = str(tmp_path / "raw-qzoo")
     cfg = ZooConfig.from_dict({**open_zoo(qzoo).config.to_dict()})
@@ -211,7 +211,7 @@ def test_permutation_augmentation_preserves_function(qzoo, pair_view, zoo_params
 
 @pytest.mark.parametrize("mode", ["global", "layer"])
 def test_normalization(qzoo, all_view, zoo_params, mode):
-    from zoo.store import open_zoo
+    from hyperforget.zoo.store import open_zoo
 
     stats = open_zoo(qzoo).config.normalization
     s = CheckpointStream(qzoo, all_view, batch_size=32, normalize=mode)
@@ -245,8 +245,8 @@ def test_weights_to_device_and_errors(qzoo, tmp_path):
 def test_shard_files_match_zarr_and_catch_damage(qzoo, all_view, zoo_params):
     import glob
 
-    from queries.loader import ShardFiles
-    from zoo.store import open_zoo
+    from hyperforget.queries.loader import ShardFiles
+    from hyperforget.zoo.store import open_zoo
 
     cfg = open_zoo(qzoo).config
     files = ShardFiles.open(qzoo, cfg.chunk_rows, cfg.shard_rows, cfg.num_params)
@@ -267,7 +267,7 @@ def test_shard_files_match_zarr_and_catch_damage(qzoo, all_view, zoo_params):
 
 
 def test_each_chunk_is_read_once_per_epoch(qzoo, all_view, monkeypatch):
-    from queries.loader import ShardFiles
+    from hyperforget.queries.loader import ShardFiles
 
     calls = []
     real = ShardFiles.chunk
@@ -279,7 +279,7 @@ def test_each_chunk_is_read_once_per_epoch(qzoo, all_view, monkeypatch):
 
 @pytest.mark.parametrize("capacity, batch", [(0, 5), (7, 4), (50, 16), (1000, 3)])
 def test_buffer_plan_is_a_bounded_permutation(capacity, batch):
-    from queries.loader import PIECE_ROWS, _BufferPlan
+    from hyperforget.queries.loader import PIECE_ROWS, _BufferPlan
 
     rng = np.random.default_rng(capacity)
     sizes = rng.integers(1, 40, size=30)
@@ -308,8 +308,8 @@ def test_buffer_plan_is_a_bounded_permutation(capacity, batch):
 
 
 def test_uncompressed_zoo_reads_through_mapped_shards(tmp_path, tiny_spec):
-    from queries.loader import ShardFiles
-    from zoo.store import ZooConfig, create_zoo, open_zoo
+    from hyperforget.queries.loader import ShardFiles
+    from hyperforget.zoo.store import ZooConfig, create_zoo, open_zoo
 
     path = str(tmp_path / "raw-zoo")
     rng = np.random.default_rng(0)
@@ -397,7 +397,7 @@ def test_mapped_shards_check_each_chunk_once_and_catch_damage(raw_zoo, monkeypat
 
 def test_buffer_displacement_matches_one_row_at_a_time():
     """The vectorized shuffle buffer (_replace) against the textbook loop it stands for."""
-    from queries.loader import _replace
+    from hyperforget.queries.loader import _replace
 
     rng = np.random.default_rng(0)
     for trial in range(200):

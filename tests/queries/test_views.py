@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from queries import views
-from zoo.errors import HyperForgetError
+from hyperforget.queries import views
+from hyperforget.zoo.errors import HyperForgetError
 
 
 def _build(qzoo, kind, name, **params) -> pd.DataFrame:

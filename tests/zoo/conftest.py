@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from zoo import kernels as kernels_module
+from hyperforget.zoo import kernels as kernels_module
 
 
 @pytest.fixture(params=["kernels", "torch-ops"])

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from zoo.augment import augment, permute_hidden, random_permutations
-from zoo.errors import HyperForgetError
-from zoo.mlp import MLP, MLPSpec, batched_logits, init_params
+from hyperforget.zoo.augment import augment, permute_hidden, random_permutations
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLP, MLPSpec, batched_logits, init_params
 
 
 @pytest.mark.parametrize("hidden", [1, 2, 5])

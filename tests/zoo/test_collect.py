@@ -15,11 +15,11 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from zoo.collect import CollectConfig, collect, plan_run, resolve_task, train_group
-from zoo.errors import HyperForgetError
-from zoo.mlp import PerClassEvaluator, batched_logits, evaluate_per_class, init_params
-from zoo.selection import REASONS, SelectionConfig, Selector, consider_mask
-from zoo.store import open_zoo, verify_zoo
+from hyperforget.zoo.collect import CollectConfig, collect, plan_run, resolve_task, train_group
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import PerClassEvaluator, batched_logits, evaluate_per_class, init_params
+from hyperforget.zoo.selection import REASONS, SelectionConfig, Selector, consider_mask
+from hyperforget.zoo.store import open_zoo, verify_zoo
 
 torch.set_num_threads(1)
 
@@ -235,7 +235,7 @@ def test_deletion_runs_show_rising_loss_on_deleted_classes(tiny_zoo):
 
 
 def test_candidates_evaluated_in_batches_keep_what_step_by_step_evaluation_keeps(monkeypatch):
-    import zoo.collect as collect_module
+    import hyperforget.zoo.collect as collect_module
 
     cfg = tiny_config(runs=6, runs_per_group=6, augment=0)
     batched = train_group(cfg, 0).meta.to_pandas()
@@ -345,7 +345,7 @@ def test_group_results_do_not_depend_on_the_callers_threads():
 
 _KILLABLE = """
 import sys, time
-from zoo.collect import CollectConfig, collect
+from hyperforget.zoo.collect import CollectConfig, collect
 cfg = CollectConfig.from_dict(__import__("json").loads(sys.argv[2]))
 collect(cfg, sys.argv[1], use_dask=False, progress=False, on_commit=lambda res, ids: time.sleep(0.5))
 """
@@ -407,7 +407,7 @@ def test_local_cluster_two_workers_equal_one(tiny_zoo, tmp_path):
 
 
 def test_reopening_a_writer_empties_its_scratch_space(tiny_zoo_path):
-    from zoo.store import ZooWriter
+    from hyperforget.zoo.store import ZooWriter
 
     left = os.path.join(tiny_zoo_path, ".tmp", "spill")
     os.makedirs(left)
@@ -425,7 +425,7 @@ def test_reopening_a_writer_empties_its_scratch_space(tiny_zoo_path):
 
 @pytest.fixture
 def tiny_zoo_path(tmp_path):
-    from zoo.store import ZooConfig, create_zoo
+    from hyperforget.zoo.store import ZooConfig, create_zoo
     from tests.conftest import TINY_CLASSES, TINY_SPEC
 
     path = str(tmp_path / "scratch-zoo")
@@ -436,7 +436,7 @@ def tiny_zoo_path(tmp_path):
 def test_cli_collect(tmp_path):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from hyperforget.pipelines.cli import app
 
     out = str(tmp_path / "cli")
     args = ["zoo", "collect", "--preset", "mnist4", "--dataset", "digits", "--runs", "3", "--out", out,
@@ -448,7 +448,7 @@ def test_cli_collect(tmp_path):
     assert r.num_rows > 0 and r.committed_keys == {"group-000000", "group-000001"}
     res = CliRunner().invoke(app, args[:-2] + ["6", "--no-dask"])  # other seed, same zoo
     assert isinstance(res.exception, HyperForgetError)
-    proc = subprocess.run([sys.executable, "-m", "pipelines", "zoo", "collect", "--preset", "mnist9",
+    proc = subprocess.run([sys.executable, "-m", "hyperforget", "zoo", "collect", "--preset", "mnist9",
                            "--runs", "2", "--out", str(tmp_path / "bad"), "--no-dask"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "error: unknown preset" in proc.stderr

@@ -9,8 +9,8 @@ import struct
 import numpy as np
 import pytest
 
-from zoo.datasets import FASHION_MNIST_DIR, load_dataset, load_idx_directory, read_idx
-from zoo.errors import HyperForgetError
+from hyperforget.zoo.datasets import FASHION_MNIST_DIR, load_dataset, load_idx_directory, read_idx
+from hyperforget.zoo.errors import HyperForgetError
 
 
 def idx_bytes(arr: np.ndarray, code: int) -> bytes:

@@ -6,11 +6,11 @@ import duckdb
 import numpy as np
 import pytest
 
-from zoo.collect import CollectConfig, collect, plan_run, resolve_task
-from zoo.errors import HyperForgetError
-from zoo.holdout import check_holdout, forgets, restrict_plan
-from zoo.selection import SelectionConfig
-from zoo.store import open_zoo, zoo_info
+from hyperforget.zoo.collect import CollectConfig, collect, plan_run, resolve_task
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.holdout import check_holdout, forgets, restrict_plan
+from hyperforget.zoo.selection import SelectionConfig
+from hyperforget.zoo.store import open_zoo, zoo_info
 
 # sklearn digits, MNIST-4 classes on 8x8 inputs; many deletion runs so that the control zoo does hold
 # models that forgot {2, 3}. Thresholds loose enough for 9 short epochs.

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.datasets import load_dataset
-from zoo.errors import HyperForgetError
-from zoo import kernels as kernels_module
-from zoo.lockstep import LockstepSGD, epoch_batches, train_models
-from zoo.mlp import MLP, MLPSpec, evaluate_per_class, init_params
+from hyperforget.zoo.datasets import load_dataset
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo import kernels as kernels_module
+from hyperforget.zoo.lockstep import LockstepSGD, epoch_batches, train_models
+from hyperforget.zoo.mlp import MLP, MLPSpec, evaluate_per_class, init_params
 
 torch.set_num_threads(1)
 

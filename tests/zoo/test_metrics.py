@@ -1,4 +1,4 @@
-"""zoo.metrics against hand-computed cases and independent implementations (scipy, sklearn, numpy)."""
+"""hyperforget.zoo.metrics against hand-computed cases and independent implementations (scipy, sklearn, numpy)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from zoo import metrics as M
-from zoo.errors import HyperForgetError
+from hyperforget.zoo import metrics as M
+from hyperforget.zoo.errors import HyperForgetError
 
 
 def _onehot_logits(pred, c, scale=10.0):

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
-from zoo.errors import HyperForgetError
-from zoo.mlp import (MLP, TASK_PRESETS, MLPSpec, batched_hidden, batched_logits, evaluate_per_class, get_preset,
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import (MLP, TASK_PRESETS, MLPSpec, batched_hidden, batched_logits, evaluate_per_class, get_preset,
                      init_params, load_mlps, save_mlps)
 
 torch.set_num_threads(1)

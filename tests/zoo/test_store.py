@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from zoo.errors import HyperForgetError
-from zoo.mlp import MLPSpec, batched_logits
-from zoo.store import (COMPRESSORS, DEFAULT_COMPRESSOR, ZooConfig, ZooWriter, compact, compute_normalization,
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLPSpec, batched_logits
+from hyperforget.zoo.store import (COMPRESSORS, DEFAULT_COMPRESSOR, ZooConfig, ZooWriter, compact, compute_normalization,
                        create_zoo, open_zoo, verify_zoo, zoo_info)
 
 torch.set_num_threads(1)
@@ -150,7 +150,7 @@ def test_interrupted_commit_stages_are_discarded(tmp_path, monkeypatch):
 
 CHILD = BATCH_SRC + r'''
 import sys
-from zoo.store import ZooWriter
+from hyperforget.zoo.store import ZooWriter
 w = ZooWriter.open(sys.argv[1])
 print("ready", flush=True)
 for i in range(int(sys.argv[2])):
@@ -494,7 +494,7 @@ def test_zoo_info_counts(tiny_zoo):
 def test_cli_info_verify_compact(tiny_zoo):
     from typer.testing import CliRunner
 
-    from pipelines.cli import app
+    from hyperforget.pipelines.cli import app
 
     path, _ = tiny_zoo()
     runner = CliRunner()
@@ -517,7 +517,7 @@ def test_cli_info_verify_compact(tiny_zoo):
 
 
 def test_cli_exit_codes_through_main(tiny_zoo, tmp_path, monkeypatch, capsys):
-    from pipelines.cli import main
+    from hyperforget.pipelines.cli import main
 
     monkeypatch.setattr(sys, "argv", ["hyperforget", "zoo", "info", str(tmp_path / "none")])
     with pytest.raises(SystemExit) as exc:
