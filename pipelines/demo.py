@@ -38,6 +38,7 @@ class DemoConfig:
     quick: bool = False  # tiny sizes for tests and smoke runs
     runs: int = 1024  # zoo training runs (~94k checkpoints for mnist4, collected in ~20 s)
     runs_per_group: int = 128  # runs trained in lockstep per zoo commit
+    holdout: list = field(default_factory=list)  # forget sets kept out of the zoo (zoo/holdout.py), e.g. [[2, 3]]
     zoo_epochs: int | None = None  # epochs per zoo run (None: the preset's)
     workers: int | None = 2  # dask workers for collection (None: CPU count; 0: no dask)
     hyper_preset: str = "cpu-mlp"  # hypernetwork preset (hyper.model.PRESETS)
@@ -93,7 +94,7 @@ def collect_zoo(cfg: DemoConfig, zoo_dir: Path) -> None:
     from hyperforget.zoo.collect import CollectConfig, collect
 
     ccfg = CollectConfig(preset=cfg.preset, dataset=cfg.dataset, runs=cfg.runs, runs_per_group=cfg.runs_per_group,
-                         epochs=cfg.zoo_epochs, seed=cfg.seed)
+                         epochs=cfg.zoo_epochs, seed=cfg.seed, holdout=list(cfg.holdout))
     if (zoo_dir / "manifest.json").exists():
         from hyperforget.zoo.collect import group_key
         from hyperforget.zoo.store import open_zoo
@@ -226,7 +227,7 @@ def check_demo(cfg: DemoConfig) -> tuple[list[tuple[int, ...]], list[str]]:
 
     preset = get_preset(cfg.preset)
     CollectConfig(preset=cfg.preset, dataset=cfg.dataset, runs=cfg.runs, runs_per_group=cfg.runs_per_group,
-                  epochs=cfg.zoo_epochs, seed=cfg.seed)  # raises on a bad count
+                  epochs=cfg.zoo_epochs, seed=cfg.seed, holdout=list(cfg.holdout))  # raises on a bad count or set
     methods = list(cfg.methods) if cfg.methods is not None else list(BASELINES)
     unknown = [m for m in methods if m not in BASELINES]
     if unknown:
@@ -255,6 +256,7 @@ def check_demo(cfg: DemoConfig) -> tuple[list[tuple[int, ...]], list[str]]:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage (skipping finished ones) and write the report; returns report.md's path."""
+    from hyperforget.pipelines.cost import amortized_cost
     from hyperforget.pipelines.report import write_report
 
     # Check every setting before any work or any file.
@@ -310,6 +312,12 @@ def run_demo(cfg: DemoConfig) -> Path:
                 retrain_seeds=run.config.retrain_seeds, seed=cfg.seed, retrieval=cfg.retrieval,
                 dihyfo1=dict(start=cfg.dihyfo1_start, guidance="auto"))
     _stage(state, state_path, "unlearn", time.perf_counter() - t0)
+    state["cost"] = amortized_cost(run, forget_sets, models, state["stages"]["collect"])
+    for variant, c in state["cost"].items():
+        k = c["break_even"]
+        _say(f"{variant}: {c['fixed_s']:.0f} s to collect and train, {c['request_s']:.3f} s per request against "
+             f"{c['retrain_s']:.3f} s per retrained model: " + (f"cheaper than retraining from {k} requests"
+                                                                 if k else "never cheaper than retraining"))
 
     # 6. Report.
     t0 = time.perf_counter()

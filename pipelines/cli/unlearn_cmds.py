@@ -171,15 +171,19 @@ def register(app: typer.Typer) -> None:
         train_steps: Annotated[Optional[int], typer.Option(help="hypernetwork training steps per variant")] = None,
         methods: Annotated[Optional[str], typer.Option(help="comma-separated baselines (default: all)")] = None,
         dihyfo1_start: Annotated[str, typer.Option(help="DiHyFo-1 unlearns from: model or noise")] = "model",
+        holdout: Annotated[Optional[list[str]], typer.Option(
+            help="a forget set the zoo never shows forgotten, e.g. 2,3 (repeatable; see `zoo collect --holdout`)")] = None,
     ) -> None:
         """Run the whole pipeline: zoo, views, both DiHyFo variants, unlearning, baselines, report."""
         from hyperforget.pipelines.demo import DemoConfig, run_demo
+        from hyperforget.pipelines.unlearn import parse_classes
 
         if dihyfo1_start not in ("noise", "model"):
             raise HyperForgetError(f"unknown --dihyfo1-start {dihyfo1_start!r}: use noise or model")
         output_dir(out, option="--out")
         cfg = DemoConfig.for_mode(out=str(out), preset=preset, dataset=dataset, quick=quick, runs=runs,
                                   train_steps=train_steps, dihyfo1_start=dihyfo1_start,
+                                  holdout=[list(parse_classes(h)) for h in holdout or []],
                                   methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None)
         from hyperforget.pipelines.demo import check_demo
 

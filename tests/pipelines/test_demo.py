@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from hyperforget.pipelines.cost import break_even
+
 torch.set_num_threads(1)
 
 
@@ -59,6 +61,13 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
         assert set(q["classes"]) == {"2", "3"} and set(q["forget_sets"]) == {"2", "2-3"}
         assert np.asarray(q["classes"]["2"]["observed"]).shape == (3, 2)
         assert (out / "quality" / f"{name}.png").stat().st_size > 1000
+    # The amortized cost, from the measured times: K* = ceil(F / (r - u)) or never.
+    for variant in ("dihyfo1", "dihyfo2"):
+        c = state["cost"][variant]
+        summary = json.loads((out / "models" / variant / "summary.json").read_text())
+        assert c["train_s"] == round(summary["seconds"], 3) and c["collect_s"] == round(state["stages"]["collect"], 3)
+        assert c["fixed_s"] == pytest.approx(c["collect_s"] + c["train_s"], abs=2e-3)
+        assert (c["break_even"] is None) == (c["retrain_s"] <= c["request_s"])
 
     # Resuming redoes nothing: models and records keep their bytes.
     before = {p: p.read_bytes() for p in (out / "run").rglob("*.safetensors")}
@@ -85,6 +94,12 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     assert len(diffs) == 1 and diffs[0].startswith("forget-2.dihyfo2.acc_retain.mean")
     res = CliRunner().invoke(app, ["compare", str(out / "run"), str(copy)])
     assert res.exit_code == 1 and "DIFFERS forget-2.dihyfo2.acc_retain.mean" in res.output
+
+
+def test_break_even_counts_requests():
+    assert break_even(100.0, 1.0, 3.0) == 50  # 100 + 50 * 1 <= 50 * 3
+    assert break_even(100.0, 1.0, 3.01) == 50 and break_even(100.0, 1.0, 2.99) == 51
+    assert break_even(100.0, 3.0, 3.0) is None and break_even(0.0, 0.5, 1.0) == 1
 
 
 def test_demo_rejects_unknown_methods(tmp_path):
