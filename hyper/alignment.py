@@ -11,18 +11,51 @@ DiHyFo-1 starts from randomly initialized MLPs, as the appendix says.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from hyperforget.zoo.metrics import pearson as _pearson
-from hyperforget.zoo.metrics import prompt_alignment_r2 as _r2
+from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLPSpec, evaluate_per_class, init_params
 
 # sampler(targets (K, C), current_params (K, P) | None, current_losses (K, C) | None, seed) -> (K, P) raw
 SampleFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int], torch.Tensor]
+
+
+def prompt_alignment_r2(target, observed, eps: float = 1e-8) -> float:
+    """R² = 1 − Σ_i (L*_i − L̂*_i)² / (Σ_i (L*_i − η)² + ε),  η = (1/n) Σ_i L*_i   (Eq. 6–7).
+
+    Args:
+        target: (n,) prompted losses L*; observed: (n,) losses L̂* the sampled models reached.
+    1 is perfect alignment; 0 is as good as always answering the targets' mean; negative is worse.
+    """
+    t, o = np.asarray(target, dtype=np.float64).ravel(), np.asarray(observed, dtype=np.float64).ravel()
+    if t.shape != o.shape or t.size == 0:
+        raise HyperForgetError(f"target and observed need the same non-zero length, got {t.size} and {o.size}")
+    eta = t.mean()
+    return float(1.0 - np.sum((t - o) ** 2) / (np.sum((t - eta) ** 2) + eps))
+
+
+def pearson(target, observed) -> float:
+    """Pearson correlation r = cov(t, o) / (σ_t σ_o) of (n,) targets and observations.
+
+    NaN (not an error) when either input is constant or n < 2: the correlation is undefined there,
+    and a sweep of many networks should report it rather than stop.
+    """
+    t, o = np.asarray(target, dtype=np.float64).ravel(), np.asarray(observed, dtype=np.float64).ravel()
+    if t.shape != o.shape:
+        raise HyperForgetError(f"target and observed need the same length, got {t.size} and {o.size}")
+    if t.size < 2:
+        return math.nan
+    tc, oc = t - t.mean(), o - o.mean()
+    denom = math.sqrt(float(np.sum(tc ** 2)) * float(np.sum(oc ** 2)))
+    if denom == 0.0 or not math.isfinite(denom):
+        return math.nan
+    return float(np.clip(np.sum(tc * oc) / denom, -1.0, 1.0))
 
 
 @dataclass
@@ -75,7 +108,7 @@ def evaluate_alignment(sample: SampleFn, spec: MLPSpec, x_test: torch.Tensor, y_
     tgt = targets.numpy().reshape(n_networks, c, n_prompts, c)
     swept_t = np.stack([tgt[:, j, :, j] for j in range(c)])  # (C, n, S)
     swept_o = np.stack([obs[:, j, :, j] for j in range(c)])
-    r2 = [float(np.mean([_r2(swept_t[j, s], swept_o[j, s]) for s in range(n_networks)])) for j in range(c)]
-    pr = [float(np.nanmean([_pearson(swept_t[j, s], swept_o[j, s]) for s in range(n_networks)]))
+    r2 = [float(np.mean([prompt_alignment_r2(swept_t[j, s], swept_o[j, s]) for s in range(n_networks)])) for j in range(c)]
+    pr = [float(np.nanmean([pearson(swept_t[j, s], swept_o[j, s]) for s in range(n_networks)]))
           if np.isfinite(swept_o[j]).all() else float("nan") for j in range(c)]
     return AlignmentResult(r2, pr, swept_t.transpose(0, 2, 1), swept_o.transpose(0, 2, 1))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from hyperforget.zoo.errors import HyperForgetError
-from hyperforget.zoo.metrics import pearson, prompt_alignment_r2
+from hyperforget.hyper.alignment import pearson, prompt_alignment_r2
 from hyperforget.zoo.mlp import init_params
 
 QUALITY_SEED_BASE = 1 << 20  # far above the seeds training and unlearning's selection use

@@ -601,13 +601,13 @@ def compare_baselines(original: MLP, retrained: Sequence[MLP], x_train, y_train,
     Returns:
         A forget set's entry in the shape of a run's forget-X/metrics.json, so that
         :func:`hyperforget.pipelines.report.render_comparison` formats it: {"forget", "num_retrained",
-        "methods": {name: zoo.metrics.unlearning_metrics(...) without per_model, plus "phi" (φ on
+        "methods": {name: pipelines.metrics.unlearning_metrics(...) without per_model, plus "phi" (φ on
         test), "wall_seconds" and "hparams"}} with "original", "retrain" (each seed against the
         other seeds) and each method.
     """
     from rich.progress import Progress
 
-    from hyperforget.zoo import metrics as M
+    from hyperforget.pipelines import metrics as M
 
     overrides = overrides or {}
     methods = list(methods) if methods is not None else list(BASELINES)

@@ -13,7 +13,7 @@ For each forget set of a run directory (docs/format.md, "Unlearning run director
    repeats, topped up to ``baseline_seeds`` with pipelines.baselines.run_baseline), the logit-masking
    control, and the "nearest training checkpoint" control (the zoo checkpoint closest to each
    selected DiHyFo model, permutation-invariant L2).
-3. Scores each row (zoo.attacks, zoo.metrics): accuracies; calibrated-threshold and U-LiRA attacks
+3. Scores each row (pipelines.attacks, pipelines.metrics): accuracies; calibrated-threshold and U-LiRA attacks
    (AUC, TPR at 1% FPR); the challenge's ε score F and F·(RA_U/RA_R)·(TA_U/TA_R); entropy and loss
    MIA minus the retrained value; batch-mean JSD to the retrained mean prediction on D_f,
    retain-class test and forget-class test; a linear probe for the forget classes on the hidden
@@ -36,7 +36,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from hyperforget.zoo import attacks as za
+from hyperforget.pipelines import attacks as za
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLPSpec, batched_hidden, batched_logits
 
@@ -285,7 +285,7 @@ class _Context:
 
 
 def _mia(ctx: _Context, params: torch.Tensor, masked: Sequence[int]) -> dict:
-    from hyperforget.zoo import metrics as zm
+    from hyperforget.pipelines import metrics as zm
 
     k = min(params.shape[0], ctx.config.mia_models)
     out = {"entropy": [], "loss": []}

@@ -306,7 +306,7 @@ def confusion_matrices(run: Run, forget: Sequence[int], method: str) -> dict[str
     import torch
 
     from hyperforget.pipelines.unlearn import model_logits
-    from hyperforget.zoo.metrics import confusion_matrix
+    from hyperforget.pipelines.metrics import confusion_matrix
 
     params, record = load_method(run, forget, method)
     retrained, _ = load_method(run, forget, "retrain")

@@ -880,7 +880,7 @@ def compute_metrics(run: Run, forget: Sequence[int], methods: Sequence[str] | No
     (minus validation); "test" is the dataset's test split. Each method's M models are compared
     with each of the S retrained models and summarized as mean / std / min / max.
     """
-    from hyperforget.zoo import metrics as zm
+    from hyperforget.pipelines import metrics as zm
 
     forget = run.check_forget(forget)
     retrained, _ = load_method(run, forget, "retrain")  # (S, P)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from hyperforget.pipelines import baselines as B
 from hyperforget.pipelines import compare_baselines as CB
-from hyperforget.zoo import metrics as M
+from hyperforget.pipelines import metrics as M
 from hyperforget.zoo.datasets import load_dataset
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLP, MLPSpec

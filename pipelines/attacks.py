@@ -28,10 +28,10 @@ Attacks and their direction:
 - ``per_example_epsilon``: the challenge's ε from the FPR/FNR of every threshold on φ, per example.
 
 :func:`jsd_to_population` uses the textbook Jensen–Shannon divergence per example
-(``hyperforget.zoo.metrics.js_divergence``, base 2) and averages over the batch ("batch-mean"). The widespread
+(``hyperforget.pipelines.metrics.js_divergence``, base 2) and averages over the batch ("batch-mean"). The widespread
 ``0.5·F.kl_div(log p, m) + 0.5·F.kl_div(log q, m)`` is not that: ``F.kl_div(input=log p, target=m)``
 is KL(m‖p), the reverse of the textbook term, and its default ``reduction='mean'`` divides by N·C,
-not N, squashing "1 − JSD" toward 1 (``hyperforget.zoo.metrics.kl_div_public_variant`` reproduces it).
+not N, squashing "1 − JSD" toward 1 (``hyperforget.pipelines.metrics.kl_div_public_variant`` reproduces it).
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ def jsd_to_population(logits_u: np.ndarray, logits_ref: np.ndarray, base: float 
     Returns:
         (M,) mean over the N examples of the per-example JSD.
     """
-    from hyperforget.zoo import metrics as zm
+    from hyperforget.pipelines import metrics as zm
 
     pu = zm.softmax(logits_u)  # (M, N, C)
     pr = zm.softmax(logits_ref).mean(0)  # (N, C)

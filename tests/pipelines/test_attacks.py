@@ -1,4 +1,4 @@
-"""hyperforget.zoo.attacks: the statistic, the attacks and the challenge's ε score on constructed populations."""
+"""hyperforget.pipelines.attacks: the statistic, the attacks and the challenge's ε score on constructed populations."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from hyperforget.zoo import attacks as za
+from hyperforget.pipelines import attacks as za
 from hyperforget.zoo.errors import HyperForgetError
 
 TINY_H = 2.0 / 2.0 ** 13  # H of the last ε bin (ε ≥ 6 or ∞)
@@ -154,7 +154,7 @@ def test_jsd_to_population_against_scipy():
 
 
 def test_public_kl_div_variant_is_not_the_textbook_jsd():
-    from hyperforget.zoo.metrics import js_divergence, kl_div_public_variant
+    from hyperforget.pipelines.metrics import js_divergence, kl_div_public_variant
 
     rng = np.random.default_rng(7)
     p, q = _softmax(rng.normal(size=(20, 10))), _softmax(rng.normal(size=(20, 10)))

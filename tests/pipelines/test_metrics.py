@@ -1,4 +1,4 @@
-"""hyperforget.zoo.metrics against hand-computed cases and independent implementations (scipy, sklearn, numpy)."""
+"""hyperforget.pipelines.metrics against hand-computed cases and independent implementations (scipy, sklearn, numpy)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hyperforget.zoo import metrics as M
+from hyperforget.pipelines import metrics as M
 from hyperforget.zoo.errors import HyperForgetError
 
 
@@ -165,33 +165,6 @@ def test_public_kl_div_variant_is_reverse_kl_over_n_times_c():
 def test_kl_divergence_infinite_when_support_missing():
     assert M.kl_divergence(np.array([[0.5, 0.5]]), np.array([[1.0, 0.0]]))[0] == math.inf
     assert M.kl_divergence(np.array([[1.0, 0.0]]), np.array([[0.5, 0.5]]))[0] == pytest.approx(1.0)
-
-
-# ---------------------------------------------------------------------------------------------- R², Pearson
-
-
-def test_prompt_alignment_r2():
-    t = np.array([0.1, 0.5, 0.9, 1.4, 2.0])
-    assert M.prompt_alignment_r2(t, t) == pytest.approx(1.0)
-    assert M.prompt_alignment_r2(t, np.full(5, t.mean())) == pytest.approx(0.0, abs=1e-6)
-    o = t + np.array([0.1, -0.2, 0.05, 0.3, -0.1])
-    from sklearn.metrics import r2_score
-
-    assert M.prompt_alignment_r2(t, o) == pytest.approx(r2_score(t, o), rel=1e-6)
-    assert M.prompt_alignment_r2(t, t[::-1]) < 0
-    # Constant targets: the ε keeps it finite (and very negative unless perfect).
-    assert M.prompt_alignment_r2(np.ones(3), np.ones(3)) == 1.0
-    with pytest.raises(HyperForgetError, match="same"):
-        M.prompt_alignment_r2(t, t[:3])
-
-
-def test_pearson_matches_numpy_and_is_nan_for_constant_input():
-    rng = np.random.default_rng(5)
-    t, o = rng.normal(size=31), rng.normal(size=31)
-    assert M.pearson(t, o) == pytest.approx(np.corrcoef(t, o)[0, 1])
-    assert M.pearson(t, 3 * t + 1) == pytest.approx(1.0)
-    assert math.isnan(M.pearson(t, np.full(31, 2.0)))
-    assert math.isnan(M.pearson([1.0], [2.0]))
 
 
 # ---------------------------------------------------------------------------------------------- confusion, summaries

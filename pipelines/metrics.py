@@ -23,7 +23,7 @@ Notation (paper, Appendix A.4):
   code apply the classifier to the forget set, which is what this module does.)
 
 Distribution-level scores against many retrained models (U-LiRA, the NeurIPS 2023 challenge's
-ε-score) live in :mod:`hyperforget.zoo.attacks`.
+ε-score) live in :mod:`hyperforget.pipelines.attacks`.
 
 Tables 1–4 report each metric "averaged over the sampled models and over the retrained seeds,
 with their spread": :func:`summarize` gives mean, std, min, max and n, and
@@ -295,42 +295,6 @@ def kl_div_public_variant(p, q) -> float:
     n = m.numel()
     return float(0.5 * F.kl_div(torch.log(p_t), m, reduction="sum") / n
                  + 0.5 * F.kl_div(torch.log(q_t), m, reduction="sum") / n)
-
-
-# ----------------------------------------------------------------------------------------------
-# Prompt alignment
-
-
-def prompt_alignment_r2(target, observed, eps: float = 1e-8) -> float:
-    """R² = 1 − Σ_i (L*_i − L̂*_i)² / (Σ_i (L*_i − η)² + ε),  η = (1/n) Σ_i L*_i   (Eq. 6–7).
-
-    Args:
-        target: (n,) prompted losses L*; observed: (n,) losses L̂* the sampled models reached.
-    1 is perfect alignment; 0 is as good as always answering the targets' mean; negative is worse.
-    """
-    t, o = as_numpy(target).ravel(), as_numpy(observed).ravel()
-    if t.shape != o.shape or t.size == 0:
-        raise HyperForgetError(f"target and observed need the same non-zero length, got {t.size} and {o.size}")
-    eta = t.mean()
-    return float(1.0 - np.sum((t - o) ** 2) / (np.sum((t - eta) ** 2) + eps))
-
-
-def pearson(target, observed) -> float:
-    """Pearson correlation r = cov(t, o) / (σ_t σ_o) of (n,) targets and observations.
-
-    NaN (not an error) when either input is constant or n < 2: the correlation is undefined there,
-    and a sweep of many networks should report it rather than stop.
-    """
-    t, o = as_numpy(target).ravel(), as_numpy(observed).ravel()
-    if t.shape != o.shape:
-        raise HyperForgetError(f"target and observed need the same length, got {t.size} and {o.size}")
-    if t.size < 2:
-        return math.nan
-    tc, oc = t - t.mean(), o - o.mean()
-    denom = math.sqrt(float(np.sum(tc ** 2)) * float(np.sum(oc ** 2)))
-    if denom == 0.0 or not math.isfinite(denom):
-        return math.nan
-    return float(np.clip(np.sum(tc * oc) / denom, -1.0, 1.0))
 
 
 # ----------------------------------------------------------------------------------------------
