@@ -39,6 +39,7 @@ from hyperforget.hyper.diffusion import DiffusionConfig, GaussianDiffusion
 from hyperforget.hyper.model import DiTConfig, build_denoiser, get_preset
 from hyperforget.hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute_coordinate_normalization, compute_normalization
 from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.files import atomic_path, jsonable, write_json
 from hyperforget.zoo.mlp import MLPSpec
 
 log = logging.getLogger("hyperforget.train")  # step lines at INFO for runs without a progress bar
@@ -449,30 +450,12 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: EMA, opt:
     save_file(opt_t, str(tmp / "optimizer.safetensors"))
     state = {"step": step, "epoch": epoch, "ema_updates": ema.num_updates, "optimizer": opt_meta,
              "loader": stream.state_dict() if hasattr(stream, "state_dict") else None, "curves": curves}
-    (tmp / "trainer.json").write_text(json.dumps(state, default=_json_default))
+    (tmp / "trainer.json").write_text(json.dumps(jsonable(state)))
     shutil.rmtree(d, ignore_errors=True)
     os.replace(tmp, d)
-    _write_json_atomic(root / "latest.json", {"step": step, "dir": d.name})
+    write_json(root / "latest.json", {"step": step, "dir": d.name})
     for old in sorted(p for p in root.glob("step-*") if p.name != d.name)[:-max(0, keep - 1) or None]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if torch.is_tensor(o):
-        return o.tolist()
-    raise TypeError(f"not JSON serializable: {type(o)}")
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    os.replace(tmp, path)
 
 
 def load_checkpoint(out: Path) -> dict | None:
@@ -648,7 +631,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
     ema.shadow = {k: v.to(dev) for k, v in ema.shadow.items()}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json_atomic(out / "config.json", config)
+        write_json(out / "config.json", config)
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -745,7 +728,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
         summary = {"variant": variant, "steps": step, "train_mse": result.train_mse, "test_mse": last_test,
                    "alignment": last_eval, "seconds": seconds, "samples_per_second": result.samples_per_second,
                    "world_size": world, "device": str(dev), "model_parameters": model.num_parameters()}
-        _write_json_atomic(out / "summary.json", summary)
+        write_json(out / "summary.json", summary)
     if world > 1:
         dist.barrier()
     return result
@@ -919,11 +902,10 @@ def sample_params(model: torch.nn.Module, tokenizer: ParamTokenizer, diffusion: 
 
 
 def _save_outputs(out: Path, ema: EMA, curves: dict) -> None:
-    tmp = out / f".model.safetensors.tmp-{os.getpid()}"
-    save_file({k: v.detach().cpu().contiguous() for k, v in ema.shadow.items()}, str(tmp),
-              metadata={"format": CONFIG_FORMAT, "version": str(CONFIG_VERSION), "weights": "ema"})
-    os.replace(tmp, out / "model.safetensors")
-    _write_json_atomic(out / "curves.json", curves)
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.shadow.items()}, tmp,
+                  metadata={"format": CONFIG_FORMAT, "version": str(CONFIG_VERSION), "weights": "ema"})
+    write_json(out / "curves.json", curves)
     plot_curves(curves, out / "curves.png")
 
 

@@ -19,7 +19,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from hyperforget.pipelines.unlearn import Run, read_json
+from hyperforget.pipelines.unlearn import Run
+from hyperforget.zoo.files import read_json
 
 
 def break_even(fixed_seconds: float, request_seconds: float, retrain_seconds: float) -> int | None:

@@ -492,7 +492,8 @@ def _setup_seconds(run) -> dict:
     Keys naming "collect" or "zoo" count as zoo time; keys naming a DiHyFo variant as its
     hypernetwork's training time. Returns {"zoo": s or None, "train": {variant: s}, "sources": [...]}.
     """
-    from hyperforget.pipelines.unlearn import DIHYFO_METHODS, read_json
+    from hyperforget.pipelines.unlearn import DIHYFO_METHODS
+    from hyperforget.zoo.files import read_json
 
     sources = [("run.json timings", run.meta.get("timings") or {})]
     demo = run.path.parent / "demo.json"
@@ -525,7 +526,8 @@ def evaluate(run_dir: str | Path, forget_sets: Sequence[Sequence[int]] | None = 
     Writes RUN/evaluation/forget-X.json, forget-X.md, eps_hist_forget-X.png and
     retain_vs_forget_forget-X.png for each forget set (default: every forget set in run.json).
     """
-    from hyperforget.pipelines.unlearn import forget_dir_name, open_run, parse_classes, write_json
+    from hyperforget.pipelines.unlearn import forget_dir_name, open_run, parse_classes
+    from hyperforget.zoo.files import write_json
 
     cfg = config or EvalConfig(n_retrained=n_retrained, baseline_seeds=baseline_seeds)
     run = open_run(run_dir)

@@ -42,7 +42,7 @@ from hyperforget.zoo.errors import HyperForgetError
 __all__ = [
     "as_numpy", "softmax", "predictions", "accuracy", "split_masks", "split_accuracies", "entropy",
     "per_example_loss", "entropy_mia", "loss_mia", "output_overlap", "kl_divergence", "js_divergence",
-    "unlearning_score", "kl_div_public_variant", "prompt_alignment_r2", "pearson", "confusion_matrix",
+    "unlearning_score", "kl_div_public_variant", "confusion_matrix",
     "summarize", "unlearning_metrics",
 ]
 

@@ -22,8 +22,9 @@ from typing import Sequence
 
 import numpy as np
 
-from hyperforget.pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, Run, jsonable, forget_dir_name, load_method,
-                               open_run, read_json, write_json)
+from hyperforget.pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, Run, forget_dir_name, load_method,
+        open_run)
+from hyperforget.zoo.files import jsonable, read_json, write_json
 from hyperforget.zoo.errors import HyperForgetError
 
 # (key in metrics.json, row label, preferred direction) in the paper's order.

@@ -15,7 +15,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from hyperforget.pipelines.unlearn import Run, RunConfig, create_run, eval_split, forget_dir_name, params_sha256, write_json
+from hyperforget.pipelines.unlearn import Run, RunConfig, create_run, eval_split, forget_dir_name, params_sha256
+from hyperforget.zoo.files import write_json
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLPSpec, save_mlps
 
@@ -113,7 +114,7 @@ def retrain_into(run: Run, forget: Sequence[int], *, seeds: Sequence[int] | None
 
     Skips the work when the file exists with the same seeds (resumable stages).
     """
-    from hyperforget.pipelines.unlearn import read_json
+    from hyperforget.zoo.files import read_json
 
     forget = run.check_forget(forget)
     run.note(forget=forget)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from hyperforget.pipelines.retrieval import unlearn_by_retrieval
+from hyperforget.zoo.files import jsonable, read_json, write_json
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLP, MLPSpec, batched_logits, evaluate_per_class, get_preset, load_mlps, save_mlps
 
@@ -42,50 +43,6 @@ RETRIEVAL_METHOD = "zoo_retrieval"  # the zoo's own answer, chosen by SQL (pipel
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers shared by the pipeline modules.
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename), so a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(jsonable(obj), indent=1, allow_nan=True) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise HyperForgetError(f"missing {path}; run the stage that writes it first")
-    if path.is_dir():
-        raise HyperForgetError(f"{path} is a directory, not a JSON file; remove it and re-run its stage")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HyperForgetError(f"{path} is not valid JSON ({exc}); delete it and re-run its stage") from None
-    except OSError as exc:
-        raise HyperForgetError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if not isinstance(d, dict):
-        raise HyperForgetError(f"{path} holds a JSON {type(d).__name__}, not an object; delete it and re-run its stage")
-    return d
-
-
-def jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return jsonable(np.asarray(obj).tolist())
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "__dataclass_fields__"):
-        return jsonable(asdict(obj))
-    return obj
 
 
 def parse_classes(text: str | Sequence[int]) -> tuple[int, ...]:

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from hyperforget.queries import engine
 from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.files import atomic_path, write_json
 
 VIEW_FORMAT = "hyperforget-view"
 VIEW_VERSION = 1
@@ -294,13 +295,9 @@ def build_view(zoo: Any, kind: str, name: str | None = None, *, overwrite: bool 
         os.remove(js_path)
     except FileNotFoundError:
         pass
-    tmp = f"{pq_path}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp, row_group_size=1 << 17)
-    os.replace(tmp, pq_path)
-    tmp = f"{js_path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2)
-    os.replace(tmp, js_path)
+    with atomic_path(pq_path) as tmp:
+        pq.write_table(table, tmp, row_group_size=1 << 17)
+    write_json(js_path, record, indent=2)
     return record
 
 

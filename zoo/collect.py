@@ -42,6 +42,7 @@ from hyperforget.zoo.lockstep import (LockstepSGD, epoch_batches, flush_denormal
 from hyperforget.zoo.mlp import (PerClassEvaluator, TaskPreset, concat_models, flat_from_hidden_major, get_preset, init_params,
                      take_models)
 from hyperforget.zoo.selection import PHASES, REASONS, SelectionConfig, Selector, consider_mask
+from hyperforget.zoo.files import atomic_path
 
 COLLECTION_FORMAT = 1  # version of the "collection" block this module writes into zoo.json
 
@@ -288,10 +289,8 @@ def train_group(cfg: CollectConfig, g: int, *, probe_seconds: float = 0.0,
 
 def _spill(params: np.ndarray, spill_dir: str, g: int) -> str:
     path = os.path.join(spill_dir, f"{group_key(g)}.npy")
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:  # written whole, then renamed: a retried task never leaves half a file
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a retried task never leaves half a file
         np.save(f, params)
-    os.replace(tmp, path)
     return path
 
 

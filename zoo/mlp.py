@@ -22,6 +22,7 @@ from torch import nn
 
 from hyperforget.zoo import kernels
 from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.files import atomic_path
 
 ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu, "sigmoid": torch.sigmoid}
 
@@ -409,7 +410,6 @@ def save_mlps(path: str, spec: MLPSpec, params: torch.Tensor | np.ndarray, metad
     Written to a temporary name and renamed, so a reader never sees half a file.
     """
     import json
-    import os
 
     from safetensors.torch import save_file
 
@@ -420,9 +420,8 @@ def save_mlps(path: str, spec: MLPSpec, params: torch.Tensor | np.ndarray, metad
     tensors.update({k: v.clone().contiguous() for k, v in spec.layout.unflatten(stacked[0]).items()})
     meta = {"mlp_spec": json.dumps(spec.to_dict()), "format": "hyperforget-mlp", "version": "1"}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
 
 
 def load_mlps(path: str) -> tuple[MLPSpec, torch.Tensor, dict]:

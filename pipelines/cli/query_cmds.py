@@ -11,6 +11,7 @@ import typer
 
 from hyperforget.pipelines.cli.checks import output_file
 from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.files import atomic_path
 
 view_app = typer.Typer(no_args_is_help=True, help="Materialized views of a zoo (balanced, pairs, split).")
 
@@ -22,21 +23,17 @@ def _write_table(table, out: str) -> None:
     ext = os.path.splitext(out)[1].lower()
     if ext not in (".csv", ".parquet", ".json"):
         raise HyperForgetError(f"--out {out}: the file must end in .csv, .parquet or .json")
-    tmp = f"{out}.tmp-{os.getpid()}"
     try:
-        if ext == ".parquet":
-            pq.write_table(table, tmp)
-        elif ext == ".csv":
-            pcsv.write_csv(table, tmp)
-        else:
-            with open(tmp, "w") as f:
-                json.dump(table.to_pylist(), f, default=str)
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            if ext == ".parquet":
+                pq.write_table(table, tmp)
+            elif ext == ".csv":
+                pcsv.write_csv(table, tmp)
+            else:
+                with open(tmp, "w") as f:
+                    json.dump(table.to_pylist(), f, default=str)
     except OSError as exc:
         raise HyperForgetError(f"cannot write --out {out}: {exc.strerror or exc}; choose a writable path") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _print_table(table, title: str) -> None:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from hyperforget.pipelines.retrain import init_run
-from hyperforget.pipelines.unlearn import RunConfig, UnlearnConfig, write_json
+from hyperforget.pipelines.unlearn import RunConfig, UnlearnConfig
+from hyperforget.zoo.files import write_json
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import load_mlps, save_mlps
 

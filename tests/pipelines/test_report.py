@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from hyperforget.pipelines.retrain import init_run
-from hyperforget.pipelines.unlearn import RunConfig, UnlearnConfig, compute_metrics, create_run, read_json, unlearn
+from hyperforget.pipelines.unlearn import RunConfig, UnlearnConfig, compute_metrics, create_run, unlearn
+from hyperforget.zoo.files import read_json
 
 torch.set_num_threads(1)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
