@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.errors import HyperForgetError, from_settings
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -57,7 +57,7 @@ class DiffusionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiffusionConfig":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        return from_settings(cls, d, "diffusion")
 
 
 class GaussianDiffusion:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyperforget.hyper.tokenizer import frequency_encode, loss_transform
-from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.errors import HyperForgetError, from_settings
 
 VARIANTS = ("dihyfo1", "dihyfo2")
 BACKBONES = ("transformer", "mlp")
@@ -91,7 +91,7 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DiTConfig":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        return from_settings(cls, d, "model")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.errors import HyperForgetError, from_settings
 from hyperforget.zoo.mlp import MLPSpec
 
 NORMALIZATIONS = ("global", "layer", "coordinate")
@@ -55,7 +55,7 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenizerConfig":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        return from_settings(cls, d, "tokenizer")
 
 
 def compute_normalization(spec: MLPSpec, params: torch.Tensor | np.ndarray) -> dict:

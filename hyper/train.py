@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from hyperforget.hyper.diffusion import DiffusionConfig, GaussianDiffusion
 from hyperforget.hyper.model import DiTConfig, build_denoiser, get_preset
 from hyperforget.hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute_coordinate_normalization, compute_normalization
-from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.errors import HyperForgetError, from_settings
 from hyperforget.zoo.files import atomic_path, jsonable, write_json
 from hyperforget.zoo.mlp import MLPSpec
 
@@ -101,7 +101,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        return from_settings(cls, d, "train")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,6 +508,32 @@ def _check_override_type(key: str, value) -> None:
         return
 
 
+def _resume_overrides(out: Path, overrides: dict | None, saved: tuple) -> "TrainConfig":
+    """The saved TrainConfig with the one setting a resume may change (``steps``, to extend a run).
+
+    Any other override must equal the saved value: a resumed run keeps the configuration its
+    checkpoints were made with, and a different one is refused by name rather than ignored.
+    """
+    cfg = saved[-1]
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    differs = []
+    for key, value in given.items():
+        if key == "steps":
+            continue
+        held = [getattr(c, key) for c in saved if key in c.__dataclass_fields__]
+        if not held:
+            raise HyperForgetError(f"unknown setting {key!r} for a resumed run of {out}")
+        if held[0] != value and not (isinstance(held[0], tuple) and tuple(held[0]) == tuple(value)):
+            differs.append(f"{key}={value!r} (saved {held[0]!r})")
+    if differs:
+        raise HyperForgetError(f"resuming {out} keeps its saved settings; only --steps may change, not "
+                               f"{', '.join(differs)}: drop them or train into a new --out")
+    if "steps" in given and int(given["steps"]) != cfg.steps:
+        log.info("resuming %s with steps %d (saved %d)", out, int(given["steps"]), cfg.steps)
+        cfg = replace(cfg, steps=int(given["steps"]))
+    return cfg
+
+
 def resolve_configs(preset: str, variant: str, overrides: dict | None = None
                     ) -> tuple[DiTConfig, TokenizerConfig, DiffusionConfig, TrainConfig]:
     """Preset -> configs, with overrides keyed by field name (model, tokenizer or train fields)."""
@@ -577,8 +603,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
         check_config_version(saved, out)
         model_cfg, tok_cfg = DiTConfig.from_dict(saved["model"]), TokenizerConfig.from_dict(saved["tokenizer"])
         diff_cfg, cfg = DiffusionConfig.from_dict(saved["diffusion"]), TrainConfig.from_dict(saved["train"])
-        if overrides and overrides.get("steps"):
-            cfg = replace(cfg, steps=int(overrides["steps"]))  # resuming may extend a run, nothing else
+        cfg = _resume_overrides(out, overrides, (model_cfg, tok_cfg, diff_cfg, cfg))
         if saved["variant"] != variant:
             raise HyperForgetError(f"{out} holds a {saved['variant']} model; resume it with --variant {saved['variant']}")
         zoo = zoo or resolve_zoo_path(saved.get("zoo"), out)

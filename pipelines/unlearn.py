@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -32,7 +32,7 @@ import torch
 
 from hyperforget.pipelines.retrieval import unlearn_by_retrieval
 from hyperforget.zoo.files import jsonable, read_json, write_json
-from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.errors import HyperForgetError, from_settings
 from hyperforget.zoo.mlp import MLP, MLPSpec, batched_logits, evaluate_per_class, get_preset, load_mlps, save_mlps
 
 RUN_FORMAT = "hyperforget-run"
@@ -128,11 +128,10 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
+        d = dict(d)
         if "retrain_seeds" in d:
             d["retrain_seeds"] = tuple(int(s) for s in d["retrain_seeds"])
-        return cls(**d)
+        return from_settings(cls, d, "run")
 
 
 @dataclass

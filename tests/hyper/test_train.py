@@ -109,8 +109,12 @@ def test_resume_reproduces_an_uninterrupted_run(ckpt_zoo, tmp_path):
     with pytest.raises(HyperForgetError, match="resume"):
         train(variant="dihyfo2", out=tmp_path / "part", preset="tiny", data=_data(ckpt_zoo, "dihyfo2"),
               overrides=over, progress=False)
+    # A resume may extend the run; any other setting that differs from the saved one is refused by name.
+    with pytest.raises(HyperForgetError, match=r"only --steps may change, not lr=0\.5"):
+        train(variant="dihyfo2", out=tmp_path / "part", preset="tiny", data=_data(ckpt_zoo, "dihyfo2"),
+              overrides={"steps": 12, "lr": 0.5}, resume=True, progress=False)
     train(variant="dihyfo2", out=tmp_path / "part", preset="tiny", data=_data(ckpt_zoo, "dihyfo2"),
-          overrides={"steps": 12}, resume=True, progress=False)
+          overrides={**over, "steps": 12}, resume=True, progress=False)  # the same settings pass
     a, b = load_file(str(tmp_path / "full/model.safetensors")), load_file(str(tmp_path / "part/model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ca, cb = json.load(open(tmp_path / "full/curves.json")), json.load(open(tmp_path / "part/curves.json"))
@@ -237,3 +241,18 @@ def test_the_zoo_path_is_recorded_relative_to_the_model_directory(tmp_path, monk
     assert resolve_zoo_path(stored, moved / "models" / "dihyfo2") == str(moved / "zoo")
     assert stored_zoo_path("s3://bucket/zoo", tmp_path) == "s3://bucket/zoo"
     assert resolve_zoo_path("/abs/zoo", moved) == "/abs/zoo" and resolve_zoo_path(None, moved) is None
+
+
+@pytest.mark.parametrize("cls, what", [("TrainConfig", "train"), ("DiTConfig", "model"),
+                                       ("TokenizerConfig", "tokenizer"), ("DiffusionConfig", "diffusion")])
+def test_saved_configs_refuse_unknown_keys(cls, what):
+    import hyperforget.hyper.diffusion as hd
+    import hyperforget.hyper.model as hm
+    import hyperforget.hyper.tokenizer as htok
+    import hyperforget.hyper.train as htr
+
+    config = {"TrainConfig": htr.TrainConfig, "DiTConfig": hm.DiTConfig, "TokenizerConfig": htok.TokenizerConfig,
+              "DiffusionConfig": hd.DiffusionConfig}[cls]
+    assert config.from_dict({}) == config()
+    with pytest.raises(HyperForgetError, match=f"unknown {what} settings \\['stepz'\\]"):
+        config.from_dict({"stepz": 3})

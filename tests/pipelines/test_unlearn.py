@@ -371,3 +371,9 @@ def test_zoo_retrieval_picks_what_a_hand_written_query_and_the_selection_rule_pi
     assert saved["kind"] == "retrieval"
     metrics = compute_metrics(run, (2,))
     assert METHOD in metrics["methods"]
+
+
+def test_run_config_refuses_unknown_keys():
+    with pytest.raises(HyperForgetError, match="unknown run settings \\['zooo'\\]"):
+        RunConfig.from_dict({"zooo": "x"})
+    assert RunConfig.from_dict({"retrain_seeds": [1, 2]}).retrain_seeds == (1, 2)
