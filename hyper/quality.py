@@ -31,8 +31,8 @@ import torch
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.hyper.alignment import pearson, prompt_alignment_r2
 from hyperforget.zoo.mlp import init_params
+from hyperforget.zoo.seeds import QUALITY_SEED_BASE
 
-QUALITY_SEED_BASE = 1 << 20  # far above the seeds training and unlearning's selection use
 
 
 @dataclass

@@ -22,6 +22,7 @@ from hyperforget.hyper.tokenizer import TokenizerConfig
 from hyperforget.hyper.train import check_config_version, build, load_task_test_split, resolve_zoo_path, sample_params
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import ClassMetrics, MLPSpec, evaluate_per_class, init_params
+from hyperforget.zoo.seeds import SAMPLE_INIT_STRIDE
 
 METHODS = ("ddim", "ddpm")
 
@@ -151,7 +152,7 @@ class Hypernetwork:
         cur = cur_l = None
         if self.variant == "dihyfo1":
             if current_params is None:
-                cur = init_params(self.spec, [seed * 100_003 + i for i in range(k)])
+                cur = init_params(self.spec, [seed * SAMPLE_INIT_STRIDE + i for i in range(k)])
             else:
                 cur = torch.as_tensor(np.asarray(current_params, dtype=np.float32))
                 cur = cur[None] if cur.ndim == 1 else cur

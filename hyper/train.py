@@ -41,6 +41,7 @@ from hyperforget.hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute
 from hyperforget.zoo.errors import HyperForgetError, from_settings
 from hyperforget.zoo.files import atomic_path, jsonable, write_json
 from hyperforget.zoo.mlp import MLPSpec
+from hyperforget.zoo.seeds import ALIGNMENT_SEED, EPOCH_SHUFFLE_STRIDE, TRAIN_RANK_STRIDE, TRAIN_RESUME_STRIDE
 
 log = logging.getLogger("hyperforget.train")  # step lines at INFO for runs without a progress bar
 CONFIG_FORMAT = "hyperforget-dihyfo"
@@ -145,7 +146,7 @@ class TensorStream:
 
     def __iter__(self) -> Iterator[dict]:
         n = self.num_examples
-        order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * EPOCH_SHUFFLE_STRIDE + self.epoch))
                  if self.shuffle else torch.arange(n))
         batches = order[: len(self) * self.batch_size * self.world_size].view(-1, self.batch_size)
         mine = batches[self.rank::self.world_size]
@@ -630,7 +631,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
     diffusion = GaussianDiffusion(diff_cfg)
     opt = make_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay)
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + rank)
+    gen = torch.Generator().manual_seed(cfg.seed * TRAIN_RANK_STRIDE + rank)
     weights = tokenizer.layer_weights().to(dev) if cfg.loss_weighting == "layer" else None
     step, epoch, curves = 0, 0, {"train": [], "test": [], "eval": []}
     config = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "variant": variant, "preset": preset,
@@ -648,7 +649,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
             ema.num_updates = ck["state"]["ema_updates"]
             gen.set_state(ck["optimizer"].pop("rng.generator"))
             if rank > 0:  # only rank 0's generator was saved; other ranks need their own stream of noise
-                gen.manual_seed(cfg.seed * 7919 + rank + 1_000_003 * ck["state"]["step"])
+                gen.manual_seed(cfg.seed * TRAIN_RANK_STRIDE + rank + TRAIN_RESUME_STRIDE * ck["state"]["step"])
             _load_optimizer(opt, ck["optimizer"], ck["state"]["optimizer"])
             step, epoch, curves = ck["state"]["step"], ck["state"]["epoch"], ck["state"]["curves"]
             if ck["state"].get("loader") is not None and hasattr(data.train_stream, "load_state_dict"):
@@ -872,7 +873,7 @@ def _ema_model(model: torch.nn.Module, ema: EMA) -> torch.nn.Module:
 def _test_mse(model, ema, tokenizer, diffusion, stream, state0, variant, cfg, dev, world) -> float:
     """Mean Eq. 5 MSE of the EMA model over a few test batches (fixed timesteps and noise)."""
     m = _ema_model(model, ema)
-    gen = torch.Generator().manual_seed(12345)
+    gen = torch.Generator().manual_seed(ALIGNMENT_SEED)
     total, n = 0.0, 0
     if state0 is not None:
         stream.load_state_dict(state0)  # the same test batches every time, so the curve is comparable

@@ -27,6 +27,7 @@ from hyperforget.pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, Run
 from hyperforget.zoo.files import read_json, write_json
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import get_preset
+from hyperforget.zoo.seeds import retraining_seeds
 
 
 @dataclass
@@ -296,7 +297,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     t0 = time.perf_counter()
     run = init_run(out / "run", RunConfig(preset=cfg.preset, dataset=cfg.dataset, zoo=str(zoo_dir), models=models,
                                           seed=cfg.seed, epochs=cfg.epochs,
-                                          retrain_seeds=tuple(100 + i for i in range(cfg.retrain_seeds))),
+                                          retrain_seeds=retraining_seeds(cfg.retrain_seeds)),
                    forget_sets=forget_sets)
     _stage(state, state_path, "original", time.perf_counter() - t0)
 
@@ -385,7 +386,7 @@ def benchmark_unlearning(*, out: str | None = None, preset: str = "mnist4", data
         raise HyperForgetError(f"unknown baselines {unknown}: choose among {', '.join(BASELINES)}")
     sets = [tuple(s) for s in (forget_sets or get_preset(preset).forget_sets)]
     run = init_run(out_dir, RunConfig(preset=preset, dataset=dataset, zoo=zoo, models=variants, seed=seed,
-                                      retrain_seeds=tuple(100 + i for i in range(seeds))), forget_sets=sets)
+                                      retrain_seeds=retraining_seeds(seeds)), forget_sets=sets)
     unlearn_all(run, sets, models=variants, methods=methods, candidates=candidates, repeats=repeats, sample_steps=50,
                 baseline_repeats=repeats, retrain_seeds=run.config.retrain_seeds, seed=seed)
     return write_report(run.path)

@@ -39,10 +39,11 @@ import torch
 from hyperforget.pipelines import attacks as za
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLPSpec, batched_hidden, batched_logits
+from hyperforget.zoo.seeds import REFERENCE_SEED_BASE
 
 EVAL_FORMAT = "hyperforget-evaluation"
 EVAL_VERSION = 1
-SEED_BASE = 1_000_003_000  # first seed of the reference populations: far from run (0, 100..) and zoo seeds
+SEED_BASE = REFERENCE_SEED_BASE  # first seed of the reference populations: far from run (0, 100..) and zoo seeds
 MASK_LOGIT = -math.inf  # what the logit-masking control puts on the forget logits
 MIN_EPS_MODELS = 8  # below this many models a row's ε is flagged: one model gives only a range test
 

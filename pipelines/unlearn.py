@@ -34,6 +34,7 @@ from hyperforget.pipelines.retrieval import unlearn_by_retrieval
 from hyperforget.zoo.files import jsonable, read_json, write_json
 from hyperforget.zoo.errors import HyperForgetError, from_settings
 from hyperforget.zoo.mlp import MLP, MLPSpec, batched_logits, evaluate_per_class, get_preset, load_mlps, save_mlps
+from hyperforget.zoo.seeds import retraining_seeds
 
 RUN_FORMAT = "hyperforget-run"
 RUN_VERSION = 1
@@ -119,7 +120,7 @@ class RunConfig:
     batch_size: int = 128  # minibatch size
     val_fraction: float = 0.1  # share of the training split held out for selecting candidates
     val_seed: int = 0  # seed of that split
-    retrain_seeds: tuple[int, ...] = (100, 101, 102, 103, 104)  # seeds of the retrained models
+    retrain_seeds: tuple[int, ...] = retraining_seeds(5)  # seeds of the retrained models
     # A 784-2-4 ReLU net trained from scratch loses a class to a dead hidden unit in about one seed
     # of five: such a failed training is no gold standard. Models whose validation accuracy (retain
     # classes) is more than failure_margin below the best seed's are replaced by spare seeds.

@@ -61,6 +61,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.seeds import LOADER_EPOCH_STRIDE
 
 STATE_VERSION = 2  # 2: the buffer shuffle displaces one held row per arrival (version 1 orders differ)
 PIECE_ROWS = 1024  # rows read and placed in the buffer at once (bounds the buffer's overflow)
@@ -914,7 +915,7 @@ class CheckpointStream(IterableDataset):
         """Augment, normalize and wrap one batch."""
         if self.permute:
             # Keyed by (seed, epoch, view row): the same permutation whatever the ranks, workers or resume point.
-            salt = _mix64(np.array([(self.seed * 1_000_003 + self.epoch) % (1 << 64)], np.uint64))
+            salt = _mix64(np.array([(self.seed * LOADER_EPOCH_STRIDE + self.epoch) % (1 << 64)], np.uint64))
             keys = _mix64(vrows.astype(np.uint64) ^ salt)
             idx = permutation_index(self.spec, hidden_permutations(keys, self.spec.hidden))
             params = np.take_along_axis(params, idx, axis=1)

@@ -9,6 +9,7 @@ import typer
 
 from hyperforget.pipelines.cli.checks import input_dir, output_dir, positive
 from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.seeds import RETRAIN_SEED_BASE
 
 
 def _parse_sets(values: list[str]) -> list[tuple[int, ...]]:
@@ -141,7 +142,7 @@ def register(app: typer.Typer) -> None:
         fs = _parse_sets([forget])[0]
         output_dir(run, option="--run")
         r = init_run(run, RunConfig(preset=preset, dataset=dataset, zoo=str(zoo) if zoo else None))
-        base = r.config.retrain_seeds[0] if r.config.retrain_seeds else 100
+        base = r.config.retrain_seeds[0] if r.config.retrain_seeds else RETRAIN_SEED_BASE
         params = retrain_into(r, fs, seeds=[base + i for i in range(seeds)])
         refresh_metrics(r, fs)
         typer.echo(f"retrained {params.shape[0]} models -> {r.forget_dir(fs) / 'retrain'}")
