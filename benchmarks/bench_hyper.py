@@ -27,7 +27,8 @@ import torch
 from hyperforget.hyper.diffusion import GaussianDiffusion
 from hyperforget.hyper.model import get_preset
 from hyperforget.hyper.tokenizer import compute_coordinate_normalization, compute_normalization
-from hyperforget.hyper.train import TrainConfig, build, make_model_fn, make_optimizer, resolve_configs, sample_params
+from hyperforget.hyper.denoise import build, make_model_fn, sample_params
+from hyperforget.hyper.train import TrainConfig, make_optimizer, resolve_configs
 from hyperforget.zoo.lockstep import matmul_gflops
 from hyperforget.zoo.mlp import MLPSpec, init_params
 

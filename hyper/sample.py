@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from hyperforget.hyper.data import load_task_test_split
+from hyperforget.hyper.denoise import build, check_config_version, resolve_zoo_path, sample_params
 from hyperforget.hyper.diffusion import DiffusionConfig, GaussianDiffusion
 from hyperforget.hyper.model import DiTConfig
 from hyperforget.hyper.tokenizer import TokenizerConfig
-from hyperforget.hyper.train import check_config_version, build, load_task_test_split, resolve_zoo_path, sample_params
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import ClassMetrics, MLPSpec, evaluate_per_class, init_params
 from hyperforget.zoo.seeds import SAMPLE_INIT_STRIDE

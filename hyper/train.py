@@ -5,9 +5,9 @@ decay, no weight decay on biases / LayerNorm / positional embedding, gradient cl
 of the weights (the EMA weights are what gets saved for sampling), bf16 autocast on a GPU, and
 DDP when launched under ``torchrun`` (gloo on CPU, NCCL on GPU).
 
-Data: DiHyFo-2 reads single checkpoints (θ*, its class losses); DiHyFo-1 reads pairs from one
-run (θ earlier, θ* later, both with class losses), from the streaming loader over the zoo's
-training views. Tests and small experiments can use :class:`TensorStream` instead.
+The data the trainer reads are in ``hyper/data.py`` (zoo views through the streaming loader, or
+tensors in memory), its resumable state in ``hyper/checkpoint.py``, and what it shares with the
+sampler (building the denoiser, the conditioned model function, sampling) in ``hyper/denoise.py``.
 
 Output directory MODEL/:
     config.json      every config, the MLP spec, classes, normalization, dataset and loss statistics
@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,19 +32,20 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from hyperforget.hyper.checkpoint import EMA, load_optimizer_state, load_checkpoint, save_checkpoint
+from hyperforget.hyper.data import HyperData, NoiseStarts, coordinate_statistics, data_from_zoo
+from hyperforget.hyper.denoise import (CONFIG_FORMAT, CONFIG_VERSION, build, check_config_version, make_model_fn,
+                                       resolve_zoo_path, sample_params, stored_zoo_path)
 from hyperforget.hyper.diffusion import DiffusionConfig, GaussianDiffusion
-from hyperforget.hyper.model import DiTConfig, build_denoiser, get_preset
-from hyperforget.hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute_coordinate_normalization, compute_normalization
+from hyperforget.hyper.model import DiTConfig, get_preset
+from hyperforget.hyper.tokenizer import ParamTokenizer, TokenizerConfig
 from hyperforget.zoo.errors import HyperForgetError, from_settings
-from hyperforget.zoo.files import atomic_path, jsonable, write_json
-from hyperforget.zoo.mlp import MLPSpec
-from hyperforget.zoo.seeds import ALIGNMENT_SEED, EPOCH_SHUFFLE_STRIDE, TRAIN_RANK_STRIDE, TRAIN_RESUME_STRIDE
+from hyperforget.zoo.files import atomic_path, write_json
+from hyperforget.zoo.seeds import ALIGNMENT_SEED, TRAIN_RANK_STRIDE, TRAIN_RESUME_STRIDE
 
 log = logging.getLogger("hyperforget.train")  # step lines at INFO for runs without a progress bar
-CONFIG_FORMAT = "hyperforget-dihyfo"
-CONFIG_VERSION = 1
 LOSS_WEIGHTINGS = ("uniform", "layer")
 
 
@@ -109,297 +109,10 @@ class TrainConfig:
 # Data: the zoo's streaming loader, or in-memory tensors with the same interface.
 
 
-class TensorStream:
-    """In-memory stand-in for queries.loader.CheckpointStream (single or pairs mode).
-
-    Batches: {"params" (B, P), "losses" (B, C), "ids" (B,)} and, with ``pairs`` (M, 2) index
-    pairs (θ row, θ* row), also "target_params", "target_losses", "target_ids". An epoch is a
-    seeded permutation split into full batches, dealt round-robin to ranks.
-    """
-
-    def __init__(self, params: torch.Tensor, losses: torch.Tensor, pairs: torch.Tensor | None = None, *,
-                 batch_size: int = 128, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
-        self.params = torch.as_tensor(params, dtype=torch.float32)
-        self.losses = torch.as_tensor(losses, dtype=torch.float32)
-        self.pairs = None if pairs is None else torch.as_tensor(pairs, dtype=torch.long)
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.rank, self.world_size = rank, world_size
-        self.epoch, self.offset = 0, 0  # offset: batches of this epoch already yielded to this rank
-        n = len(self.pairs) if self.pairs is not None else len(self.params)
-        if n < batch_size * world_size:
-            raise HyperForgetError(f"{n} training examples cannot fill one batch of {batch_size} on "
-                                   f"{world_size} rank(s); lower --batch-size")
-        self.num_examples = n
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.offset = epoch, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-
-    def __len__(self) -> int:
-        return self.num_examples // (self.batch_size * self.world_size)
-
-    def __iter__(self) -> Iterator[dict]:
-        n = self.num_examples
-        order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * EPOCH_SHUFFLE_STRIDE + self.epoch))
-                 if self.shuffle else torch.arange(n))
-        batches = order[: len(self) * self.batch_size * self.world_size].view(-1, self.batch_size)
-        mine = batches[self.rank::self.world_size]
-        while self.offset < len(mine):
-            idx = mine[self.offset]
-            self.offset += 1
-            if self.pairs is None:
-                yield {"params": self.params[idx], "losses": self.losses[idx], "ids": idx}
-            else:
-                a, b = self.pairs[idx, 0], self.pairs[idx, 1]
-                yield {"params": self.params[a], "losses": self.losses[a], "ids": a,
-                       "target_params": self.params[b], "target_losses": self.losses[b], "target_ids": b}
-        self.epoch, self.offset = self.epoch + 1, 0
-
-
-def run_pairs(run_ids: np.ndarray, steps: np.ndarray, max_pairs: int | None = None, seed: int = 0) -> np.ndarray:
-    """(M, 2) row pairs (earlier, later) of the same run, as DiHyFo-1 trains on."""
-    run_ids, steps = np.asarray(run_ids), np.asarray(steps)
-    out = []
-    for r in np.unique(run_ids):
-        rows = np.flatnonzero(run_ids == r)
-        a, b = np.meshgrid(rows, rows, indexing="ij")
-        keep = steps[a] < steps[b]
-        out.append(np.stack([a[keep], b[keep]], 1))
-    pairs = np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
-    if max_pairs is not None and len(pairs) > max_pairs:
-        pairs = pairs[np.random.default_rng(seed).choice(len(pairs), max_pairs, replace=False)]
-    return pairs.astype(np.int64)
-
-
-@dataclass
-class HyperData:
-    """Everything the trainer needs to know about its checkpoints besides the streams."""
-
-    spec: MLPSpec  # the MLP family
-    classes: list[int]  # original class ids of the task
-    normalization: dict  # zoo statistics (global mean/std, gpt_coeff, per-layer mean/std)
-    loss_stats: dict  # per-class loss quantiles: {"min", "q05", "q10", "q50", "q95", "max"} → (C,) lists
-    train_stream: object  # iterable of dict batches (CheckpointStream or TensorStream)
-    test_stream: object | None  # the same over held-out runs, or None
-    dataset: dict | None = None  # {"name", "classes", "scaling"} for load_dataset, or None
-    eval_data: tuple[torch.Tensor, torch.Tensor] | None = None  # (x_test, y_test) when no dataset name
-    zoo: str | None = None  # zoo path
-    pivots: list[int] = field(default_factory=list)  # the zoo's pivot classes (task labels)
-
-    def test_split(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x_test (N, D), y_test (N,)) of the task, for evaluating decoded MLPs."""
-        if self.eval_data is None:
-            if self.dataset is None:
-                raise HyperForgetError("no dataset to evaluate generated MLPs on; give the zoo's dataset")
-            self.eval_data = load_task_test_split(self.dataset)
-        return self.eval_data
-
-
-def load_task_test_split(dataset: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test split of the dataset a zoo records (its name, original classes, pixel scaling)."""
-    from hyperforget.zoo.datasets import load_dataset
-
-    ds = load_dataset(dataset["name"], root=dataset.get("root"), classes=dataset.get("classes"),
-                      scaling=dataset.get("scaling", "unit"))
-    return torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test)
-
-
-KNOWN_ACCURACY = 0.9  # a checkpoint "knows every class" when each class's test accuracy reaches this
-
-
-def loss_statistics(losses: np.ndarray, accuracies: np.ndarray | None = None) -> dict:
-    """Per-class quantiles of the class losses (N, C) -> {name: (C,) list}.
-
-    With per-class accuracies (N, C), also "known_median": the per-class median loss of the
-    checkpoints that know every class (accuracy ≥ KNOWN_ACCURACY on each): a low loss that the
-    zoo's models reach on all classes at once, unlike the per-class q10, which few checkpoints
-    reach jointly.
-    """
-    losses = np.asarray(losses, dtype=np.float64)
-    qs = {"min": 0.0, "q05": 0.05, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q95": 0.95, "max": 1.0}
-    stats = {k: np.nanquantile(losses, q, axis=0).astype(float).tolist() for k, q in qs.items()}
-    if accuracies is not None:
-        known = (np.asarray(accuracies) >= KNOWN_ACCURACY).all(1) & np.isfinite(losses).all(1)
-        if known.any():
-            stats["known_median"] = np.median(losses[known], axis=0).astype(float).tolist()
-            stats["known_rows"] = int(known.sum())
-    return stats
-
-
-def data_from_tensors(spec: MLPSpec, params: torch.Tensor, losses: torch.Tensor, *, variant: str,
-                      run_ids: np.ndarray | None = None, steps: np.ndarray | None = None,
-                      x_test: torch.Tensor, y_test: torch.Tensor, batch_size: int, seed: int = 0,
-                      test_fraction: float = 0.1, rank: int = 0, world_size: int = 1,
-                      classes: list[int] | None = None) -> HyperData:
-    """HyperData over in-memory checkpoints (N, P) with class losses (N, C); runs split train/test."""
-    params = torch.as_tensor(params, dtype=torch.float32)
-    losses = torch.as_tensor(losses, dtype=torch.float32)
-    n = len(params)
-    run_ids = np.arange(n) if run_ids is None else np.asarray(run_ids)
-    steps = np.zeros(n, dtype=np.int64) if steps is None else np.asarray(steps)
-    runs = np.unique(run_ids)
-    rng = np.random.default_rng(seed)
-    test_runs = set(rng.choice(runs, max(1, int(round(len(runs) * test_fraction))), replace=False).tolist())
-    is_test = np.isin(run_ids, list(test_runs))
-    train_rows, test_rows = np.flatnonzero(~is_test), np.flatnonzero(is_test)
-
-    def stream(rows: np.ndarray, shuffle: bool, bs: int) -> TensorStream:
-        sub_p, sub_l = params[rows], losses[rows]
-        pairs = None
-        if variant == "dihyfo1":
-            pairs = torch.as_tensor(run_pairs(run_ids[rows], steps[rows], seed=seed))
-        return TensorStream(sub_p, sub_l, pairs, batch_size=bs, shuffle=shuffle, seed=seed, rank=rank,
-                            world_size=world_size)
-
-    per_rank = batch_size // world_size
-    return HyperData(spec=spec, classes=list(classes or range(spec.num_classes)),
-                     normalization=compute_normalization(spec, params[train_rows]),
-                     loss_stats=loss_statistics(losses[train_rows].numpy()),
-                     train_stream=stream(train_rows, True, per_rank),
-                     test_stream=stream(test_rows, True, min(per_rank, max(1, len(test_rows) // world_size))),
-                     eval_data=(torch.as_tensor(x_test), torch.as_tensor(y_test)))
-
-
-def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                  permute: bool = True, view: dict | None = None) -> HyperData:
-    """HyperData over a zoo's training/test views (built on first use by queries.views)."""
-    from hyperforget.queries.loader import CheckpointStream
-    from hyperforget.queries.views import ensure_training_views
-    from hyperforget.zoo.store import open_zoo
-
-    reader = open_zoo(zoo)
-    cfg = reader.config
-    norm = getattr(cfg, "normalization", None)
-    if not norm:
-        raise HyperForgetError(f"zoo {zoo} has no normalization statistics; run `hyperforget zoo stats {zoo}` "
-                               "(or finish its collection) first")
-    from hyperforget.queries.views import VARIANT_KINDS
-
-    train_view, test_view = ensure_training_views(zoo, variant, seed=seed, **(view or {}).get(VARIANT_KINDS[variant], {}))
-    per_rank = batch_size // world_size
-    # Full, equal batches on every rank: a short or missing batch on one rank would hang DDP.
-    even = "pad" if world_size > 1 else False
-    train_stream = CheckpointStream(zoo, train_view, batch_size=per_rank, shuffle=True, seed=seed,
-                                    permute=permute, drop_last=True, rank=rank, world_size=world_size,
-                                    even_ranks=even)
-    test_stream = CheckpointStream(zoo, test_view, batch_size=per_rank, shuffle=True, seed=seed + 1,
-                                   rank=rank, world_size=world_size, even_ranks=even)
-    meta = reader.metadata()
-    c = cfg.spec.num_classes
-    losses = np.stack([meta.column(f"loss_{k}").to_numpy(zero_copy_only=False) for k in range(c)], 1)
-    accs = np.stack([meta.column(f"acc_{k}").to_numpy(zero_copy_only=False) for k in range(c)], 1)
-    dataset = _dataset_description(cfg)
-    return HyperData(spec=cfg.spec, classes=list(cfg.classes), normalization=dict(norm),
-                     loss_stats=loss_statistics(losses, accs), train_stream=train_stream, test_stream=test_stream,
-                     dataset=dataset, zoo=str(zoo), pivots=list(getattr(cfg, "pivots", []) or []))
-
-
-def coordinate_statistics(data: HyperData, variant: str, canonical: bool, max_rows: int = 20_000) -> dict:
-    """Per-value mean/std of the training stream's targets (θ*), from up to ``max_rows`` of them.
-
-    Reads the first batches of the stream and restores its position, so training sees the same
-    data order with or without this pass.
-    """
-    stream = data.train_stream
-    state = stream.state_dict() if hasattr(stream, "state_dict") else None
-    key = "target_params" if variant == "dihyfo1" else "params"
-    rows, n = [], 0
-    for batch in stream:
-        rows.append(torch.as_tensor(batch[key], dtype=torch.float32))
-        n += len(rows[-1])
-        if n >= max_rows:
-            break
-    if state is not None:
-        stream.load_state_dict(state)
-    if not rows:
-        raise HyperForgetError("the training view yields no batch; lower --batch-size or grow the zoo")
-    # Under DDP every rank sees its own slice: the sums of all ranks make one set of statistics.
-    reduce = dist.all_reduce if dist.is_available() and dist.is_initialized() else None
-    return compute_coordinate_normalization(data.spec, torch.cat(rows)[:max_rows], canonical, reduce)
-
-
-def _dataset_description(cfg) -> dict:
-    ds = getattr(cfg, "dataset", None)
-    if isinstance(ds, str):
-        ds = {"name": ds}
-    ds = dict(ds or {})
-    if "name" not in ds:
-        raise HyperForgetError("the zoo's config names no dataset; it cannot be evaluated")
-    ds.setdefault("classes", list(cfg.classes))
-    return {k: ds[k] for k in ("name", "classes", "scaling", "root") if k in ds}
 
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks shared with hyper.sample.
-
-
-def build(variant: str, spec: MLPSpec, normalization: dict, model_cfg: DiTConfig,
-          tok_cfg: TokenizerConfig, loss_stats: dict | None = None) -> tuple[torch.nn.Module, ParamTokenizer]:
-    """The denoiser and the tokenizer a saved (or resolved) config describes."""
-    tokenizer = ParamTokenizer(spec, tok_cfg, normalization)
-    model = build_denoiser(replace(model_cfg, variant=variant), tokenizer.num_tokens, tok_cfg.token_size,
-                           spec.num_params, spec.num_classes, loss_stats)
-    return model, tokenizer
-
-
-def make_model_fn(model: torch.nn.Module, tokenizer: ParamTokenizer, target_losses: torch.Tensor,
-                  current: torch.Tensor | None, current_losses: torch.Tensor | None,
-                  drop: torch.Tensor | None = None, guidance=None):
-    """Close over the conditions: normalized flat x_t (B, P), t (B,) -> normalized flat x0_hat (B, P).
-
-    current: normalized flat θ (B, P) or None. With ``guidance`` s, a scalar or one scale per row
-    (B,) (classifier-free): x̂0 = x̂0_uncond + s · (x̂0_cond − x̂0_uncond).
-    """
-    flat = getattr(model, "flat", False) or getattr(getattr(model, "module", None), "flat", False)  # DDP wraps
-    to_tokens = (lambda v: v) if flat else tokenizer.to_tokens
-    from_tokens = (lambda v: v) if flat else tokenizer.from_tokens
-    cur_tok = to_tokens(current) if current is not None else None
-    scale = None
-    if guidance is not None:
-        scale = torch.as_tensor(guidance, dtype=torch.float32).to(target_losses.device)
-        if scale.ndim == 0 and float(scale) == 1.0:
-            scale = None  # s = 1 is the plain conditional model
-        elif scale.ndim == 1:
-            scale = scale[:, None]  # (B, 1)
-
-    def fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x_tok = to_tokens(x_t)
-        if scale is None:
-            return from_tokens(model(x_tok, t, target_losses, cur_tok, current_losses, drop))
-        b = x_t.shape[0]
-        both = model(torch.cat([x_tok, x_tok]), torch.cat([t, t]), torch.cat([target_losses, target_losses]),
-                     None if cur_tok is None else torch.cat([cur_tok, cur_tok]),
-                     None if current_losses is None else torch.cat([current_losses, current_losses]),
-                     torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(x_t.device))
-        cond, uncond = from_tokens(both[:b]), from_tokens(both[b:])
-        return uncond + scale.to(cond.dtype) * (cond - uncond)
-
-    return fn
-
-
-class EMA:
-    """Exponential moving average of a model's floating-point state (params and buffers).
-
-    The decay ramps up as min(decay, (1 + n) / (10 + n)) so early averages are not dominated
-    by the random initialization.
-    """
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay, self.num_updates = decay, 0
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        self.num_updates += 1
-        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
-        for k, v in model.state_dict().items():
-            self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -420,56 +133,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 # ----------------------------------------------------------------------------------------------
 # Resumable state: safetensors for tensors, JSON for the rest, committed by latest.json.
-
-
-def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    sd = opt.state_dict()
-    tensors = {f"state.{pid}.{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
-               for pid, st in sd["state"].items() for k, v in st.items()}
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
-    state: dict = {}
-    for key, v in tensors.items():
-        _, pid, k = key.split(".", 2)
-        state.setdefault(int(pid), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
-def save_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: EMA, opt: torch.optim.Optimizer,
-                    gen: torch.Generator, stream, epoch: int, curves: dict, keep: int = 2) -> None:
-    root = out / "checkpoints"
-    d = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
-    opt_t, opt_meta = _optimizer_tensors(opt)
-    opt_t["rng.generator"] = gen.get_state()
-    save_file(opt_t, str(tmp / "optimizer.safetensors"))
-    state = {"step": step, "epoch": epoch, "ema_updates": ema.num_updates, "optimizer": opt_meta,
-             "loader": stream.state_dict() if hasattr(stream, "state_dict") else None, "curves": curves}
-    (tmp / "trainer.json").write_text(json.dumps(jsonable(state)))
-    shutil.rmtree(d, ignore_errors=True)
-    os.replace(tmp, d)
-    write_json(root / "latest.json", {"step": step, "dir": d.name})
-    for old in sorted(p for p in root.glob("step-*") if p.name != d.name)[:-max(0, keep - 1) or None]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(out: Path) -> dict | None:
-    latest = out / "checkpoints" / "latest.json"
-    if not latest.exists():
-        return None
-    info = json.loads(latest.read_text())
-    d = out / "checkpoints" / info["dir"]
-    if not (d / "trainer.json").exists():
-        raise HyperForgetError(f"checkpoint {d} is incomplete; delete {out / 'checkpoints'} to start over")
-    return {"dir": d, "state": json.loads((d / "trainer.json").read_text()),
-            "model": load_file(str(d / "model.safetensors")), "ema": load_file(str(d / "ema.safetensors")),
-            "optimizer": load_file(str(d / "optimizer.safetensors"))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -650,7 +313,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
             gen.set_state(ck["optimizer"].pop("rng.generator"))
             if rank > 0:  # only rank 0's generator was saved; other ranks need their own stream of noise
                 gen.manual_seed(cfg.seed * TRAIN_RANK_STRIDE + rank + TRAIN_RESUME_STRIDE * ck["state"]["step"])
-            _load_optimizer(opt, ck["optimizer"], ck["state"]["optimizer"])
+            load_optimizer_state(opt, ck["optimizer"], ck["state"]["optimizer"])
             step, epoch, curves = ck["state"]["step"], ck["state"]["epoch"], ck["state"]["curves"]
             if ck["state"].get("loader") is not None and hasattr(data.train_stream, "load_state_dict"):
                 data.train_stream.load_state_dict(ck["state"]["loader"])
@@ -760,30 +423,6 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
     return result
 
 
-def stored_zoo_path(zoo: str | None, model_dir: Path) -> str | None:
-    """How config.json records its zoo: a local path relative to the model directory (so that a
-    model directory moved together with its zoo, or used from any working directory, still finds
-    it); URLs as given."""
-    if zoo is None or "://" in str(zoo):
-        return zoo
-    return os.path.relpath(os.path.abspath(zoo), os.path.abspath(model_dir))
-
-
-def resolve_zoo_path(stored: str | None, model_dir: Path) -> str | None:
-    """The zoo a config.json names: a relative path is relative to the model directory."""
-    if stored is None or "://" in stored or os.path.isabs(stored):
-        return stored
-    return os.path.normpath(os.path.join(os.path.abspath(model_dir), stored))
-
-
-def check_config_version(saved: dict, where) -> None:
-    if saved.get("format") != CONFIG_FORMAT:
-        raise HyperForgetError(f"{where} is not a hyperforget hypernetwork (format {saved.get('format')!r})")
-    if saved.get("version") != CONFIG_VERSION:
-        raise HyperForgetError(f"unsupported hypernetwork version in {where}: expected {CONFIG_VERSION}, "
-                               f"got {saved.get('version')}")
-
-
 def _iterate(stream, num_workers: int):
     if num_workers > 0:
         from hyperforget.queries.loader import make_loader
@@ -827,38 +466,6 @@ def _loss_terms(net, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, ba
         torch.zeros(b, dtype=torch.bool, device=dev)
     fn = make_model_fn(net, tokenizer, target_losses, current, current_losses, drop)
     return diffusion.training_losses(fn, x0, t, noise, weights, batch.get("weights"))
-
-
-class NoiseStarts:
-    """Replace a share of DiHyFo-1 pairs' θ by fresh MLP initializations and their test-split losses.
-
-    The losses are measured exactly as the zoo measures its checkpoints' (per-class mean cross-entropy
-    on the task's test split), so a noise start at sampling time (hyper.sample: current_params=None)
-    looks like what the network saw in training.
-    """
-
-    def __init__(self, data: "HyperData", share: float):
-        from hyperforget.zoo.mlp import PerClassEvaluator
-
-        self.spec, self.share = data.spec, share
-        x, y = data.test_split()
-        self.evaluate = PerClassEvaluator(data.spec, x, y)
-
-    def __call__(self, batch: dict, gen: torch.Generator) -> dict:
-        from hyperforget.zoo.mlp import init_params
-
-        rows = torch.nonzero(torch.rand(batch["params"].shape[0], generator=gen) < self.share).flatten()
-        if len(rows) == 0:
-            return batch
-        seeds = torch.randint(0, 2**31 - 1, (len(rows),), generator=gen).tolist()
-        starts = init_params(self.spec, seeds)
-        batch = dict(batch)
-        batch["params"], batch["losses"] = batch["params"].clone(), batch["losses"].clone()
-        batch["params"][rows] = starts.to(batch["params"].dtype)
-        batch["losses"][rows] = torch.as_tensor(self.evaluate(starts).loss, dtype=batch["losses"].dtype)
-        batch["noise_start"] = torch.zeros(batch["params"].shape[0], dtype=torch.bool)
-        batch["noise_start"][rows] = True
-        return batch
 
 
 def _ema_model(model: torch.nn.Module, ema: EMA) -> torch.nn.Module:
@@ -905,26 +512,6 @@ def _evaluate(model, ema, tokenizer, diffusion, data: HyperData, variant, cfg: T
     res = evaluate_alignment(sample, data.spec, x_test, y_test, low, high, good, variant=variant,
                              n_prompts=cfg.eval_prompts, n_networks=cfg.eval_networks, seed=cfg.seed)
     return res.to_dict()
-
-
-@torch.no_grad()
-def sample_params(model: torch.nn.Module, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, targets: torch.Tensor,
-                  current: torch.Tensor | None, current_losses: torch.Tensor | None, *, method: str = "ddim",
-                  steps: int = 50, eta: float = 0.0, seed: int = 0, guidance: float | None = None,
-                  device: torch.device | str = "cpu", progress=None) -> torch.Tensor:
-    """Sample raw MLP parameters (K, P) for raw target losses (K, C) (and raw θ (K, P) for DiHyFo-1)."""
-    model.eval()
-    dev = torch.device(device)
-    targets = torch.as_tensor(targets, dtype=torch.float32).to(dev)
-    cur = None
-    if current is not None:
-        cur = tokenizer.normalize(tokenizer.canonicalize(torch.as_tensor(current, dtype=torch.float32).to(dev)))
-    cl = torch.as_tensor(current_losses, dtype=torch.float32).to(dev) if current_losses is not None else None
-    fn = make_model_fn(model, tokenizer, targets, cur, cl, None, guidance)
-    gen = torch.Generator().manual_seed(int(seed))
-    x = diffusion.sample(fn, (targets.shape[0], tokenizer.spec.num_params), method=method, steps=steps, eta=eta,
-                         generator=gen, device=dev, progress=progress)
-    return tokenizer.denormalize(x).float().cpu()
 
 
 def _save_outputs(out: Path, ema: EMA, curves: dict) -> None:

@@ -14,7 +14,8 @@ from hyperforget.hyper.model import AdaLNMLP, DiT, DiTConfig, build_denoiser
 from hyperforget.hyper.quality import QualityConfig, generation_quality
 from hyperforget.hyper.sample import load_hypernetwork
 from hyperforget.hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute_coordinate_normalization
-from hyperforget.hyper.train import data_from_tensors, train
+from hyperforget.hyper.data import data_from_tensors
+from hyperforget.hyper.train import train
 from hyperforget.zoo.augment import canonicalize, permute_hidden, random_permutations
 from hyperforget.zoo.mlp import evaluate_per_class
 

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from hyperforget.hyper.sample import load_hypernetwork
-from hyperforget.hyper.train import data_from_tensors, lr_at, TrainConfig, train
+from hyperforget.hyper.data import data_from_tensors
+from hyperforget.hyper.train import TrainConfig, lr_at, train
 from hyperforget.zoo.errors import HyperForgetError
 
 
@@ -201,7 +202,7 @@ def test_classifier_free_guidance_per_row(ckpt_zoo, tmp_path):
 
 
 def test_noise_starts_replace_theta_by_inits_with_their_measured_losses(ckpt_zoo):
-    from hyperforget.hyper.train import NoiseStarts
+    from hyperforget.hyper.data import NoiseStarts
 
     data = _data(ckpt_zoo, "dihyfo1")
     batch = next(iter(data.train_stream))
@@ -231,7 +232,7 @@ def test_noise_starts_replace_theta_by_inits_with_their_measured_losses(ckpt_zoo
 
 
 def test_the_zoo_path_is_recorded_relative_to_the_model_directory(tmp_path, monkeypatch):
-    from hyperforget.hyper.train import resolve_zoo_path, stored_zoo_path
+    from hyperforget.hyper.denoise import resolve_zoo_path, stored_zoo_path
 
     stored = stored_zoo_path(str(tmp_path / "demo" / "zoo"), tmp_path / "demo" / "models" / "dihyfo2")
     assert stored == os.path.join("..", "..", "zoo")

@@ -1,0 +1,287 @@
+"""What a DiHyFo hypernetwork trains on: zoo views through the streaming loader, or tensors in memory.
+
+DiHyFo-2 reads single checkpoints (θ*, its class losses); DiHyFo-1 reads pairs from one run (θ earlier,
+θ* later, both with class losses), a share of them with θ replaced by a fresh initialization
+(:class:`NoiseStarts`). Also the zoo's loss statistics and per-value normalization statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hyperforget.hyper.tokenizer import compute_coordinate_normalization, compute_normalization
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLPSpec
+from hyperforget.zoo.seeds import EPOCH_SHUFFLE_STRIDE
+
+KNOWN_ACCURACY = 0.9  # a checkpoint "knows every class" when each class's test accuracy reaches this
+
+
+class TensorStream:
+    """In-memory stand-in for queries.loader.CheckpointStream (single or pairs mode).
+
+    Batches: {"params" (B, P), "losses" (B, C), "ids" (B,)} and, with ``pairs`` (M, 2) index
+    pairs (θ row, θ* row), also "target_params", "target_losses", "target_ids". An epoch is a
+    seeded permutation split into full batches, dealt round-robin to ranks.
+    """
+
+    def __init__(self, params: torch.Tensor, losses: torch.Tensor, pairs: torch.Tensor | None = None, *,
+                 batch_size: int = 128, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.params = torch.as_tensor(params, dtype=torch.float32)
+        self.losses = torch.as_tensor(losses, dtype=torch.float32)
+        self.pairs = None if pairs is None else torch.as_tensor(pairs, dtype=torch.long)
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.offset = 0, 0  # offset: batches of this epoch already yielded to this rank
+        n = len(self.pairs) if self.pairs is not None else len(self.params)
+        if n < batch_size * world_size:
+            raise HyperForgetError(f"{n} training examples cannot fill one batch of {batch_size} on "
+                                   f"{world_size} rank(s); lower --batch-size")
+        self.num_examples = n
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.offset = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+
+    def __len__(self) -> int:
+        return self.num_examples // (self.batch_size * self.world_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        n = self.num_examples
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * EPOCH_SHUFFLE_STRIDE + self.epoch))
+                 if self.shuffle else torch.arange(n))
+        batches = order[: len(self) * self.batch_size * self.world_size].view(-1, self.batch_size)
+        mine = batches[self.rank::self.world_size]
+        while self.offset < len(mine):
+            idx = mine[self.offset]
+            self.offset += 1
+            if self.pairs is None:
+                yield {"params": self.params[idx], "losses": self.losses[idx], "ids": idx}
+            else:
+                a, b = self.pairs[idx, 0], self.pairs[idx, 1]
+                yield {"params": self.params[a], "losses": self.losses[a], "ids": a,
+                       "target_params": self.params[b], "target_losses": self.losses[b], "target_ids": b}
+        self.epoch, self.offset = self.epoch + 1, 0
+
+
+
+def run_pairs(run_ids: np.ndarray, steps: np.ndarray, max_pairs: int | None = None, seed: int = 0) -> np.ndarray:
+    """(M, 2) row pairs (earlier, later) of the same run, as DiHyFo-1 trains on."""
+    run_ids, steps = np.asarray(run_ids), np.asarray(steps)
+    out = []
+    for r in np.unique(run_ids):
+        rows = np.flatnonzero(run_ids == r)
+        a, b = np.meshgrid(rows, rows, indexing="ij")
+        keep = steps[a] < steps[b]
+        out.append(np.stack([a[keep], b[keep]], 1))
+    pairs = np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
+    if max_pairs is not None and len(pairs) > max_pairs:
+        pairs = pairs[np.random.default_rng(seed).choice(len(pairs), max_pairs, replace=False)]
+    return pairs.astype(np.int64)
+
+
+
+@dataclass
+class HyperData:
+    """Everything the trainer needs to know about its checkpoints besides the streams."""
+
+    spec: MLPSpec  # the MLP family
+    classes: list[int]  # original class ids of the task
+    normalization: dict  # zoo statistics (global mean/std, gpt_coeff, per-layer mean/std)
+    loss_stats: dict  # per-class loss quantiles: {"min", "q05", "q10", "q50", "q95", "max"} → (C,) lists
+    train_stream: object  # iterable of dict batches (CheckpointStream or TensorStream)
+    test_stream: object | None  # the same over held-out runs, or None
+    dataset: dict | None = None  # {"name", "classes", "scaling"} for load_dataset, or None
+    eval_data: tuple[torch.Tensor, torch.Tensor] | None = None  # (x_test, y_test) when no dataset name
+    zoo: str | None = None  # zoo path
+    pivots: list[int] = field(default_factory=list)  # the zoo's pivot classes (task labels)
+
+    def test_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_test (N, D), y_test (N,)) of the task, for evaluating decoded MLPs."""
+        if self.eval_data is None:
+            if self.dataset is None:
+                raise HyperForgetError("no dataset to evaluate generated MLPs on; give the zoo's dataset")
+            self.eval_data = load_task_test_split(self.dataset)
+        return self.eval_data
+
+
+
+def load_task_test_split(dataset: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split of the dataset a zoo records (its name, original classes, pixel scaling)."""
+    from hyperforget.zoo.datasets import load_dataset
+
+    ds = load_dataset(dataset["name"], root=dataset.get("root"), classes=dataset.get("classes"),
+                      scaling=dataset.get("scaling", "unit"))
+    return torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test)
+
+
+
+def loss_statistics(losses: np.ndarray, accuracies: np.ndarray | None = None) -> dict:
+    """Per-class quantiles of the class losses (N, C) -> {name: (C,) list}.
+
+    With per-class accuracies (N, C), also "known_median": the per-class median loss of the
+    checkpoints that know every class (accuracy ≥ KNOWN_ACCURACY on each): a low loss that the
+    zoo's models reach on all classes at once, unlike the per-class q10, which few checkpoints
+    reach jointly.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    qs = {"min": 0.0, "q05": 0.05, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q95": 0.95, "max": 1.0}
+    stats = {k: np.nanquantile(losses, q, axis=0).astype(float).tolist() for k, q in qs.items()}
+    if accuracies is not None:
+        known = (np.asarray(accuracies) >= KNOWN_ACCURACY).all(1) & np.isfinite(losses).all(1)
+        if known.any():
+            stats["known_median"] = np.median(losses[known], axis=0).astype(float).tolist()
+            stats["known_rows"] = int(known.sum())
+    return stats
+
+
+
+def data_from_tensors(spec: MLPSpec, params: torch.Tensor, losses: torch.Tensor, *, variant: str,
+                      run_ids: np.ndarray | None = None, steps: np.ndarray | None = None,
+                      x_test: torch.Tensor, y_test: torch.Tensor, batch_size: int, seed: int = 0,
+                      test_fraction: float = 0.1, rank: int = 0, world_size: int = 1,
+                      classes: list[int] | None = None) -> HyperData:
+    """HyperData over in-memory checkpoints (N, P) with class losses (N, C); runs split train/test."""
+    params = torch.as_tensor(params, dtype=torch.float32)
+    losses = torch.as_tensor(losses, dtype=torch.float32)
+    n = len(params)
+    run_ids = np.arange(n) if run_ids is None else np.asarray(run_ids)
+    steps = np.zeros(n, dtype=np.int64) if steps is None else np.asarray(steps)
+    runs = np.unique(run_ids)
+    rng = np.random.default_rng(seed)
+    test_runs = set(rng.choice(runs, max(1, int(round(len(runs) * test_fraction))), replace=False).tolist())
+    is_test = np.isin(run_ids, list(test_runs))
+    train_rows, test_rows = np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+    def stream(rows: np.ndarray, shuffle: bool, bs: int) -> TensorStream:
+        sub_p, sub_l = params[rows], losses[rows]
+        pairs = None
+        if variant == "dihyfo1":
+            pairs = torch.as_tensor(run_pairs(run_ids[rows], steps[rows], seed=seed))
+        return TensorStream(sub_p, sub_l, pairs, batch_size=bs, shuffle=shuffle, seed=seed, rank=rank,
+                            world_size=world_size)
+
+    per_rank = batch_size // world_size
+    return HyperData(spec=spec, classes=list(classes or range(spec.num_classes)),
+                     normalization=compute_normalization(spec, params[train_rows]),
+                     loss_stats=loss_statistics(losses[train_rows].numpy()),
+                     train_stream=stream(train_rows, True, per_rank),
+                     test_stream=stream(test_rows, True, min(per_rank, max(1, len(test_rows) // world_size))),
+                     eval_data=(torch.as_tensor(x_test), torch.as_tensor(y_test)))
+
+
+
+def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                  permute: bool = True, view: dict | None = None) -> HyperData:
+    """HyperData over a zoo's training/test views (built on first use by queries.views)."""
+    from hyperforget.queries.loader import CheckpointStream
+    from hyperforget.queries.views import ensure_training_views
+    from hyperforget.zoo.store import open_zoo
+
+    reader = open_zoo(zoo)
+    cfg = reader.config
+    norm = getattr(cfg, "normalization", None)
+    if not norm:
+        raise HyperForgetError(f"zoo {zoo} has no normalization statistics; run `hyperforget zoo stats {zoo}` "
+                               "(or finish its collection) first")
+    from hyperforget.queries.views import VARIANT_KINDS
+
+    train_view, test_view = ensure_training_views(zoo, variant, seed=seed, **(view or {}).get(VARIANT_KINDS[variant], {}))
+    per_rank = batch_size // world_size
+    # Full, equal batches on every rank: a short or missing batch on one rank would hang DDP.
+    even = "pad" if world_size > 1 else False
+    train_stream = CheckpointStream(zoo, train_view, batch_size=per_rank, shuffle=True, seed=seed,
+                                    permute=permute, drop_last=True, rank=rank, world_size=world_size,
+                                    even_ranks=even)
+    test_stream = CheckpointStream(zoo, test_view, batch_size=per_rank, shuffle=True, seed=seed + 1,
+                                   rank=rank, world_size=world_size, even_ranks=even)
+    meta = reader.metadata()
+    c = cfg.spec.num_classes
+    losses = np.stack([meta.column(f"loss_{k}").to_numpy(zero_copy_only=False) for k in range(c)], 1)
+    accs = np.stack([meta.column(f"acc_{k}").to_numpy(zero_copy_only=False) for k in range(c)], 1)
+    dataset = _dataset_description(cfg)
+    return HyperData(spec=cfg.spec, classes=list(cfg.classes), normalization=dict(norm),
+                     loss_stats=loss_statistics(losses, accs), train_stream=train_stream, test_stream=test_stream,
+                     dataset=dataset, zoo=str(zoo), pivots=list(getattr(cfg, "pivots", []) or []))
+
+
+
+def coordinate_statistics(data: HyperData, variant: str, canonical: bool, max_rows: int = 20_000) -> dict:
+    """Per-value mean/std of the training stream's targets (θ*), from up to ``max_rows`` of them.
+
+    Reads the first batches of the stream and restores its position, so training sees the same
+    data order with or without this pass.
+    """
+    stream = data.train_stream
+    state = stream.state_dict() if hasattr(stream, "state_dict") else None
+    key = "target_params" if variant == "dihyfo1" else "params"
+    rows, n = [], 0
+    for batch in stream:
+        rows.append(torch.as_tensor(batch[key], dtype=torch.float32))
+        n += len(rows[-1])
+        if n >= max_rows:
+            break
+    if state is not None:
+        stream.load_state_dict(state)
+    if not rows:
+        raise HyperForgetError("the training view yields no batch; lower --batch-size or grow the zoo")
+    # Under DDP every rank sees its own slice: the sums of all ranks make one set of statistics.
+    reduce = dist.all_reduce if dist.is_available() and dist.is_initialized() else None
+    return compute_coordinate_normalization(data.spec, torch.cat(rows)[:max_rows], canonical, reduce)
+
+
+
+def _dataset_description(cfg) -> dict:
+    ds = getattr(cfg, "dataset", None)
+    if isinstance(ds, str):
+        ds = {"name": ds}
+    ds = dict(ds or {})
+    if "name" not in ds:
+        raise HyperForgetError("the zoo's config names no dataset; it cannot be evaluated")
+    ds.setdefault("classes", list(cfg.classes))
+    return {k: ds[k] for k in ("name", "classes", "scaling", "root") if k in ds}
+
+
+
+class NoiseStarts:
+    """Replace a share of DiHyFo-1 pairs' θ by fresh MLP initializations and their test-split losses.
+
+    The losses are measured exactly as the zoo measures its checkpoints' (per-class mean cross-entropy
+    on the task's test split), so a noise start at sampling time (hyper.sample: current_params=None)
+    looks like what the network saw in training.
+    """
+
+    def __init__(self, data: "HyperData", share: float):
+        from hyperforget.zoo.mlp import PerClassEvaluator
+
+        self.spec, self.share = data.spec, share
+        x, y = data.test_split()
+        self.evaluate = PerClassEvaluator(data.spec, x, y)
+
+    def __call__(self, batch: dict, gen: torch.Generator) -> dict:
+        from hyperforget.zoo.mlp import init_params
+
+        rows = torch.nonzero(torch.rand(batch["params"].shape[0], generator=gen) < self.share).flatten()
+        if len(rows) == 0:
+            return batch
+        seeds = torch.randint(0, 2**31 - 1, (len(rows),), generator=gen).tolist()
+        starts = init_params(self.spec, seeds)
+        batch = dict(batch)
+        batch["params"], batch["losses"] = batch["params"].clone(), batch["losses"].clone()
+        batch["params"][rows] = starts.to(batch["params"].dtype)
+        batch["losses"][rows] = torch.as_tensor(self.evaluate(starts).loss, dtype=batch["losses"].dtype)
+        batch["noise_start"] = torch.zeros(batch["params"].shape[0], dtype=torch.bool)
+        batch["noise_start"][rows] = True
+        return batch
+
