@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Sequence
 
 from hyperforget.pipelines.retrain import init_run
-from hyperforget.pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, RunConfig, UnlearnConfig,
-        compute_metrics, forget_dir_name)
-from hyperforget.zoo.files import read_json, write_json
+from hyperforget.pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, RunConfig, UnlearnConfig, compute_metrics,
+                                           forget_dir_name)
 from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.files import read_json, write_json
 from hyperforget.zoo.mlp import get_preset
 from hyperforget.zoo.seeds import retraining_seeds
 

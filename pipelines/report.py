@@ -23,9 +23,9 @@ from typing import Sequence
 import numpy as np
 
 from hyperforget.pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, Run, forget_dir_name, load_method,
-        open_run)
-from hyperforget.zoo.files import jsonable, read_json, write_json
+                                           open_run)
 from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.files import jsonable, read_json, write_json
 
 # (key in metrics.json, row label, preferred direction) in the paper's order.
 PERFORMANCE_ROWS = [("acc_retain", "Accuracy on D_r", "↑"), ("acc_forget", "Accuracy on D_f", "↓"),

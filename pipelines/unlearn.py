@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from hyperforget.pipelines.retrieval import unlearn_by_retrieval
-from hyperforget.zoo.files import jsonable, read_json, write_json
 from hyperforget.zoo.errors import HyperForgetError, from_settings
+from hyperforget.zoo.files import jsonable, read_json, write_json
 from hyperforget.zoo.mlp import MLP, MLPSpec, batched_logits, evaluate_per_class, get_preset, load_mlps, save_mlps
 from hyperforget.zoo.seeds import retraining_seeds
 

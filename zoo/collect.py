@@ -38,9 +38,9 @@ from hyperforget.zoo.datasets import Dataset, load_dataset
 from hyperforget.zoo.errors import HyperForgetError, from_settings
 from hyperforget.zoo.holdout import check_holdout, forgets_any, restrict_plan
 from hyperforget.zoo.lockstep import (LockstepSGD, epoch_batches, flush_denormals, matmul_gflops, step_product_shapes,
-                          steps_per_epoch)
-from hyperforget.zoo.mlp import (PerClassEvaluator, TaskPreset, concat_models, flat_from_hidden_major, get_preset, init_params,
-                     take_models)
+                                      steps_per_epoch)
+from hyperforget.zoo.mlp import (PerClassEvaluator, TaskPreset, concat_models, flat_from_hidden_major, get_preset,
+                                 init_params, take_models)
 from hyperforget.zoo.selection import PHASES, REASONS, SelectionConfig, Selector, consider_mask
 from hyperforget.zoo.files import atomic_path
 

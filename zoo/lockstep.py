@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from hyperforget.zoo import kernels as kernels_module
 from hyperforget.zoo.errors import HyperForgetError
-from hyperforget.zoo.mlp import (MLPSpec, flat_from_hidden_major, hidden_major, init_params as default_init_params, stacked_forward,
-                     take_models)
+from hyperforget.zoo.mlp import (MLPSpec, flat_from_hidden_major, hidden_major, init_params as default_init_params,
+                                 stacked_forward, take_models)
 
 GRAD_MODES = ("manual", "autograd")
 SCHEDULES = ("cosine", "constant")

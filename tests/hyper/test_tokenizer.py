@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hyperforget.hyper.tokenizer import (ParamTokenizer, TokenizerConfig, compute_normalization, frequency_encode,
-                             loss_transform)
+                                         loss_transform)
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLPSpec
 

@@ -10,8 +10,8 @@ import torch
 
 from hyperforget.pipelines.retrain import init_run
 from hyperforget.pipelines.unlearn import RunConfig, UnlearnConfig
-from hyperforget.zoo.files import write_json
 from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.files import write_json
 from hyperforget.zoo.mlp import load_mlps, save_mlps
 
 torch.set_num_threads(1)

@@ -12,9 +12,10 @@ import torch
 
 from hyperforget.pipelines.retrain import init_run
 from hyperforget.pipelines.unlearn import (LossStats, PromptConfig, RunConfig, UnlearnConfig, build_prompts,
-        carve_validation, compute_metrics, load_method, params_sha256, parse_classes, select_best, unlearn)
-from hyperforget.zoo.files import read_json
+                                           carve_validation, compute_metrics, load_method, params_sha256, parse_classes,
+                                           select_best, unlearn)
 from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.files import read_json
 from hyperforget.zoo.mlp import evaluate_per_class, load_mlps
 
 torch.set_num_threads(1)

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector
 
 from hyperforget.zoo.errors import HyperForgetError
-from hyperforget.zoo.mlp import (MLP, TASK_PRESETS, MLPSpec, batched_hidden, batched_logits, evaluate_per_class, get_preset,
-                     init_params, load_mlps, save_mlps)
+from hyperforget.zoo.mlp import (MLP, TASK_PRESETS, MLPSpec, batched_hidden, batched_logits, evaluate_per_class,
+                                 get_preset, init_params, load_mlps, save_mlps)
 
 torch.set_num_threads(1)
 

@@ -18,8 +18,8 @@ import torch
 
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLPSpec, batched_logits
-from hyperforget.zoo.store import (COMPRESSORS, DEFAULT_COMPRESSOR, ZooConfig, ZooWriter, compact, compute_normalization,
-                       create_zoo, open_zoo, verify_zoo, zoo_info)
+from hyperforget.zoo.store import (COMPRESSORS, DEFAULT_COMPRESSOR, ZooConfig, ZooWriter, compact,
+                                   compute_normalization, create_zoo, open_zoo, verify_zoo, zoo_info)
 
 torch.set_num_threads(1)
 SPEC = MLPSpec(64, 3, 4)
