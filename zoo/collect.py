@@ -36,7 +36,7 @@ import torch
 from hyperforget.zoo.augment import augment as permute_augment
 from hyperforget.zoo.datasets import Dataset, load_dataset
 from hyperforget.zoo.errors import HyperForgetError, from_settings
-from hyperforget.zoo.holdout import check_holdout, forgets_any, restrict_plan
+from hyperforget.zoo.holdout import FORGET_ACC, RETAIN_ACC, check_holdout, forgets_any, restrict_plan
 from hyperforget.zoo.lockstep import (LockstepSGD, epoch_batches, flush_denormals, matmul_gflops, step_product_shapes,
                                       steps_per_epoch)
 from hyperforget.zoo.mlp import (PerClassEvaluator, TaskPreset, concat_models, flat_from_hidden_major, get_preset,
@@ -81,8 +81,8 @@ class CollectConfig:
     # checkpoint with every class of a set at accuracy <= holdout_forget_acc and every other class
     # >= holdout_retain_acc is saved.
     holdout: list = field(default_factory=list)
-    holdout_forget_acc: float = 0.2
-    holdout_retain_acc: float = 0.8
+    holdout_forget_acc: float = FORGET_ACC
+    holdout_retain_acc: float = RETAIN_ACC
     max_param_abs: float = 10.0  # checkpoints with a larger |parameter| are not kept (G.pt drops them)
     selection: SelectionConfig = field(default_factory=SelectionConfig)  # Appendix A.5 heuristics
 

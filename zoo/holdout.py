@@ -20,6 +20,9 @@ import numpy as np
 
 from hyperforget.zoo.errors import HyperForgetError
 
+FORGET_ACC = 0.2  # default: a held-out set counts as forgotten when each of its classes is at most this accurate
+RETAIN_ACC = 0.8  # ... while every other class is at least this accurate
+
 
 def check_holdout(sets: Sequence[Sequence[int]], num_classes: int, pivots: Sequence[int]) -> list[list[int]]:
     """Held-out forget sets as sorted lists of task labels; a one-line error names a bad one."""

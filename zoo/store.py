@@ -1361,13 +1361,14 @@ def zoo_info(path: str | os.PathLike) -> dict:
 
 def _holdout_info(r: "ZooReader") -> dict | None:
     """The held-out forget sets of a holdout collection and how many checkpoints forget each (0 expected)."""
-    from hyperforget.zoo.holdout import holdout_counts
+    from hyperforget.zoo.holdout import FORGET_ACC, RETAIN_ACC, holdout_counts
 
     col = r.config.collection.get("config") or {}
     sets = col.get("holdout") or []
     if not sets:
         return None
-    fa, ra = float(col.get("holdout_forget_acc", 0.2)), float(col.get("holdout_retain_acc", 0.8))
+    fa = float(col.get("holdout_forget_acc", FORGET_ACC))
+    ra = float(col.get("holdout_retain_acc", RETAIN_ACC))
     c = r.config.spec.num_classes
     acc = r.metadata(columns=[f"acc_{k}" for k in range(c)])
     acc = np.stack([acc.column(f"acc_{k}").to_numpy() for k in range(c)], 1) if acc.num_rows else np.zeros((0, c))

@@ -9,6 +9,7 @@ import typer
 
 from hyperforget.pipelines.cli.checks import output_dir
 from hyperforget.pipelines.cli.zoo_cmds import zoo_app
+from hyperforget.zoo.holdout import FORGET_ACC, RETAIN_ACC
 
 
 @zoo_app.command("collect")
@@ -35,8 +36,8 @@ def collect_cmd(
         help="a forget set kept out of the zoo, e.g. 2,3 (repeatable): no run lowers all its classes and no "
              "checkpoint that forgot it is saved")] = None,
     holdout_forget_acc: Annotated[float, typer.Option(
-        help="a checkpoint forgot a held-out set when each of its classes is at most this accurate ...")] = 0.2,
-    holdout_retain_acc: Annotated[float, typer.Option(help="... and every other class at least this")] = 0.8,
+        help="a checkpoint forgot a held-out set when each of its classes is at most this accurate ...")] = FORGET_ACC,
+    holdout_retain_acc: Annotated[float, typer.Option(help="... and every other class at least this")] = RETAIN_ACC,
     no_dask: Annotated[bool, typer.Option("--no-dask", help="train groups in this process, one by one")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the summary as JSON")] = False,
 ) -> None:
