@@ -37,13 +37,11 @@ class EMA:
             self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
 
 
-
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
     sd = opt.state_dict()
     tensors = {f"state.{pid}.{k}": v.detach().cpu().contiguous() if torch.is_tensor(v) else torch.tensor(v)
                for pid, st in sd["state"].items() for k, v in st.items()}
     return tensors, {"param_groups": sd["param_groups"]}
-
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
@@ -52,7 +50,6 @@ def load_optimizer_state(opt: torch.optim.Optimizer, tensors: dict, meta: dict) 
         _, pid, k = key.split(".", 2)
         state.setdefault(int(pid), {})[k] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
 
 
 def save_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: EMA, opt: torch.optim.Optimizer,
@@ -75,7 +72,6 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, ema: EMA, opt:
     write_json(root / "latest.json", {"step": step, "dir": d.name})
     for old in sorted(p for p in root.glob("step-*") if p.name != d.name)[:-max(0, keep - 1) or None]:
         shutil.rmtree(old, ignore_errors=True)
-
 
 
 def load_checkpoint(out: Path) -> dict | None:

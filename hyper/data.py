@@ -75,7 +75,6 @@ class TensorStream:
         self.epoch, self.offset = self.epoch + 1, 0
 
 
-
 def run_pairs(run_ids: np.ndarray, steps: np.ndarray, max_pairs: int | None = None, seed: int = 0) -> np.ndarray:
     """(M, 2) row pairs (earlier, later) of the same run, as DiHyFo-1 trains on."""
     run_ids, steps = np.asarray(run_ids), np.asarray(steps)
@@ -89,7 +88,6 @@ def run_pairs(run_ids: np.ndarray, steps: np.ndarray, max_pairs: int | None = No
     if max_pairs is not None and len(pairs) > max_pairs:
         pairs = pairs[np.random.default_rng(seed).choice(len(pairs), max_pairs, replace=False)]
     return pairs.astype(np.int64)
-
 
 
 @dataclass
@@ -116,7 +114,6 @@ class HyperData:
         return self.eval_data
 
 
-
 def load_task_test_split(dataset: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The test split of the dataset a zoo records (its name, original classes, pixel scaling)."""
     from hyperforget.zoo.datasets import load_dataset
@@ -124,7 +121,6 @@ def load_task_test_split(dataset: dict) -> tuple[torch.Tensor, torch.Tensor]:
     ds = load_dataset(dataset["name"], root=dataset.get("root"), classes=dataset.get("classes"),
                       scaling=dataset.get("scaling", "unit"))
     return torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test)
-
 
 
 def loss_statistics(losses: np.ndarray, accuracies: np.ndarray | None = None) -> dict:
@@ -144,7 +140,6 @@ def loss_statistics(losses: np.ndarray, accuracies: np.ndarray | None = None) ->
             stats["known_median"] = np.median(losses[known], axis=0).astype(float).tolist()
             stats["known_rows"] = int(known.sum())
     return stats
-
 
 
 def data_from_tensors(spec: MLPSpec, params: torch.Tensor, losses: torch.Tensor, *, variant: str,
@@ -181,7 +176,6 @@ def data_from_tensors(spec: MLPSpec, params: torch.Tensor, losses: torch.Tensor,
                      eval_data=(torch.as_tensor(x_test), torch.as_tensor(y_test)))
 
 
-
 def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                   permute: bool = True, view: dict | None = None) -> HyperData:
     """HyperData over a zoo's training/test views (built on first use by queries.views)."""
@@ -216,7 +210,6 @@ def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: 
                      dataset=dataset, zoo=str(zoo), pivots=list(getattr(cfg, "pivots", []) or []))
 
 
-
 def coordinate_statistics(data: HyperData, variant: str, canonical: bool, max_rows: int = 20_000) -> dict:
     """Per-value mean/std of the training stream's targets (θ*), from up to ``max_rows`` of them.
 
@@ -241,7 +234,6 @@ def coordinate_statistics(data: HyperData, variant: str, canonical: bool, max_ro
     return compute_coordinate_normalization(data.spec, torch.cat(rows)[:max_rows], canonical, reduce)
 
 
-
 def _dataset_description(cfg) -> dict:
     ds = getattr(cfg, "dataset", None)
     if isinstance(ds, str):
@@ -251,7 +243,6 @@ def _dataset_description(cfg) -> dict:
         raise HyperForgetError("the zoo's config names no dataset; it cannot be evaluated")
     ds.setdefault("classes", list(cfg.classes))
     return {k: ds[k] for k in ("name", "classes", "scaling", "root") if k in ds}
-
 
 
 class NoiseStarts:

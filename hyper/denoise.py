@@ -21,9 +21,7 @@ from hyperforget.zoo.mlp import MLPSpec
 CONFIG_FORMAT = "hyperforget-dihyfo"
 
 
-
 CONFIG_VERSION = 1
-
 
 
 def build(variant: str, spec: MLPSpec, normalization: dict, model_cfg: DiTConfig,
@@ -33,7 +31,6 @@ def build(variant: str, spec: MLPSpec, normalization: dict, model_cfg: DiTConfig
     model = build_denoiser(replace(model_cfg, variant=variant), tokenizer.num_tokens, tok_cfg.token_size,
                            spec.num_params, spec.num_classes, loss_stats)
     return model, tokenizer
-
 
 
 def make_model_fn(model: torch.nn.Module, tokenizer: ParamTokenizer, target_losses: torch.Tensor,
@@ -71,7 +68,6 @@ def make_model_fn(model: torch.nn.Module, tokenizer: ParamTokenizer, target_loss
     return fn
 
 
-
 @torch.no_grad()
 def sample_params(model: torch.nn.Module, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, targets: torch.Tensor,
                   current: torch.Tensor | None, current_losses: torch.Tensor | None, *, method: str = "ddim",
@@ -92,7 +88,6 @@ def sample_params(model: torch.nn.Module, tokenizer: ParamTokenizer, diffusion: 
     return tokenizer.denormalize(x).float().cpu()
 
 
-
 def stored_zoo_path(zoo: str | None, model_dir: Path) -> str | None:
     """How config.json records its zoo: a local path relative to the model directory (so that a
     model directory moved together with its zoo, or used from any working directory, still finds
@@ -102,13 +97,11 @@ def stored_zoo_path(zoo: str | None, model_dir: Path) -> str | None:
     return os.path.relpath(os.path.abspath(zoo), os.path.abspath(model_dir))
 
 
-
 def resolve_zoo_path(stored: str | None, model_dir: Path) -> str | None:
     """The zoo a config.json names: a relative path is relative to the model directory."""
     if stored is None or "://" in stored or os.path.isabs(stored):
         return stored
     return os.path.normpath(os.path.join(os.path.abspath(model_dir), stored))
-
 
 
 def check_config_version(saved: dict, where) -> None:

@@ -34,7 +34,6 @@ from hyperforget.zoo.mlp import init_params
 from hyperforget.zoo.seeds import QUALITY_SEED_BASE
 
 
-
 @dataclass
 class QualityConfig:
     """What the generation-quality measurement samples (stored in its JSON)."""

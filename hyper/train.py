@@ -109,8 +109,6 @@ class TrainConfig:
 # Data: the zoo's streaming loader, or in-memory tensors with the same interface.
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # Building blocks shared with hyper.sample.
 

@@ -77,7 +77,6 @@ def augment(spec: MLPSpec, params: torch.Tensor | np.ndarray, k: int, seed: int)
     return out.reshape(n * (k + 1), -1), perm_index
 
 
-
 def canonical_permutations(spec: MLPSpec, params: torch.Tensor | np.ndarray) -> torch.Tensor:
     """(n, H) permutations that sort each vector's hidden units by fc1.bias (ascending).
 
