@@ -28,6 +28,7 @@ import torch
 
 from hyperforget.zoo.errors import HyperForgetError, from_settings
 from hyperforget.zoo.mlp import MLPSpec
+from hyperforget.zoo.normalization import GPT_TARGET_STD, MomentSums, layer_normalization
 
 NORMALIZATIONS = ("global", "layer", "coordinate")
 
@@ -38,7 +39,7 @@ class TokenizerConfig:
 
     token_size: int = 64  # most values in one token; must stay below the DiT hidden size
     normalization: str = "global"  # "global" (one scale, G.pt) or "layer" (per-layer mean/std)
-    target_std: float = 0.538  # std of normalized parameters (G.pt's constant; "coordinate" uses 1)
+    target_std: float = GPT_TARGET_STD  # std of normalized parameters (G.pt's constant; "coordinate" uses 1)
     canonical: bool = False  # sort hidden units by fc1.bias before normalizing (one mode per function)
 
     def __post_init__(self) -> None:
@@ -65,12 +66,7 @@ def compute_normalization(spec: MLPSpec, params: torch.Tensor | np.ndarray) -> d
     """
     p = torch.as_tensor(params, dtype=torch.float64)
     spec.layout.check(p)
-    layers = {}
-    for s in spec.layout.slots:
-        v = p[:, s.offset:s.stop]
-        layers[s.name] = {"mean": float(v.mean()), "std": float(v.std())}
-    std = float(p.std())
-    return {"mean": float(p.mean()), "std": std, "gpt_coeff": 0.538 / max(std, 1e-12), "layers": layers}
+    return layer_normalization(spec.layout, MomentSums(spec.num_params).add(p.numpy()))
 
 
 def compute_coordinate_normalization(spec: MLPSpec, params: torch.Tensor | np.ndarray, canonical: bool,
@@ -88,17 +84,14 @@ def compute_coordinate_normalization(spec: MLPSpec, params: torch.Tensor | np.nd
     p = p[torch.isfinite(p).all(1)]
     if canonical:
         p = canonicalize(spec, p)
-    p = p.double()
-    sums = torch.stack([torch.full((p.shape[1],), float(len(p)), dtype=torch.float64), p.sum(0), (p * p).sum(0)])
+    sums = MomentSums(spec.num_params).add(p.double().numpy())
     if all_reduce is not None:
-        all_reduce(sums)
-    n, s1, s2 = sums[0, 0], sums[1], sums[2]
-    if n < 2:
-        raise HyperForgetError(f"{int(n)} finite checkpoints cannot give per-value statistics; grow the zoo")
-    mean = s1 / n
-    std = ((s2 - n * mean * mean).clamp_min(0) / (n - 1)).sqrt()  # the unbiased estimator, as torch.std
-    return {"mean": mean.float().tolist(), "std": std.float().tolist(), "canonical": bool(canonical),
-            "rows": int(n)}
+        packed = torch.from_numpy(np.stack([np.full_like(sums.s1, sums.count), sums.s1, sums.s2]))
+        all_reduce(packed)
+        sums.count, sums.s1, sums.s2 = int(packed[0, 0]), packed[1].numpy(), packed[2].numpy()
+    mean, std = sums.per_value()
+    return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(),
+            "canonical": bool(canonical), "rows": int(sums.count)}
 
 
 def _layer_stats(stats: dict, name: str) -> tuple[float, float]:

@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLP, MLPSpec
+from hyperforget.zoo.normalization import MomentSums, layer_normalization
 
 FORMAT = "hyperforget-zoo"
 FORMAT_VERSION = 1
@@ -1088,7 +1089,8 @@ def compute_normalization(reader: ZooReader, max_rows: int = 25000, seed: int = 
     """Parameter statistics over up to ``max_rows`` random committed checkpoints.
 
     Returns a JSON-ready dict: ``mean``, ``std`` (all parameters), ``gpt_coeff`` = 0.538 / std
-    (G.pt's single scale), ``layers`` {name: {mean, std}} in the spec's layout, ``rows``, ``seed``.
+    (G.pt's single scale), ``layers`` {name: {mean, std}} in the spec's layout, ``rows``, ``seed``
+    (the estimator: ``zoo.normalization``).
     """
     n = reader.num_rows
     if n == 0:
@@ -1096,24 +1098,14 @@ def compute_normalization(reader: ZooReader, max_rows: int = 25000, seed: int = 
     rng = np.random.default_rng(seed)
     ids = np.sort(rng.choice(n, size=min(n, max_rows), replace=False))
     layout = reader.spec.layout
-    s1 = np.zeros(layout.num_params)
-    s2 = np.zeros(layout.num_params)
+    sums = MomentSums(layout.num_params)
     for i in range(0, len(ids), batch_rows):
-        x = reader.read(ids[i:i + batch_rows]).astype(np.float64)
-        s1 += x.sum(0)
-        s2 += np.square(x).sum(0)
-
-    def stats(a: int, b: int) -> dict:
-        cnt = len(ids) * (b - a)
-        mean = s1[a:b].sum() / cnt
-        var = max(s2[a:b].sum() / cnt - mean * mean, 0.0)
-        return {"mean": float(mean), "std": float(np.sqrt(var))}
-
-    total = stats(0, layout.num_params)
-    if total["std"] == 0:
-        raise HyperForgetError(f"zoo {reader.path}: every sampled parameter is equal; cannot normalize")
-    return {**total, "gpt_coeff": 0.538 / total["std"], "rows": int(len(ids)), "seed": int(seed),
-            "layers": {s.name: stats(s.offset, s.stop) for s in layout.slots}}
+        sums.add(reader.read(ids[i:i + batch_rows]))
+    try:
+        stats = layer_normalization(layout, sums)
+    except HyperForgetError as e:
+        raise HyperForgetError(f"zoo {reader.path}: {e}") from None
+    return {**stats, "rows": int(len(ids)), "seed": int(seed)}
 
 
 def compact(path: str | os.PathLike, **kwargs) -> dict:

@@ -449,10 +449,10 @@ def test_normalization_matches_numpy(tiny_zoo):
     x = params.astype(np.float64)
     assert stats["rows"] == 117
     assert stats["mean"] == pytest.approx(x.mean(), rel=1e-9)
-    assert stats["std"] == pytest.approx(x.std(), rel=1e-9)
-    assert stats["gpt_coeff"] == pytest.approx(0.538 / x.std(), rel=1e-9)
+    assert stats["std"] == pytest.approx(x.std(ddof=1), rel=1e-9)
+    assert stats["gpt_coeff"] == pytest.approx(0.538 / x.std(ddof=1), rel=1e-9)
     sl = SPEC.layout.slot("fc2.weight")
-    assert stats["layers"]["fc2.weight"]["std"] == pytest.approx(x[:, sl.offset:sl.stop].std(), rel=1e-9)
+    assert stats["layers"]["fc2.weight"]["std"] == pytest.approx(x[:, sl.offset:sl.stop].std(ddof=1), rel=1e-9)
     sub = compute_normalization(r, max_rows=50, seed=3)
     assert sub["rows"] == 50 and sub == compute_normalization(r, max_rows=50, seed=3)
     with ZooWriter.open(path) as w:
