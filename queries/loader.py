@@ -60,6 +60,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from hyperforget.zoo.augment import permutation_index
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.seeds import LOADER_EPOCH_STRIDE
 
@@ -87,23 +88,6 @@ def hidden_permutations(keys: np.ndarray, hidden: int) -> np.ndarray:
     b = keys.shape[0]
     grid = keys[:, None].astype(np.uint64) * np.uint64(hidden + 1) + np.arange(1, hidden + 1, dtype=np.uint64)
     return np.argsort(_mix64(grid.reshape(-1)).reshape(b, hidden), axis=1, kind="stable")
-
-
-def permutation_index(spec, perms: np.ndarray) -> np.ndarray:
-    """(B, H) hidden-unit permutations -> (B, P) gather indices into flat parameter vectors.
-
-    Permuting hidden unit h -> perm[h] reorders fc1.weight rows, fc1.bias entries and fc2.weight
-    columns the same way, which leaves the network's function unchanged.
-    """
-    lay = spec.layout
-    b, h = perms.shape
-    d, c = spec.input_size, spec.num_classes
-    idx = np.broadcast_to(np.arange(lay.num_params, dtype=np.int64), (b, lay.num_params)).copy()
-    w1, b1, w2 = lay.slot("fc1.weight"), lay.slot("fc1.bias"), lay.slot("fc2.weight")
-    idx[:, w1.offset:w1.stop] = (w1.offset + perms[:, :, None] * d + np.arange(d)).reshape(b, h * d)
-    idx[:, b1.offset:b1.stop] = b1.offset + perms
-    idx[:, w2.offset:w2.stop] = (w2.offset + np.arange(c)[None, :, None] * h + perms[:, None, :]).reshape(b, c * h)
-    return idx
 
 
 class ShardFiles:

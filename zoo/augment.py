@@ -31,6 +31,25 @@ def random_permutations(hidden: int, k: int, seed: int) -> np.ndarray:
     return perms
 
 
+def permutation_index(spec: MLPSpec, perms: np.ndarray) -> np.ndarray:
+    """(B, H) hidden-unit permutations -> (B, P) gather indices into flat parameter vectors.
+
+    New hidden unit j is old unit perms[b, j]: fc1.weight rows, fc1.bias entries and fc2.weight
+    columns move together, which leaves the network's function unchanged. The one implementation
+    of the symmetry: augmentation, canonical order and the loader's on-the-fly permutations use it.
+    """
+    perms = np.asarray(perms, dtype=np.int64)
+    lay = spec.layout
+    b, h = perms.shape
+    d, c = spec.input_size, spec.num_classes
+    idx = np.broadcast_to(np.arange(lay.num_params, dtype=np.int64), (b, lay.num_params)).copy()
+    w1, b1, w2 = lay.slot("fc1.weight"), lay.slot("fc1.bias"), lay.slot("fc2.weight")
+    idx[:, w1.offset:w1.stop] = (w1.offset + perms[:, :, None] * d + np.arange(d)).reshape(b, h * d)
+    idx[:, b1.offset:b1.stop] = b1.offset + perms
+    idx[:, w2.offset:w2.stop] = (w2.offset + np.arange(c)[None, :, None] * h + perms[:, None, :]).reshape(b, c * h)
+    return idx
+
+
 def permute_hidden(spec: MLPSpec, params: torch.Tensor | np.ndarray, perms: torch.Tensor | np.ndarray) -> torch.Tensor:
     """Apply one hidden-unit permutation per vector.
 
@@ -38,19 +57,16 @@ def permute_hidden(spec: MLPSpec, params: torch.Tensor | np.ndarray, perms: torc
         params: (n, P) flat parameter vectors.
         perms: (n, H) permutations; new hidden unit j is old unit perms[i, j].
     Returns:
-        (n, P) permuted vectors computing the same functions.
+        (n, P) permuted vectors computing the same functions (on params' device).
     """
     params = torch.as_tensor(params, dtype=torch.float32)
     spec.layout.check(params)
-    perms = torch.as_tensor(perms, dtype=torch.long)
+    perms = torch.as_tensor(perms, dtype=torch.long).cpu()
     n, h = params.shape[0], spec.hidden
     if tuple(perms.shape) != (n, h):
         raise HyperForgetError(f"perms must be ({n}, {h}), got {tuple(perms.shape)}")
-    lay = spec.layout.unflatten(params)
-    w1 = torch.gather(lay["fc1.weight"], 1, perms[:, :, None].expand(n, h, spec.input_size))  # (n, H, D)
-    b1 = torch.gather(lay["fc1.bias"], 1, perms)  # (n, H)
-    w2 = torch.gather(lay["fc2.weight"], 2, perms[:, None, :].expand(n, spec.num_classes, h))  # (n, C, H)
-    return torch.cat([w1.reshape(n, -1), b1, w2.reshape(n, -1), lay["fc2.bias"]], dim=1)
+    idx = torch.from_numpy(permutation_index(spec, perms.numpy())).to(params.device)
+    return torch.gather(params, 1, idx)
 
 
 def augment(spec: MLPSpec, params: torch.Tensor | np.ndarray, k: int, seed: int) -> tuple[torch.Tensor, np.ndarray]:

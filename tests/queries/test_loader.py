@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hyperforget.queries.loader import CheckpointStream, hidden_permutations, make_loader, permutation_index, to_device
+from hyperforget.queries.loader import CheckpointStream, hidden_permutations, make_loader, to_device
+from hyperforget.zoo.augment import permutation_index
 from hyperforget.queries.views import build_view, load_view
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import batched_logits
