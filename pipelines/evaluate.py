@@ -38,13 +38,12 @@ import torch
 
 from hyperforget.pipelines import attacks as za
 from hyperforget.zoo.errors import HyperForgetError
-from hyperforget.zoo.mlp import MLPSpec, batched_hidden, batched_logits
+from hyperforget.zoo.mlp import MLPSpec, batched_hidden, batched_logits, model_logits
 from hyperforget.zoo.seeds import REFERENCE_SEED_BASE
 
 EVAL_FORMAT = "hyperforget-evaluation"
 EVAL_VERSION = 1
 SEED_BASE = REFERENCE_SEED_BASE  # first seed of the reference populations: far from run (0, 100..) and zoo seeds
-MASK_LOGIT = -math.inf  # what the logit-masking control puts on the forget logits
 MIN_EPS_MODELS = 8  # below this many models a row's ε is flagged: one model gives only a range test
 
 
@@ -98,19 +97,6 @@ class Population:
 
 # ----------------------------------------------------------------------------------------------
 # Model outputs
-
-
-@torch.no_grad()
-def population_logits(spec: MLPSpec, params: torch.Tensor, x: torch.Tensor, masked: Sequence[int] = (),
-                      models_per_pass: int = 64) -> np.ndarray:
-    """(M, P) params, (N, D) inputs -> (M, N, C) float32 logits, masked classes at −∞."""
-    out = []
-    for i in range(0, params.shape[0], models_per_pass):
-        out.append(batched_logits(spec, params[i:i + models_per_pass], x))
-    logits = torch.cat(out).numpy().astype(np.float32)
-    if masked:
-        logits[..., list(masked)] = MASK_LOGIT
-    return logits
 
 
 def _acc(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -290,7 +276,7 @@ def _mia(ctx: _Context, params: torch.Tensor, masked: Sequence[int]) -> dict:
 
     k = min(params.shape[0], ctx.config.mia_models)
     out = {"entropy": [], "loss": []}
-    lg = {s: population_logits(ctx.spec, params[:k], ctx.x[s], masked) for s in ("dr", "test", "df")}
+    lg = {s: model_logits(ctx.spec, params[:k], ctx.x[s], masked).numpy() for s in ("dr", "test", "df")}
     for m in range(k):
         p = {s: zm.softmax(lg[s][m]) for s in lg}
         out["entropy"].append(zm.entropy_mia(p["dr"], p["test"], p["df"]))
@@ -302,7 +288,7 @@ def _accuracies(ctx: _Context, params: torch.Tensor, masked: Sequence[int]) -> d
     acc = {}
     for split, key in (("dr", "retain_train"), ("df", "forget_train"), ("test_r", "test_retain"),
                        ("test_f", "test_forget"), ("test", "test")):
-        acc[key] = _acc(population_logits(ctx.spec, params, ctx.x[split], masked), ctx.y[split])
+        acc[key] = _acc(model_logits(ctx.spec, params, ctx.x[split], masked).numpy(), ctx.y[split])
     return acc
 
 
@@ -312,7 +298,7 @@ def score_population(ctx: _Context, pop: Population) -> dict:
     params = pop.params
     neg_conf = ctx.conf_neg
     acc = _accuracies(ctx, params, pop.masked)
-    conf_u = za.logit_scaled_confidence(population_logits(ctx.spec, params, ctx.x["df"], pop.masked), ctx.y["df"])
+    conf_u = za.logit_scaled_confidence(model_logits(ctx.spec, params, ctx.x["df"], pop.masked).numpy(), ctx.y["df"])
     thr = za.calibrated_threshold_attack(conf_u, neg_conf, ctx.conf_ref, cfg.target_fpr)
     lira = za.ulira_attack(conf_u, neg_conf, ctx.conf_ref, cfg.target_fpr)
     eps = za.per_example_epsilon(conf_u, neg_conf, cfg.delta)
@@ -322,7 +308,7 @@ def score_population(ctx: _Context, pop: Population) -> dict:
     mia = _mia(ctx, params, pop.masked)
     jsd = {}
     for split, key in (("df", "forget_train"), ("test_r", "test_retain"), ("test_f", "test_forget")):
-        lg = population_logits(ctx.spec, params, ctx.x[split], pop.masked)
+        lg = model_logits(ctx.spec, params, ctx.x[split], pop.masked).numpy()
         jsd[key] = _stat(za.jsd_to_population(lg, ctx.ref_logits[split]))
     kp, kr = min(params.shape[0], cfg.probe_models), min(params.shape[0], cfg.relearn_models)
     probe = probe_forget_accuracy(ctx.spec, params[:kp], ctx.x["fit"], ctx.y["fit"], ctx.x["test"], ctx.y["test"],
@@ -665,11 +651,11 @@ def _build_context(run, forget, retain, ref, neg, floor, retrain_seconds, cfg) -
                           for c in range(run.spec.num_classes)])
     spec = run.spec
     original = run.original_params()[None]
-    orig_acc = _acc(population_logits(spec, original, x["test_f"]), y["test_f"])[0]
+    orig_acc = _acc(model_logits(spec, original, x["test_f"]).numpy(), y["test_f"])[0]
     ctx = _Context(spec, forget, retain, x, y, ref, neg, floor,
-                   conf_ref=za.logit_scaled_confidence(population_logits(spec, ref, x["df"]), y["df"]),
-                   conf_neg=za.logit_scaled_confidence(population_logits(spec, neg, x["df"]), y["df"]),
-                   ref_logits={s: population_logits(spec, ref, x[s]) for s in ("df", "test_r", "test_f")},
+                   conf_ref=za.logit_scaled_confidence(model_logits(spec, ref, x["df"]).numpy(), y["df"]),
+                   conf_neg=za.logit_scaled_confidence(model_logits(spec, neg, x["df"]).numpy(), y["df"]),
+                   ref_logits={s: model_logits(spec, ref, x[s]).numpy() for s in ("df", "test_r", "test_f")},
                    retrained_acc={}, retrained_mia={}, original_forget_test_acc=float(orig_acc),
                    relearn_subset=(d.x_fit[sub], d.y_fit[sub]), retrain_seconds=retrain_seconds, config=cfg)
     # Retrained reference values come from the reference half, which no row (the floor included) reuses.

@@ -306,8 +306,8 @@ def confusion_matrices(run: Run, forget: Sequence[int], method: str) -> dict[str
     on the test split and on D_r (the forget set is left out, as in the paper's Figures 5-8)."""
     import torch
 
-    from hyperforget.pipelines.unlearn import model_logits
     from hyperforget.pipelines.metrics import confusion_matrix
+    from hyperforget.zoo.mlp import model_logits
 
     params, record = load_method(run, forget, method)
     retrained, _ = load_method(run, forget, "retrain")

@@ -33,7 +33,7 @@ import torch
 from hyperforget.pipelines.retrieval import unlearn_by_retrieval
 from hyperforget.zoo.errors import HyperForgetError, from_settings
 from hyperforget.zoo.files import jsonable, read_json, write_json
-from hyperforget.zoo.mlp import MLP, MLPSpec, batched_logits, evaluate_per_class, get_preset, load_mlps, save_mlps
+from hyperforget.zoo.mlp import MLP, MLPSpec, evaluate_per_class, get_preset, load_mlps, model_logits, save_mlps
 from hyperforget.zoo.seeds import retraining_seeds
 
 RUN_FORMAT = "hyperforget-run"
@@ -787,14 +787,6 @@ def _module_params(module) -> tuple[torch.Tensor, list[int]]:
         return module.flat_params().detach().clone(), []
     raise HyperForgetError(f"baseline returned a {type(module).__name__}, which is not an MLP; "
                            "it cannot be saved as a parameter vector")
-
-
-def model_logits(spec: MLPSpec, params: torch.Tensor, x: torch.Tensor, output_mask: Sequence[int] = ()) -> torch.Tensor:
-    """(M, P) params, (N, D) inputs -> (M, N, C) logits, -inf at the masked classes."""
-    logits = batched_logits(spec, torch.as_tensor(params, dtype=torch.float32), x)
-    if output_mask:
-        logits[..., list(output_mask)] = float("-inf")
-    return logits
 
 
 def per_class_accuracy(logits: torch.Tensor, y: torch.Tensor, num_classes: int) -> np.ndarray:

@@ -220,6 +220,25 @@ def batched_logits(spec: MLPSpec, params: torch.Tensor, x: torch.Tensor) -> torc
     return torch.baddbmm(w["fc2.bias"][:, None, :], h, w["fc2.weight"].transpose(1, 2))  # (M, N, C)
 
 
+MASKED_LOGIT = float("-inf")  # a masked class's logit: its softmax probability is exactly 0
+
+
+@torch.no_grad()
+def model_logits(spec: MLPSpec, params: torch.Tensor | np.ndarray, x: torch.Tensor, masked: Sequence[int] = (),
+                 models_per_pass: int = 64) -> torch.Tensor:
+    """(M, P) params, (N, D) inputs -> (M, N, C) float32 logits, the masked classes at −∞.
+
+    The one "logits of many models" helper: evaluation, selection and the report use it.
+    ``models_per_pass`` bounds the (models, N, H) intermediate.
+    """
+    params = torch.as_tensor(params, dtype=torch.float32)
+    out = [batched_logits(spec, params[i:i + models_per_pass], x) for i in range(0, params.shape[0], models_per_pass)]
+    logits = torch.cat(out) if out else torch.zeros(0, x.shape[0], spec.num_classes)
+    if masked:
+        logits[..., list(masked)] = MASKED_LOGIT
+    return logits
+
+
 def hidden_major(spec: MLPSpec, params: torch.Tensor) -> list[torch.Tensor]:
     """(M, P) flat vectors -> the stacked layers :func:`stacked_forward` reads (copies).
 

@@ -10,7 +10,7 @@ from torch.nn.utils import parameters_to_vector
 
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import (MLP, TASK_PRESETS, MLPSpec, batched_hidden, batched_logits, evaluate_per_class,
-                                 get_preset, init_params, load_mlps, save_mlps)
+                                 get_preset, init_params, load_mlps, model_logits, save_mlps)
 
 torch.set_num_threads(1)
 
@@ -80,6 +80,17 @@ def test_batched_logits_match_modules(tiny_dataset, activation):
             model = MLP.from_flat(spec, params[m])
             torch.testing.assert_close(logits[m], model(x), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(hidden[m], model.hidden_features(x), rtol=1e-5, atol=1e-5)
+
+
+def test_model_logits_chunks_and_masks(tiny_dataset):
+    spec = MLPSpec(64, 3, 4)
+    params = init_params(spec, range(7))
+    x = torch.as_tensor(tiny_dataset.x_test)
+    whole = batched_logits(spec, params, x)
+    chunked = model_logits(spec, params.numpy(), x, masked=[1, 3], models_per_pass=3)  # passes of 3, 3, 1
+    assert chunked.shape == whole.shape and torch.isneginf(chunked[..., [1, 3]]).all()
+    torch.testing.assert_close(chunked[..., [0, 2]], whole[..., [0, 2]])
+    assert model_logits(spec, params[:0], x).shape == (0, len(x), 4)
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
