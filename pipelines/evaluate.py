@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from hyperforget.pipelines import attacks as za
+from hyperforget.pipelines.metrics import format_stat, summarize
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLPSpec, batched_hidden, batched_logits, model_logits
 from hyperforget.zoo.seeds import REFERENCE_SEED_BASE
@@ -110,14 +111,6 @@ def _subsample(n: int, cap: int, seed: int) -> np.ndarray:
     if n <= cap:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).permutation(n)[:cap])
-
-
-def _stat(values) -> dict:
-    v = np.asarray(values, np.float64).ravel()
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std()), "n": int(v.size)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,7 +302,7 @@ def score_population(ctx: _Context, pop: Population) -> dict:
     jsd = {}
     for split, key in (("df", "forget_train"), ("test_r", "test_retain"), ("test_f", "test_forget")):
         lg = model_logits(ctx.spec, params, ctx.x[split], pop.masked).numpy()
-        jsd[key] = _stat(za.jsd_to_population(lg, ctx.ref_logits[split]))
+        jsd[key] = summarize(za.jsd_to_population(lg, ctx.ref_logits[split]))
     kp, kr = min(params.shape[0], cfg.probe_models), min(params.shape[0], cfg.relearn_models)
     probe = probe_forget_accuracy(ctx.spec, params[:kp], ctx.x["fit"], ctx.y["fit"], ctx.x["test"], ctx.y["test"],
                                   ctx.forget)
@@ -325,7 +318,7 @@ def score_population(ctx: _Context, pop: Population) -> dict:
     return {
         "name": pop.name, "kind": pop.kind, "num_models": int(params.shape[0]), "masked": list(pop.masked),
         "note": pop.note, **pop.extra,
-        "accuracy": {k: _stat(v) for k, v in acc.items()},
+        "accuracy": {k: summarize(v) for k, v in acc.items()},
         "attacks": {"calibrated_threshold": thr.to_dict(), "ulira": lira.to_dict()},
         "epsilon": {"F": f, "final_score": final, "median": float(np.median(eps)),
                     "fraction_infinite": float(np.isinf(eps).mean()),
@@ -333,11 +326,11 @@ def score_population(ctx: _Context, pop: Population) -> dict:
                                              minlength=za.EPS_NUM_BINS + 1)[1:].tolist(),
                     "ra_ratio": ra_u / ctx.retrained_acc["retain_train"],
                     "ta_ratio": ta_u / ctx.retrained_acc["test_retain"]},
-        "mia": {key: {**_stat(v), "minus_retrained": (float(np.nanmean(v)) - ctx.retrained_mia[key])}
+        "mia": {key: {**summarize(v), "minus_retrained": (float(np.nanmean(v)) - ctx.retrained_mia[key])}
                 for key, v in mia.items()},
         "jsd_to_retrained": jsd,
-        "probe_forget_acc": {**_stat(probe), "retrained": ctx.retrained_acc["probe"]},
-        "relearn": {"level": level, "steps": _stat(relearn), "reached": int(np.isfinite(relearn).sum()),
+        "probe_forget_acc": {**summarize(probe), "retrained": ctx.retrained_acc["probe"]},
+        "relearn": {"level": level, "steps": summarize(relearn), "reached": int(np.isfinite(relearn).sum()),
                     "tried": int(kr), "max_steps": cfg.relearn_max_steps},
         "cost": cost,
         # Per-model accuracies for the retain-vs-forget plot (a few hundred at most).
@@ -697,19 +690,6 @@ def _nearest_controls(run, selected, cfg: EvalConfig, log) -> list[Population]:
 # Report
 
 
-def _fmt(v, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    if isinstance(v, dict):
-        m, s = v.get("mean"), v.get("std")
-        if m is None:
-            return "–"
-        return f"{m:.{digits}f} ± {s:.{digits}f}" if v.get("n", 1) > 1 else f"{m:.{digits}f}"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    return f"{v:.{digits}f}"
-
-
 def render_markdown(result: dict) -> str:
     """Two Markdown tables (accuracy + attacks; outputs, representations, cost) and the notes."""
     ref = result["reference"]
@@ -728,8 +708,8 @@ def render_markdown(result: dict) -> str:
         lira = at["ulira"]
         tag = "" if lira["attack"] == "ulira" else "*"
         few = "†" if r["num_models"] < MIN_EPS_MODELS else ""
-        lines.append(f"| {r['name']} | {r['num_models']} | {_fmt(a['retain_train'])} | {_fmt(a['forget_train'])} | "
-                     f"{_fmt(a['test_retain'])} | {_fmt(a['test_forget'])} | "
+        lines.append(f"| {r['name']} | {r['num_models']} | {format_stat(a['retain_train'])} | {format_stat(a['forget_train'])} | "
+                     f"{format_stat(a['test_retain'])} | {format_stat(a['test_forget'])} | "
                      f"{at['calibrated_threshold']['auc']:.3f} | {at['calibrated_threshold']['tpr_at_1fpr']:.3f} | "
                      f"{lira['auc']:.3f}{tag} | {lira['tpr_at_1fpr']:.3f}{tag} | {e['F']:.3f}{few} | "
                      f"{e['final_score']:.3f}{few} |")
@@ -737,18 +717,18 @@ def render_markdown(result: dict) -> str:
               "| relearn steps | s / model | < 20% retrain |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         m, j, c, rl = r["mia"], r["jsd_to_retrained"], r["cost"], r["relearn"]
-        steps = _fmt(rl["steps"], 1) if rl["reached"] else f"> {rl['max_steps']}"
+        steps = format_stat(rl["steps"], 1) if rl["reached"] else f"> {rl['max_steps']}"
         if 0 < rl["reached"] < rl["tried"]:
             steps += f" ({rl['reached']}/{rl['tried']} reached)"
         cost = "–" if c is None else f"{c['seconds_per_model']:.3g}"
         if c is not None and c.get("amortized_seconds") is not None:
             cost += f" (amortized {c['amortized_seconds']:.3g})"
-        under = "–" if c is None else _fmt(c["under_20pct"])
+        under = "–" if c is None else format_stat(c["under_20pct"])
         if c is not None and "amortized_under_20pct" in c:
-            under += f" (amortized {_fmt(c['amortized_under_20pct'])})"
+            under += f" (amortized {format_stat(c['amortized_under_20pct'])})"
         lines.append(f"| {r['name']} | {m['entropy']['minus_retrained']:+.3f} | {m['loss']['minus_retrained']:+.3f} | "
-                     f"{_fmt(j['forget_train'])} | {_fmt(j['test_retain'])} | {_fmt(j['test_forget'])} | "
-                     f"{_fmt(r['probe_forget_acc'])} | {steps} | {cost} | {under} |")
+                     f"{format_stat(j['forget_train'])} | {format_stat(j['test_retain'])} | {format_stat(j['test_forget'])} | "
+                     f"{format_stat(r['probe_forget_acc'])} | {steps} | {cost} | {under} |")
     lines += ["", f"Retrained models: probe forget acc {ra['probe']:.3f}; one retrain takes "
               f"{ref['retrain_seconds_one_model']:.3g} s (the 20% rule's reference).", "",
               "Columns: attacks compare each row's models with the retrained negatives on D_f, per "
@@ -816,7 +796,7 @@ def plot_retain_vs_forget(result: dict, path: str | Path) -> None:
     for i, r in enumerate(result["rows"]):
         a = r["accuracy"]
         x, y = a["test_forget"], a["test_retain"]
-        if x["mean"] is None or y["mean"] is None:
+        if not (np.isfinite(x["mean"]) and np.isfinite(y["mean"])):
             continue
         line = ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], marker=markers.get(r["kind"], "s"),
                            linestyle="none", capsize=3, color=plt.cm.tab20(i % 20),

@@ -329,6 +329,20 @@ def summarize(values) -> dict[str, float]:
             "min": float(v.min()), "max": float(v.max()), "n": int(v.size)}
 
 
+def format_stat(stat, digits: int = 3, spread: bool = True) -> str:
+    """A table cell: a :func:`summarize` dict -> '0.984 ± 0.012' (the spread only over more than one
+    finite value), a number -> '0.984', a bool -> yes / no; missing or NaN -> '–'."""
+    if isinstance(stat, bool):
+        return "yes" if stat else "no"
+    mean, std, n = (stat.get("mean"), stat.get("std"), stat.get("n", 2)) if isinstance(stat, dict) else (stat, None, 1)
+    if mean is None or not math.isfinite(float(mean)):
+        return "–"
+    text = f"{float(mean):.{digits}f}"
+    if spread and n > 1 and std is not None and math.isfinite(float(std)) and float(std) > 0:
+        text += f" ± {float(std):.{digits}f}"
+    return text
+
+
 def _stack(logits, name: str) -> np.ndarray:
     a = as_numpy(logits)
     if a.ndim == 2:

@@ -15,13 +15,13 @@ RUN/report/report.md, report.json and PNG figures:
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from hyperforget.pipelines.metrics import format_stat
 from hyperforget.pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, Run, forget_dir_name, load_method,
                                            open_run)
 from hyperforget.zoo.errors import HyperForgetError
@@ -41,22 +41,6 @@ LABELS = {"dihyfo1": "DiHyFo-1", "dihyfo2": "DiHyFo-2", "zoo_retrieval": "Zoo re
 
 def _label(method: str) -> str:
     return LABELS.get(method, method)
-
-
-def _fmt(stat, digits: int = 4, spread: bool = True) -> str:
-    """{'mean', 'std'} or a number -> '0.9837 ± 0.0012'."""
-    if stat is None:
-        return "–"
-    if isinstance(stat, dict):
-        mean, std = stat.get("mean"), stat.get("std")
-    else:
-        mean, std = stat, None
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "–"
-    text = f"{float(mean):.{digits}f}"
-    if spread and std is not None and not (isinstance(std, float) and math.isnan(std)) and float(std) > 0:
-        text += f" ± {float(std):.{digits}f}"
-    return text
 
 
 def _fmt_time(seconds) -> str:
@@ -104,7 +88,7 @@ def paper_tables(data: dict) -> tuple[list[str], list[list[str]], list[str], lis
         header = ["metric"] + [f"{_label(m)} {_set_label(s['forget'])}" for m in methods for s in sets]
         body = []
         for key, name, arrow in rows:
-            body.append([f"{name} ({arrow})"] + [_fmt(s["methods"].get(m, {}).get(key)) for m in methods for s in sets])
+            body.append([f"{name} ({arrow})"] + [format_stat(s["methods"].get(m, {}).get(key), 4) for m in methods for s in sets])
         return header, body
 
     h1, b1 = build(perf_methods, PERFORMANCE_ROWS)
@@ -119,7 +103,7 @@ def comparison_table(entry: dict) -> tuple[list[str], list[list[str]]]:
     for method in _method_order(entry["methods"]):
         m = entry["methods"][method]
         rows.append([_label(method), str(m.get("num_models", ""))]
-                    + [_fmt(m.get(key), 3) for key, _ in COMPARISON_COLUMNS] + [_fmt_time(m.get("wall_seconds"))])
+                    + [format_stat(m.get(key), 3) for key, _ in COMPARISON_COLUMNS] + [_fmt_time(m.get("wall_seconds"))])
     return header, rows
 
 

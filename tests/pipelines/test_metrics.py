@@ -246,3 +246,11 @@ def test_unlearning_metrics_identical_models_and_errors():
 
 
 # ---------------------------------------------------------------------------------------------- distribution-level
+
+
+def test_format_stat_one_rule_for_every_table():
+    assert M.format_stat(M.summarize([0.5, 0.7])) == "0.600 ± 0.141"  # sample std, as summarize
+    assert M.format_stat(M.summarize([0.5]), 4) == "0.5000"  # one value: no spread
+    assert M.format_stat(M.summarize([0.5, 0.7]), spread=False) == "0.600"
+    assert M.format_stat(M.summarize([math.nan])) == M.format_stat(None) == M.format_stat(math.nan) == "–"
+    assert M.format_stat(0.25, 2) == "0.25" and M.format_stat(True) == "yes"
