@@ -163,7 +163,7 @@ def bench(work: str, rows: int, compressor: str, args) -> dict:
     t_naive = (time.perf_counter() - t0) * rows / k
 
     # Decode-only: every chunk once through the loader's reader, no shuffling or batching.
-    from hyperforget.queries.loader import ShardFiles
+    from hyperforget.zoo.store.shards import ShardFiles
 
     cfg = open_zoo(path).config
     files = ShardFiles.open(path, cfg.chunk_rows, cfg.shard_rows, p)
@@ -209,8 +209,8 @@ def codecs(zoo: str, work: str) -> None:
     """
     import zarr
 
-    from hyperforget.queries.loader import ShardFiles
-    from hyperforget.zoo.store import _compressor_codecs
+    from hyperforget.zoo.store import compressor_codecs
+    from hyperforget.zoo.store.shards import ShardFiles
 
     r = open_zoo(zoo)
     cfg = r.config
@@ -222,7 +222,7 @@ def codecs(zoo: str, work: str) -> None:
     for name in COMPRESSORS:
         path = os.path.join(work, f"codec-{name}", "params.zarr")
         arr = zarr.create_array(path, shape=x.shape, dtype="float32", chunks=(cfg.chunk_rows, x.shape[1]),
-                                shards=(cfg.shard_rows, x.shape[1]), compressors=_compressor_codecs(name),
+                                shards=(cfg.shard_rows, x.shape[1]), compressors=compressor_codecs(name),
                                 fill_value=0.0, zarr_format=3, overwrite=True)
         t0 = time.perf_counter()
         arr[:] = x

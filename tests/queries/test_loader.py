@@ -246,8 +246,8 @@ def test_weights_to_device_and_errors(qzoo, tmp_path):
 def test_shard_files_match_zarr_and_catch_damage(qzoo, all_view, zoo_params):
     import glob
 
-    from hyperforget.queries.loader import ShardFiles
     from hyperforget.zoo.store import open_zoo
+    from hyperforget.zoo.store.shards import ShardFiles
 
     cfg = open_zoo(qzoo).config
     files = ShardFiles.open(qzoo, cfg.chunk_rows, cfg.shard_rows, cfg.num_params)
@@ -268,7 +268,7 @@ def test_shard_files_match_zarr_and_catch_damage(qzoo, all_view, zoo_params):
 
 
 def test_each_chunk_is_read_once_per_epoch(qzoo, all_view, monkeypatch):
-    from hyperforget.queries.loader import ShardFiles
+    from hyperforget.zoo.store.shards import ShardFiles
 
     calls = []
     real = ShardFiles.chunk
@@ -309,8 +309,8 @@ def test_buffer_plan_is_a_bounded_permutation(capacity, batch):
 
 
 def test_uncompressed_zoo_reads_through_mapped_shards(tmp_path, tiny_spec):
-    from hyperforget.queries.loader import ShardFiles
     from hyperforget.zoo.store import ZooConfig, create_zoo, open_zoo
+    from hyperforget.zoo.store.shards import ShardFiles
 
     path = str(tmp_path / "raw-zoo")
     rng = np.random.default_rng(0)
