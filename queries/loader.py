@@ -464,7 +464,8 @@ class CheckpointStream(IterableDataset):
         if self._reader is None or self._reader_pid != os.getpid():
             from hyperforget.zoo.store import open_zoo
 
-            self._reader, self._reader_pid, self._cache = open_zoo(self.zoo_path), os.getpid(), OrderedDict()
+            self._reader = open_zoo(self.zoo_path, fast_reads=self.fast_reads)
+            self._reader_pid, self._cache = os.getpid(), OrderedDict()
             self._files = ShardFiles.open(self.zoo_path, self.chunk_rows, self.shard_rows, self.spec.num_params) \
                 if self.fast_reads and "://" not in self.zoo_path else None
             self._mapped = MappedShards.open(self._files, -(-self._reader.num_rows // self.chunk_rows))

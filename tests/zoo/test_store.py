@@ -70,6 +70,40 @@ def test_round_trip_odd_sizes(tiny_zoo):
     np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), params)
 
 
+def test_reader_reads_shard_files_and_falls_back_to_zarr(tiny_zoo, monkeypatch):
+    """A local zoo's rows come from the shard files; on damage the call goes to zarr: same arrays, same errors."""
+    from hyperforget.zoo.store.shards import ShardFiles
+
+    path, params = tiny_zoo()
+    calls = []
+    real = ShardFiles.chunk
+    monkeypatch.setattr(ShardFiles, "chunk", lambda self, c: calls.append(c) or real(self, c))
+    ids = np.array([116, 3, 3, 64, 0, 33])
+
+    def outcome(read):
+        try:
+            return read()
+        except Exception as exc:
+            return type(exc), str(exc)
+
+    def same_as_zarr(case):
+        fast, slow = open_zoo(path), open_zoo(path, fast_reads=False)
+        for read in (lambda r: r.read_rows(0, 117), lambda r: r.read_rows(30, 71), lambda r: r.read(ids)):
+            a, b = outcome(lambda: read(fast)), outcome(lambda: read(slow))
+            assert type(a) is type(b) and (np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b), case
+        return a
+
+    np.testing.assert_array_equal(same_as_zarr("intact"), params[ids])
+    assert sorted(set(calls)) == list(range(15))  # every chunk came from the shard files
+    shard = os.path.join(path, "params.zarr", "c", "1", "0")
+    data = bytearray(open(shard, "rb").read())
+    data[40] ^= 0x10
+    open(shard, "wb").write(bytes(data))
+    assert "checksum" in same_as_zarr("one byte flipped")[1]
+    os.remove(shard)
+    assert not same_as_zarr("shard missing")[-1].any()  # row 33: zarr's fill value
+
+
 def test_metadata_and_ids(tiny_zoo, tiny_dataset):
     path, params = tiny_zoo()
     r = open_zoo(path)

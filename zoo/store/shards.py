@@ -30,27 +30,34 @@ class ShardFiles:
     """Whole-chunk reads straight from a local zoo's zarr v3 shard files, checksums verified.
 
     zarr-python's read path costs more than the bytes for chunk-sized reads (asyncio, codec
-    pipeline); this reads a shard's index once, then ``pread``s one chunk, checks its crc32c and
+    pipeline); this reads a shard's index, then ``pread``s one chunk, checks its crc32c and
     decodes it (Blosc via numcodecs, the same codec zarr uses, or raw bytes). It understands
     exactly the layout ``create_zoo`` writes (sharding_indexed, index at the end, inner codecs
     bytes(little) [+ blosc] + crc32c); :meth:`open` returns None for anything else, and the
     caller then reads through zarr.
 
-    A chunk's checksum is checked the first time this object reads it: chunks are written once
-    (a writer that rewrites a shard makes a new file, with a new identity), and at ~3 GB/s the
-    check would otherwise cost a third of a Blosc decode on every epoch.
+    With ``cache`` (the loader), a shard's index is kept and a chunk's checksum is checked the
+    first time this object reads it: chunks are written once (a writer that rewrites a shard
+    makes a new file, with a new identity), and at ~3 GB/s the check would otherwise cost a third
+    of a Blosc decode on every epoch. Without (ZooReader), every read parses the shard's index and
+    checks the index's and the chunk's crc32c, as zarr does.
     """
 
-    def __init__(self, root: str, chunk_rows: int, shard_rows: int, num_params: int, blosc: bool, sep: str):
+    def __init__(self, root: str, chunk_rows: int, shard_rows: int, num_params: int, blosc: bool, sep: str,
+                 cache: bool = True):
         self.root, self.chunk_rows, self.num_params = root, chunk_rows, num_params
         self.per_shard = shard_rows // chunk_rows
-        self.blosc, self.sep = blosc, sep
+        self.blosc, self.sep, self.cache = blosc, sep, cache
         self._index: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._verified: set[tuple] = set()  # (chunk, file identity) whose crc32c matched
         self._lock = threading.Lock()  # the loader's prefetch thread reads chunks too
 
     @classmethod
-    def open(cls, zoo_path: str, chunk_rows: int, shard_rows: int, num_params: int) -> "ShardFiles | None":
+    def open(cls, zoo_path: str, chunk_rows: int, shard_rows: int, num_params: int,
+             cache: bool = True) -> "ShardFiles | None":
+        """The reader of a local zoo's shard files, or None for a layout it does not read."""
+        if sys.byteorder != "little":  # chunks are viewed as native float32
+            return None
         root = os.path.join(zoo_path, PARAMS)
         try:
             with open(os.path.join(root, "zarr.json")) as f:
@@ -69,7 +76,7 @@ class ShardFiles:
             sep = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
         except (OSError, KeyError, ValueError, TypeError):
             return None
-        return cls(root, chunk_rows, shard_rows, num_params, "blosc" in names, sep) if ok else None
+        return cls(root, chunk_rows, shard_rows, num_params, "blosc" in names, sep, cache) if ok else None
 
     def shard_path(self, shard: int) -> str:
         return os.path.join(self.root, "c", f"{shard}{self.sep}0") if self.sep == "/" else \
@@ -87,7 +94,7 @@ class ShardFiles:
         return tail[:n].view("<u8").reshape(self.per_shard, 2).copy()
 
     def verify(self, c: int, raw: np.ndarray, identity: tuple) -> None:
-        """Check chunk ``c``'s stored bytes (body + crc32c) once per file identity."""
+        """Check chunk ``c``'s stored bytes (body + crc32c); with ``cache``, once per file identity."""
         import google_crc32c
 
         key = (c,) + identity
@@ -96,15 +103,18 @@ class ShardFiles:
         if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:].tobytes(), "little"):
             raise HyperForgetError(f"chunk {c} of {self.root}: checksum mismatch, the zoo is damaged; "
                                    "run `hyperforget zoo verify`")
-        self._verified.add(key)
+        if self.cache:
+            self._verified.add(key)
 
     def _shard_index(self, shard: int, fd: int, st: os.stat_result) -> np.ndarray:
+        n = self.per_shard * 16
+        if not self.cache:  # no shared state at all (nor a lock a fork could copy while held)
+            return self.parse_index(shard, os.pread(fd, n + 4, st.st_size - n - 4))
         # Keyed by the file's identity: a writer that rewrites a shard (temp + rename) makes a new one.
         key = (shard, st.st_ino, st.st_mtime_ns, st.st_size)
         with self._lock:
             idx = self._index.get(key)
         if idx is None:
-            n = self.per_shard * 16
             idx = self.parse_index(shard, os.pread(fd, n + 4, st.st_size - n - 4))
             with self._lock:
                 self._index[key] = idx
