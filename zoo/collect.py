@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -77,6 +78,12 @@ class CollectConfig:
     deletion_window: tuple[float, float] = (0.3, 0.6)  # deletion step as a fraction of the run's steps
     forgetting_lr: float = 0.0  # > 0: a deletion restarts the run's cosine lr at this multiple of its base lr
     deletion_undersample: bool = True  # may deletion runs undersample classes too (False: they learn all first)
+    # > 1: runs come in families of this many branches that share initialization, learning rate,
+    # undersampling, minibatch order and deletion step, and differ only in what they delete: branch 0
+    # nothing, the others distinct non-empty sets of non-pivots. From one checkpoint before the
+    # deletion, the family's futures then differ only by their class losses, which is what DiHyFo-1
+    # must learn to read (deletion_share is not used).
+    branches: int = 1
     # Forget sets kept out of the zoo (zoo/holdout.py): no run lowers all of a set's classes, and no
     # checkpoint with every class of a set at accuracy <= holdout_forget_acc and every other class
     # >= holdout_retain_acc is saved.
@@ -111,6 +118,10 @@ class CollectConfig:
              f"deletion_window must be two fractions 0 < a ≤ b < 1, got {self.deletion_window}"),
             (self.max_param_abs > 0, "max_param_abs must be > 0"),
             (self.forgetting_lr >= 0, f"forgetting_lr must be ≥ 0, got {self.forgetting_lr}"),
+            (self.branches >= 1, f"branches must be ≥ 1, got {self.branches}"),
+            (self.branches == 1 or self.runs_per_group % self.branches == 0,
+             f"runs_per_group ({self.runs_per_group}) must be a multiple of branches ({self.branches}) so that "
+             "a family trains in one group, on one minibatch order"),
             (0 <= self.holdout_forget_acc < self.holdout_retain_acc <= 1,
              f"need 0 ≤ holdout_forget_acc < holdout_retain_acc ≤ 1, got {self.holdout_forget_acc}, "
              f"{self.holdout_retain_acc}"),
@@ -200,6 +211,12 @@ class RunPlan:
 
 
 def plan_run(cfg: CollectConfig, task: Task, run_id: int) -> RunPlan:
+    if cfg.branches > 1:
+        return plan_branch(cfg, task, run_id)
+    return plan_single(cfg, task, run_id)
+
+
+def plan_single(cfg: CollectConfig, task: Task, run_id: int) -> RunPlan:
     rng = np.random.default_rng([cfg.seed, 0, run_id])
     c = task.spec.num_classes
     pivots = set(task.preset.pivots)
@@ -228,6 +245,44 @@ def plan_run(cfg: CollectConfig, task: Task, run_id: int) -> RunPlan:
         if not deleted:
             deletion_step = -1
     return RunPlan(run_id, seed, lr, kind, under, rates, deleted, deletion_step)
+
+
+def deletion_sets(nonpivots: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every non-empty subset of the non-pivot classes, smallest first."""
+    return [tuple(int(k) for k in c) for r in range(1, len(nonpivots) + 1)
+            for c in itertools.combinations(sorted(nonpivots), r)]
+
+
+def plan_branch(cfg: CollectConfig, task: Task, run_id: int) -> RunPlan:
+    """Branch ``run_id % branches`` of family ``run_id // branches`` (CollectConfig.branches)."""
+    family, branch = divmod(run_id, cfg.branches)
+    rng = np.random.default_rng([cfg.seed, 6, family])  # one stream per family: its branches agree
+    c = task.spec.num_classes
+    pivots = set(task.preset.pivots)
+    nonpivots = [k for k in range(c) if k not in pivots]
+    if not nonpivots:
+        raise HyperForgetError(f"branches need non-pivot classes to delete; preset {cfg.preset} has none")
+    seed = int(rng.integers(0, 2**31 - 1))
+    lr = float(np.exp(rng.uniform(np.log(cfg.lr_min), np.log(cfg.lr_max))))
+    kind = "random" if rng.random() < cfg.selection.random_share else cfg.selection.mode
+    under: tuple[int, ...] = ()
+    rates: tuple[float, ...] = ()
+    if cfg.deletion_undersample:
+        pool = list(range(c)) if cfg.undersample_pivots else nonpivots
+        n_under = int(rng.integers(0, len(pool) + 1))
+        under = tuple(sorted(int(k) for k in rng.choice(pool, size=n_under, replace=False))) if n_under else ()
+        lo, hi = np.log(cfg.undersample_rate_min), np.log(cfg.undersample_rate_max)
+        rates = tuple(float(np.float32(np.exp(rng.uniform(lo, hi)))) for _ in under)
+        if cfg.holdout:
+            under, rates, _ = restrict_plan(cfg.holdout, under, rates, (), rng)
+    a, b = cfg.deletion_window
+    deletion_step = min(max(int(round(rng.uniform(a, b) * task.total_steps)), 1), task.total_steps - 1)
+    # Sets that would lower a held-out set together with the family's undersampling are never deleted.
+    allowed = [d for d in deletion_sets(nonpivots)
+               if not any(set(h) <= set(d) | set(under) for h in cfg.holdout)]
+    order = [allowed[i] for i in rng.permutation(len(allowed))] if allowed else []
+    deleted = order[(branch - 1) % len(order)] if branch > 0 and order else ()
+    return RunPlan(run_id, seed, lr, kind, under, rates, deleted, deletion_step if deleted else -1)
 
 
 # ----------------------------------------------------------------------------------------------

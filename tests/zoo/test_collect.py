@@ -282,6 +282,36 @@ def test_deletion_settings_plan_and_restart_the_forgetting_lr():
         tiny_config(forgetting_lr=-1)
 
 
+def test_branch_families_share_their_past_and_differ_in_what_they_delete():
+    cfg = tiny_config(runs=12, runs_per_group=4, branches=4, deletion_window=(0.5, 0.5), augment=0,
+                      deletion_undersample=False, selection=SelectionConfig(mode="relaxed", max_per_run=45,
+                                                                            random_share=1.0))
+    task = resolve_task(cfg)
+    for family in range(3):
+        plans = [plan_run(cfg, task, 4 * family + b) for b in range(4)]
+        assert len({(p.seed, p.lr, p.undersampled, p.kind) for p in plans}) == 1
+        assert plans[0].deleted == () and plans[0].deletion_step == -1
+        assert sorted(p.deleted for p in plans[1:]) == [(2,), (2, 3), (3,)]  # MNIST-4's non-pivot sets
+        assert len({p.deletion_step for p in plans[1:]}) == 1
+    # Trained: up to the deletion step a family's runs hold the very same checkpoints, then they part.
+    res = train_group(cfg, 0)
+    meta = res.meta.to_pandas()
+    row = {(int(r), int(t)): i for i, (r, t) in enumerate(zip(meta.run_id, meta.step))}  # augment=0: row i
+    d = plan_run(cfg, task, 1).deletion_step
+    steps0 = {t for r, t in row if r == 0}
+    for r in (1, 2, 3):
+        shared = sorted(t for q, t in row if q == r and t in steps0)
+        before, after = [t for t in shared if t <= d], [t for t in shared if t > d + 3]
+        assert before and after, (r, shared, d)
+        for t in before:
+            np.testing.assert_array_equal(res.params[row[r, t]], res.params[row[0, t]])
+        assert max(np.abs(res.params[row[r, t]] - res.params[row[0, t]]).max() for t in after) > 0
+    with pytest.raises(HyperForgetError, match="multiple of branches"):
+        tiny_config(runs_per_group=6, branches=4)
+    held = tiny_config(runs=8, runs_per_group=4, branches=4, holdout=[[2, 3]])
+    assert all(plan_run(held, task, r).deleted != (2, 3) for r in range(8))
+
+
 def test_augmented_copies_are_functionally_identical(tiny_zoo):
     _, out, _ = tiny_zoo
     r = open_zoo(out)
