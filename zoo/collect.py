@@ -583,8 +583,8 @@ def _zoo_config(cfg: CollectConfig, task: Task):
 
     return ZooConfig(spec=task.spec, classes=tuple(task.preset.classes), pivots=tuple(task.preset.pivots),
                      dataset=task.data.describe(),
-                     collection={"format": COLLECTION_FORMAT, "collector": "hyperforget.zoo.collect", "config": cfg.to_dict(),
-                                 "epochs": task.epochs, "max_per_run": task.max_per_run,
+                     collection={"format": COLLECTION_FORMAT, "collector": "hyperforget.zoo.collect",
+                                 "config": cfg.to_dict(), "epochs": task.epochs, "max_per_run": task.max_per_run,
                                  "steps_per_run": task.total_steps})
 
 
