@@ -97,7 +97,7 @@ class HyperData:
     spec: MLPSpec  # the MLP family
     classes: list[int]  # original class ids of the task
     normalization: dict  # zoo statistics (global mean/std, gpt_coeff, per-layer mean/std)
-    loss_stats: dict  # per-class loss quantiles: {"min", "q05", "q10", "q50", "q95", "max"} → (C,) lists
+    loss_stats: dict  # loss_statistics(): per-class loss quantiles, saved with the hypernetwork
     train_stream: object  # iterable of dict batches (CheckpointStream or TensorStream)
     test_stream: object | None  # the same over held-out runs, or None
     dataset: dict | None = None  # {"name", "classes", "scaling"} for load_dataset, or None
@@ -123,23 +123,60 @@ def load_task_test_split(dataset: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test)
 
 
-def loss_statistics(losses: np.ndarray, accuracies: np.ndarray | None = None) -> dict:
-    """Per-class quantiles of the class losses (N, C) -> {name: (C,) list}.
+# Levels of the saved quantile grid: every level a prompt, the quality sweep or the condition's
+# standardization asks for (min, 0.5 %, 5 %, 10 %, 90 %, 95 %, 99.5 %, max, ...) is on it.
+LOSS_LEVELS = (0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99,
+               0.995, 1.0)
 
-    With per-class accuracies (N, C), also "known_median": the per-class median loss of the
-    checkpoints that know every class (accuracy ≥ KNOWN_ACCURACY on each): a low loss that the
-    zoo's models reach on all classes at once, unlike the per-class q10, which few checkpoints
-    reach jointly.
+
+def loss_statistics(losses: np.ndarray, accuracies: np.ndarray | None = None) -> dict:
+    """Per-class statistics of the class losses (N, C) of a zoo's checkpoints: the one source of
+    them, saved with every hypernetwork and read by unlearning's prompts and the quality sweep.
+
+    Returns {"rows", "levels" (L,), "quantiles" (L, C), and by name "min", "q05", "q10", "q50",
+    "q90", "q95", "max" (C,)}; NaN rows are left out. With per-class accuracies (N, C), also
+    "known_median": the per-class median loss of the checkpoints that know every class (accuracy
+    ≥ KNOWN_ACCURACY on each): a low loss that the zoo's models reach on all classes at once,
+    unlike the per-class q10, which few checkpoints reach jointly.
     """
     losses = np.asarray(losses, dtype=np.float64)
-    qs = {"min": 0.0, "q05": 0.05, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q95": 0.95, "max": 1.0}
-    stats = {k: np.nanquantile(losses, q, axis=0).astype(float).tolist() for k, q in qs.items()}
+    finite = np.isfinite(losses).all(1)
+    if losses.ndim != 2 or not finite.any():
+        raise HyperForgetError("the zoo holds no finite per-class losses; check it with `hyperforget zoo verify`")
+    grid = np.quantile(losses[finite], LOSS_LEVELS, axis=0)  # (L, C)
+    stats = {"rows": int(finite.sum()), "levels": list(LOSS_LEVELS), "quantiles": grid.tolist()}
+    named = {"min": 0.0, "q05": 0.05, "q10": 0.10, "q50": 0.50, "q90": 0.90, "q95": 0.95, "max": 1.0}
+    stats.update({k: grid[LOSS_LEVELS.index(q)].tolist() for k, q in named.items()})
     if accuracies is not None:
-        known = (np.asarray(accuracies) >= KNOWN_ACCURACY).all(1) & np.isfinite(losses).all(1)
+        known = (np.asarray(accuracies) >= KNOWN_ACCURACY).all(1) & finite
         if known.any():
             stats["known_median"] = np.median(losses[known], axis=0).astype(float).tolist()
             stats["known_rows"] = int(known.sum())
     return stats
+
+
+def zoo_loss_statistics(reader) -> dict:
+    """:func:`loss_statistics` of a zoo's checkpoints (a ZooReader), permuted copies left out (they
+    repeat their source's losses)."""
+    meta = reader.metadata()
+    c = reader.config.spec.num_classes
+    losses = np.stack([meta.column(f"loss_{k}").to_numpy(zero_copy_only=False) for k in range(c)], 1)
+    accs = np.stack([meta.column(f"acc_{k}").to_numpy(zero_copy_only=False) for k in range(c)], 1)
+    if "perm_index" in meta.column_names:
+        original = meta.column("perm_index").to_numpy(zero_copy_only=False) == 0
+        losses, accs = losses[original], accs[original]
+    return loss_statistics(losses, accs)
+
+
+def loss_quantile(stats: dict, q: float) -> np.ndarray:
+    """(C,) per-class q-quantile from saved statistics: exact on the grid, linear between its levels."""
+    if "quantiles" not in stats:
+        raise HyperForgetError("these loss statistics have no quantile grid (a hypernetwork saved by an older "
+                               "version); retrain it with `hyperforget train`")
+    if not 0.0 <= q <= 1.0:
+        raise HyperForgetError(f"a loss quantile is a level in [0, 1], got {q}")
+    levels, grid = np.asarray(stats["levels"], dtype=np.float64), np.asarray(stats["quantiles"], dtype=np.float64)
+    return np.array([np.interp(q, levels, grid[:, k]) for k in range(grid.shape[1])])
 
 
 def data_from_tensors(spec: MLPSpec, params: torch.Tensor, losses: torch.Tensor, *, variant: str,
@@ -200,13 +237,9 @@ def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: 
                                     even_ranks=even)
     test_stream = CheckpointStream(zoo, test_view, batch_size=per_rank, shuffle=True, seed=seed + 1,
                                    rank=rank, world_size=world_size, even_ranks=even)
-    meta = reader.metadata()
-    c = cfg.spec.num_classes
-    losses = np.stack([meta.column(f"loss_{k}").to_numpy(zero_copy_only=False) for k in range(c)], 1)
-    accs = np.stack([meta.column(f"acc_{k}").to_numpy(zero_copy_only=False) for k in range(c)], 1)
     dataset = _dataset_description(cfg)
     return HyperData(spec=cfg.spec, classes=list(cfg.classes), normalization=dict(norm),
-                     loss_stats=loss_statistics(losses, accs), train_stream=train_stream, test_stream=test_stream,
+                     loss_stats=zoo_loss_statistics(reader), train_stream=train_stream, test_stream=test_stream,
                      dataset=dataset, zoo=str(zoo), pivots=list(getattr(cfg, "pivots", []) or []))
 
 

@@ -25,11 +25,12 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
+from hyperforget.hyper.data import loss_quantile, loss_statistics
 from hyperforget.pipelines.retrieval import unlearn_by_retrieval
 from hyperforget.zoo.errors import HyperForgetError, from_settings
 from hyperforget.zoo.files import jsonable, read_json, write_json
@@ -431,60 +432,32 @@ class PromptConfig:
 
 
 class LossStats:
-    """Per-class loss distribution of a zoo, kept as a deterministic subsample of rows."""
+    """Per-class loss quantiles that prompts are built from: the statistics a hypernetwork saved
+    (hyper.data.loss_statistics over its zoo), or those of an (N, C) array of losses."""
 
-    def __init__(self, losses: np.ndarray, max_rows: int = 200_000, seed: int = 0):
-        """losses: (N, C) per-class losses (NaN rows dropped)."""
-        losses = np.asarray(losses, dtype=np.float64)
-        if losses.ndim != 2 or losses.shape[0] == 0:
-            raise HyperForgetError("the zoo holds no per-class losses to build prompts from")
-        losses = losses[np.isfinite(losses).all(1)]
-        if len(losses) == 0:
-            raise HyperForgetError("every zoo row has a NaN or infinite loss; check the zoo with `hyperforget zoo verify`")
-        if len(losses) > max_rows:
-            losses = losses[np.sort(np.random.default_rng(seed).choice(len(losses), max_rows, replace=False))]
-        self.losses = losses  # (N, C)
+    def __init__(self, stats: dict):
+        self.stats = stats
+        self.num_classes = len(stats["max"])
 
     @classmethod
-    def from_zoo(cls, zoo) -> "LossStats":
-        """zoo: a path or a ZooReader; reads only the loss_k columns (original rows, not permuted copies)."""
-        if isinstance(zoo, (str, os.PathLike)):
-            from hyperforget.zoo.store import open_zoo
-
-            zoo = open_zoo(str(zoo))
-        table = zoo.metadata()
-        c = zoo.config.spec.num_classes
-        cols = [f"loss_{k}" for k in range(c)]
-        missing = [k for k in cols if k not in table.column_names]
-        if missing:
-            raise HyperForgetError(f"zoo metadata lacks columns {missing}; rebuild the zoo with this version")
-        losses = np.stack([table.column(k).to_numpy(zero_copy_only=False) for k in cols], axis=1)
-        if "perm_index" in table.column_names:
-            # Permuted copies repeat their source's losses; counting them would only reweight.
-            keep = table.column("perm_index").to_numpy(zero_copy_only=False) == 0
-            if keep.any():
-                losses = losses[keep]
-        return cls(losses)
-
-    @property
-    def num_classes(self) -> int:
-        return self.losses.shape[1]
+    def of_losses(cls, losses: np.ndarray) -> "LossStats":
+        return cls(loss_statistics(losses))
 
     def quantile(self, q: float) -> np.ndarray:
         """(C,) per-class q-quantile."""
-        return np.quantile(self.losses, q, axis=0)
+        return loss_quantile(self.stats, q)
 
     def summary(self) -> dict:
-        return {"rows": int(len(self.losses)), "min": self.losses.min(0), "q05": self.quantile(0.05),
-                "median": self.quantile(0.5), "q95": self.quantile(0.95), "max": self.losses.max(0)}
+        return {"rows": self.stats.get("rows"), "min": self.quantile(0.0), "q05": self.quantile(0.05),
+                "median": self.quantile(0.5), "q95": self.quantile(0.95), "max": self.quantile(1.0)}
 
 
-def build_prompts(stats: "LossStats | np.ndarray | Any", forget: Sequence[int], n: int,
+def build_prompts(stats: "LossStats | np.ndarray", forget: Sequence[int], n: int,
                   options: PromptConfig | None = None) -> np.ndarray:
     """Target per-class losses for n candidates: high on forget classes, near the best on the rest.
 
     Args:
-        stats: LossStats, an (N, C) array of zoo losses, or a zoo reader.
+        stats: LossStats (a hypernetwork's saved statistics) or an (N, C) array of zoo losses.
         forget: task labels to forget. n: number of prompts.
     Returns:
         (n, C) float32 targets. With quantile modes the n candidates spread evenly over the
@@ -493,7 +466,7 @@ def build_prompts(stats: "LossStats | np.ndarray | Any", forget: Sequence[int], 
     """
     options = options or PromptConfig()
     if not isinstance(stats, LossStats):
-        stats = LossStats(stats) if isinstance(stats, np.ndarray) else LossStats.from_zoo(stats)
+        stats = LossStats.of_losses(stats)
     c = stats.num_classes
     forget = list(forget)
     if any(not 0 <= k < c for k in forget):
@@ -512,13 +485,13 @@ def build_prompts(stats: "LossStats | np.ndarray | Any", forget: Sequence[int], 
     if options.forget_mode == "quantile":
         out[:, forget] = spread(options.forget_quantiles, pos)[:, forget]
     elif options.forget_mode == "max":
-        out[:, forget] = stats.losses.max(0)[forget]
+        out[:, forget] = stats.quantile(1.0)[forget]
     else:
         out[:, forget] = options.forget_value
     if options.retain_mode == "quantile":
         out[:, retain] = spread(options.retain_quantiles, retain_pos)[:, retain]
     elif options.retain_mode == "min":
-        out[:, retain] = stats.losses.min(0)[retain]
+        out[:, retain] = stats.quantile(0.0)[retain]
     else:
         out[:, retain] = options.retain_value
     out[:, retain] *= options.retain_scale
@@ -650,13 +623,11 @@ def _unlearn_dihyfo(run: Run, forget: tuple[int, ...], config: UnlearnConfig, mo
     if out_dir == run.forget_dir(forget) / "dihyfo" or out_dir.name in DIHYFO_METHODS:
         out_dir = out_dir.parent / variant
     run.note(model=(variant, str(model_dir)))
-    if not run.config.zoo:
-        raise HyperForgetError(f"run {run.path} has no zoo to build prompts from: re-create it with --zoo ZOO")
     t_load = time.perf_counter() - t_start
 
-    # Prompts from the zoo the hypernetwork learned from: its losses are per-class test losses.
+    # Prompts from the loss statistics the hypernetwork saved of its zoo (per-class test losses).
     t0 = time.perf_counter()
-    stats = LossStats.from_zoo(run.config.zoo)
+    stats = LossStats(net.loss_stats)
     prompts = build_prompts(stats, forget, config.candidates, config.prompts)  # (K, C)
     t_prompts = time.perf_counter() - t0
 

@@ -75,8 +75,10 @@ def test_prompts_lie_within_the_zoos_loss_ranges(tiny_zoo):
     table = reader.metadata()
     original = np.asarray(table.column("perm_index")) == 0
     losses = np.stack([np.asarray(table.column(f"loss_{k}")) for k in range(4)], 1)[original]
-    stats = LossStats.from_zoo(reader)
-    assert stats.losses.shape == losses.shape  # permuted copies left out
+    from hyperforget.hyper.data import zoo_loss_statistics
+
+    stats = LossStats(zoo_loss_statistics(reader))  # what a hypernetwork saves of its zoo
+    assert stats.stats["rows"] == len(losses)  # permuted copies left out
     prompts = build_prompts(stats, [2, 3], 9)
     assert prompts.shape == (9, 4) and prompts.dtype == np.float32
     lo, hi = losses.min(0), losses.max(0)
@@ -190,8 +192,12 @@ class FakeHypernetwork:
     """Stands in for hyper.sample's sampler: candidates are the start model plus seeded noise, with
     class 2's output bias pushed down in every other candidate (so some candidates forget)."""
 
-    def __init__(self, spec, variant):
-        self.spec, self.variant, self.calls = spec, variant, []
+    def __init__(self, run, variant):
+        from hyperforget.hyper.data import zoo_loss_statistics
+        from hyperforget.zoo.store import open_zoo
+
+        self.spec, self.variant, self.calls = run.spec, variant, []
+        self.loss_stats = zoo_loss_statistics(open_zoo(run.config.zoo))  # as a trained one saves them
 
     def sample(self, target_losses, current_params, current_losses, method="ddim", steps=50, seed=0,
                guidance="auto"):
@@ -221,7 +227,7 @@ def fake_hyper(monkeypatch):
 
 def test_dihyfo_unlearning_saves_the_selected_candidates_exactly(tiny_run, fake_hyper, tmp_path):
     run = tiny_run
-    net = FakeHypernetwork(run.spec, "dihyfo1")
+    net = FakeHypernetwork(run, "dihyfo1")
     fake_hyper[str(tmp_path)] = net
     record = unlearn(run, [2], UnlearnConfig(method="dihyfo1", candidates=6, repeats=2, sample_batch=5),
                      model_dir=str(tmp_path))
@@ -247,7 +253,7 @@ def test_dihyfo_unlearning_saves_the_selected_candidates_exactly(tiny_run, fake_
 
 
 def test_dihyfo1_from_noise_with_guidance_cycled_over_all_candidates(tiny_run, fake_hyper, tmp_path):
-    net = FakeHypernetwork(tiny_run.spec, "dihyfo1")
+    net = FakeHypernetwork(tiny_run, "dihyfo1")
     fake_hyper[str(tmp_path)] = net
     cfg = UnlearnConfig(method="dihyfo1", candidates=4, repeats=2, sample_batch=3, start="noise", guidance=[1.0, 2.0, 4.0])
     record = unlearn(tiny_run, [2], cfg, model_dir=str(tmp_path), out=tmp_path / "u")
@@ -259,7 +265,7 @@ def test_dihyfo1_from_noise_with_guidance_cycled_over_all_candidates(tiny_run, f
 
 
 def test_dihyfo_refuses_pivots_and_unknown_classes(tiny_run, fake_hyper, tmp_path):
-    fake_hyper[str(tmp_path)] = FakeHypernetwork(tiny_run.spec, "dihyfo2")
+    fake_hyper[str(tmp_path)] = FakeHypernetwork(tiny_run, "dihyfo2")
     with pytest.raises(HyperForgetError, match="pivots"):
         unlearn(tiny_run, [0], UnlearnConfig(method="dihyfo2"), model_dir=str(tmp_path))
     with pytest.raises(HyperForgetError, match="not in the task"):
@@ -324,7 +330,7 @@ def test_cli_unlearn_with_a_model_creates_the_run_from_the_models_zoo(tiny_run, 
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps({"variant": "dihyfo2", "zoo": tiny_run.config.zoo}))
-    fake_hyper[str(model_dir)] = FakeHypernetwork(tiny_run.spec, "dihyfo2")
+    fake_hyper[str(model_dir)] = FakeHypernetwork(tiny_run, "dihyfo2")
     res = CliRunner().invoke(app, ["unlearn", "--model", str(model_dir), "--run", str(tmp_path / "run"),
                                    "--forget", "3", "--candidates", "4", "--repeats", "1"])
     assert res.exit_code == 0, res.output
