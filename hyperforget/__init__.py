@@ -29,8 +29,8 @@ _EXPORTS = {
     "make_loader": "hyperforget.queries.loader",
     "train": "hyperforget.hyper.train",
     "load_hypernetwork": "hyperforget.hyper.sample",
-    "create_run": "hyperforget.pipelines.unlearn",
-    "open_run": "hyperforget.pipelines.unlearn",
+    "create_run": "hyperforget.pipelines.rundir",
+    "open_run": "hyperforget.pipelines.rundir",
     "UnlearnConfig": "hyperforget.pipelines.unlearn",
     "unlearn": "hyperforget.pipelines.unlearn",
 }

@@ -17,7 +17,7 @@ import torch
 from hyperforget.pipelines.baselines import compare_baselines
 from hyperforget.pipelines.report import render_comparison
 from hyperforget.pipelines.retrain import keep_converged, retrain_without
-from hyperforget.pipelines.unlearn import RunConfig, parse_classes
+from hyperforget.pipelines.rundir import RunConfig, parse_classes
 from hyperforget.zoo.files import write_json
 from hyperforget.zoo.datasets import load_dataset
 from hyperforget.zoo.errors import HyperForgetError

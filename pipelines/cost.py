@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from hyperforget.pipelines.unlearn import Run
+from hyperforget.pipelines.rundir import Run
 from hyperforget.zoo.files import read_json
 
 

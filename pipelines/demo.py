@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Sequence
 
 from hyperforget.pipelines.retrain import init_run
-from hyperforget.pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, RunConfig, UnlearnConfig, compute_metrics,
-                                           forget_dir_name)
+from hyperforget.pipelines.rundir import (DIHYFO_METHODS, RETRIEVAL_METHOD, RunConfig, forget_dir_name,
+                                          hypernetwork_zoo, open_run)
+from hyperforget.pipelines.unlearn import UnlearnConfig, compute_metrics, unlearn
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.files import read_json, write_json
 from hyperforget.zoo.mlp import get_preset
@@ -196,7 +197,6 @@ def unlearn_all(run, forget_sets: Sequence[Sequence[int]], *, models: dict[str, 
     ``dihyfo1``: UnlearnConfig fields for DiHyFo-1 only (e.g. its start and prompts).
     """
     from hyperforget.pipelines.retrain import retrain_into
-    from hyperforget.pipelines.unlearn import unlearn
 
     for forget in forget_sets:
         forget = run.check_forget(forget)
@@ -377,8 +377,6 @@ def benchmark_unlearning(*, out: str | None = None, preset: str = "mnist4", data
     for m in models:
         variants[str(load_hypernetwork(m).variant)] = str(m)
     if variants and zoo is None:
-        from hyperforget.pipelines.unlearn import hypernetwork_zoo
-
         zoo = hypernetwork_zoo(next(iter(variants.values())))
     methods = list(methods) if methods is not None else list(BASELINES)
     unknown = [m for m in methods if m not in BASELINES]
@@ -401,8 +399,6 @@ def compare_runs(run_a: str | Path, run_b: str | Path, tolerance: float = 0.05) 
     accuracies, MIA, φ, ...; wall times and counts left out) must differ by at most
     ``tolerance``. Returns (numbers compared, one line per difference).
     """
-    from hyperforget.pipelines.unlearn import open_run
-
     a, b = open_run(run_a), open_run(run_b)
     if not 0 <= tolerance < 1e9:
         raise HyperForgetError(f"--tolerance must be a number >= 0, got {tolerance}")

@@ -22,8 +22,8 @@ from typing import Sequence
 import numpy as np
 
 from hyperforget.pipelines.metrics import format_stat
-from hyperforget.pipelines.unlearn import (DIHYFO_METHODS, RETRIEVAL_METHOD, Run, forget_dir_name, load_method,
-                                           open_run)
+from hyperforget.pipelines.rundir import (DIHYFO_METHODS, RETRIEVAL_METHOD, Run, forget_dir_name, load_method,
+                                          open_run)
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.files import jsonable, read_json, write_json
 

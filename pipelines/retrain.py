@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from hyperforget.pipelines.unlearn import Run, RunConfig, create_run, eval_split, forget_dir_name, params_sha256
+from hyperforget.pipelines.rundir import Run, RunConfig, create_run, eval_split, forget_dir_name, params_sha256
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.files import write_json
 from hyperforget.zoo.mlp import MLPSpec, save_mlps

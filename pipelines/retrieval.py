@@ -22,7 +22,7 @@ from hyperforget.queries.engine import render, run_query, sql_template
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import evaluate_per_class, save_mlps
 
-METHOD = "zoo_retrieval"  # pipelines.unlearn.RETRIEVAL_METHOD
+METHOD = "zoo_retrieval"  # pipelines.rundir.RETRIEVAL_METHOD
 
 
 def retrieval_sql(forget: Sequence[int], num_classes: int) -> str:

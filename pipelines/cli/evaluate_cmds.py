@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
         """Score every method of a run against populations of retrained models (tables + plots)."""
         from hyperforget.pipelines.cli.checks import input_dir, positive
         from hyperforget.pipelines.evaluate import EvalConfig, evaluate
-        from hyperforget.pipelines.unlearn import open_run, parse_classes
+        from hyperforget.pipelines.rundir import open_run, parse_classes
 
         # Check every argument before any work.
         input_dir(run_dir, option="RUN_DIR", what="run")

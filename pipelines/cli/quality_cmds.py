@@ -36,7 +36,7 @@ def quality_cmd(
     from rich.table import Table
 
     from hyperforget.hyper.quality import QualityConfig, generation_quality, plot_quality
-    from hyperforget.pipelines.unlearn import parse_classes
+    from hyperforget.pipelines.rundir import parse_classes
 
     # Check every argument before any work.
     input_dir(model, option="MODEL", what="a trained hypernetwork (hyperforget train --out)")

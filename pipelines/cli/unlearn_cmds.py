@@ -13,7 +13,7 @@ from hyperforget.zoo.seeds import RETRAIN_SEED_BASE
 
 
 def _parse_sets(values: list[str]) -> list[tuple[int, ...]]:
-    from hyperforget.pipelines.unlearn import parse_classes
+    from hyperforget.pipelines.rundir import parse_classes
 
     return [parse_classes(v) for v in values]
 
@@ -69,12 +69,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Unlearn classes from the run's original model with a DiHyFo model or a baseline."""
         from hyperforget.pipelines.retrain import init_run
-        from hyperforget.pipelines.unlearn import PromptConfig, RunConfig, UnlearnConfig, refresh_metrics, unlearn
+        from hyperforget.pipelines.rundir import RunConfig
+        from hyperforget.pipelines.unlearn import PromptConfig, UnlearnConfig, refresh_metrics, unlearn
 
         # Check every argument before any work.
         if model is None and method is None:
             raise HyperForgetError("give --model MODEL_DIR (DiHyFo) or --method NAME (dihyfo1, dihyfo2, zoo_retrieval or a baseline)")
-        from hyperforget.pipelines.unlearn import DIHYFO_METHODS, RETRIEVAL_METHOD, parse_classes
+        from hyperforget.pipelines.rundir import DIHYFO_METHODS, RETRIEVAL_METHOD, parse_classes
 
         parse_classes(forget)
         output_dir(run, option="--run")
@@ -99,7 +100,7 @@ def register(app: typer.Typer) -> None:
 
             require_sound_zoo(str(zoo))
         if model is not None and zoo is None:
-            from hyperforget.pipelines.unlearn import hypernetwork_zoo
+            from hyperforget.pipelines.rundir import hypernetwork_zoo
 
             zoo_path = hypernetwork_zoo(str(model))
             zoo = Path(zoo_path) if zoo_path else None
@@ -135,7 +136,8 @@ def register(app: typer.Typer) -> None:
         """Retrain the run's MLP from scratch without the forget classes (the gold standard)."""
         from hyperforget.pipelines.retrain import retrain_into
         from hyperforget.pipelines.retrain import init_run
-        from hyperforget.pipelines.unlearn import RunConfig, refresh_metrics
+        from hyperforget.pipelines.rundir import RunConfig
+        from hyperforget.pipelines.unlearn import refresh_metrics
 
         if seeds < 1:
             raise HyperForgetError(f"--seeds must be >= 1, got {seeds}")
@@ -177,7 +179,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the whole pipeline: zoo, views, both DiHyFo variants, unlearning, baselines, report."""
         from hyperforget.pipelines.demo import DemoConfig, run_demo
-        from hyperforget.pipelines.unlearn import parse_classes
+        from hyperforget.pipelines.rundir import parse_classes
 
         if dihyfo1_start not in ("noise", "model"):
             raise HyperForgetError(f"unknown --dihyfo1-start {dihyfo1_start!r}: use noise or model")

@@ -14,6 +14,7 @@ from hyperforget.pipelines.evaluate.reference import reference_seeds, train_refe
 from hyperforget.pipelines.evaluate.render import plot_eps_histogram, plot_retain_vs_forget, render_markdown
 from hyperforget.pipelines.evaluate.rows import method_populations, nearest_controls, setup_seconds
 from hyperforget.pipelines.evaluate.scoring import accuracies, build_context, score_population
+from hyperforget.pipelines.rundir import forget_dir_name, open_run, parse_classes
 from hyperforget.zoo.errors import HyperForgetError
 
 
@@ -24,7 +25,6 @@ def evaluate(run_dir: str | Path, forget_sets: Sequence[Sequence[int]] | None = 
     Writes RUN/evaluation/forget-X.json, forget-X.md, eps_hist_forget-X.png and
     retain_vs_forget_forget-X.png for each forget set (default: every forget set in run.json).
     """
-    from hyperforget.pipelines.unlearn import forget_dir_name, open_run, parse_classes
     from hyperforget.zoo.files import write_json
 
     cfg = config or EvalConfig(n_retrained=n_retrained, baseline_seeds=baseline_seeds)

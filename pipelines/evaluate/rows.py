@@ -8,14 +8,13 @@ import torch
 
 from hyperforget.pipelines.evaluate.config import EvalConfig, Population
 from hyperforget.pipelines.evaluate.nearest import nearest_zoo_checkpoint, permutation_invariant_distance
+from hyperforget.pipelines.rundir import DIHYFO_METHODS, load_method, method_dirs
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLPSpec
 
 
 def method_populations(run, forget, cfg: EvalConfig, log) -> tuple[list[Population], list[tuple[str, torch.Tensor]]]:
     """Rows of the methods in RUN/forget-X, and the selected DiHyFo models (for the nearest-checkpoint control)."""
-    from hyperforget.pipelines.unlearn import DIHYFO_METHODS, load_method, method_dirs
-
     pops, selected = [], []
     for path in method_dirs(run, forget):
         name = path.name
@@ -114,7 +113,6 @@ def setup_seconds(run) -> dict:
     Keys naming "collect" or "zoo" count as zoo time; keys naming a DiHyFo variant as its
     hypernetwork's training time. Returns {"zoo": s or None, "train": {variant: s}, "sources": [...]}.
     """
-    from hyperforget.pipelines.unlearn import DIHYFO_METHODS
     from hyperforget.zoo.files import read_json
 
     sources = [("run.json timings", run.meta.get("timings") or {})]
