@@ -235,11 +235,11 @@ def test_deletion_runs_show_rising_loss_on_deleted_classes(tiny_zoo):
 
 
 def test_candidates_evaluated_in_batches_keep_what_step_by_step_evaluation_keeps(monkeypatch):
-    import hyperforget.zoo.collect as collect_module
+    import hyperforget.zoo.collect.group as group_module  # where train_group reads EVAL_MODELS
 
     cfg = tiny_config(runs=6, runs_per_group=6, augment=0)
     batched = train_group(cfg, 0).meta.to_pandas()
-    monkeypatch.setattr(collect_module, "EVAL_MODELS", 1)  # decide after every step
+    monkeypatch.setattr(group_module, "EVAL_MODELS", 1)  # decide after every step
     each = train_group(cfg, 0).meta.to_pandas()
     assert len(batched) > 20
     cols = ["run_id", "step", "reason", "phase"]
