@@ -63,10 +63,14 @@ def fixture_run(tmp_path_factory):
         (d / "curves.json").write_text(json.dumps(curves))
     run = init_run(base / "run", RunConfig(zoo=str(base / "zoo"), epochs=20, retrain_seeds=(100, 101),
                                            models=models))
+    from hyperforget.hyper.data import zoo_loss_statistics
+    from hyperforget.zoo.store import open_zoo
+
     nets = {}
     for variant, d in models.items():
         nets[d] = _FakeNet(run.spec, variant)
         nets[d]._start = run.original_params()[None]
+        nets[d].loss_stats = zoo_loss_statistics(open_zoo(str(base / "zoo")))  # as a trained one saves them
     module = types.ModuleType("hyperforget.hyper.sample")
     module.load_hypernetwork = lambda model_dir: nets[str(model_dir)]
     saved = sys.modules.get("hyperforget.hyper.sample")
