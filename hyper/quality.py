@@ -22,15 +22,15 @@ No selection happens here: every number is over all samples.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.hyper.alignment import pearson, prompt_alignment_r2
-from hyperforget.zoo.mlp import init_params
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import TASK_PRESETS, MLPSpec, init_params
 from hyperforget.zoo.seeds import QUALITY_SEED_BASE
 
 
@@ -43,7 +43,7 @@ class QualityConfig:
     low_quantile: str = "q05"  # lowest swept target: a zoo loss quantile name of the hypernetwork's loss_stats
     high_quantile: str = "q95"  # highest swept target
     hold: str = "q10"  # what the other classes are asked for: a loss_stats name ("q10", "known_median")
-    forget_sets: list = field(default_factory=list)  # forget sets for the clean share (task labels)
+    forget_sets: list | None = None  # forget sets for the clean share (task labels); None: the paper's for the task
     forget_acc_max: float = 0.02  # a clean sample's highest forget-class test accuracy
     retain_acc_min: float = 0.9  # a clean sample's lowest retain-class test accuracy
     method: str = "ddim"  # sampler
@@ -59,6 +59,16 @@ class QualityConfig:
             raise HyperForgetError(f"sampling steps must be ≥ 1, got {self.steps}")
         if not (0 <= self.forget_acc_max <= 1 and 0 <= self.retain_acc_min <= 1):
             raise HyperForgetError("forget_acc_max and retain_acc_min are accuracies in [0, 1]")
+
+
+def paper_forget_sets(spec: MLPSpec, pivots: list[int]) -> list[list[int]]:
+    """The forget sets the paper evaluates for the task a hypernetwork's MLPs belong to ({2} and
+    {2,3} for MNIST-4), found by hidden width, classes and pivots; none for another task."""
+    for preset in TASK_PRESETS.values():
+        if (preset.spec.hidden, preset.spec.num_classes, list(preset.pivots)) == (spec.hidden, spec.num_classes,
+                                                                                    list(pivots)):
+            return [list(f) for f in preset.forget_sets]
+    return []
 
 
 def _stat(net, name: str) -> np.ndarray:
@@ -109,7 +119,8 @@ def generation_quality(net, cfg: QualityConfig | None = None, start: torch.Tenso
         start = torch.as_tensor(start, dtype=torch.float32).reshape(-1)
         net.spec.layout.check(start)
     pivots = set(net.config.get("pivots") or [])
-    sets = [sorted(int(f) for f in forget) for forget in cfg.forget_sets]
+    chosen = cfg.forget_sets if cfg.forget_sets is not None else paper_forget_sets(net.spec, sorted(pivots))
+    sets = [sorted(int(f) for f in forget) for forget in chosen]
     for forget in sets:
         if not forget or any(not 0 <= f < c for f in forget) or set(forget) & pivots or len(forget) >= c:
             raise HyperForgetError(f"forget set {forget} must name non-pivot classes of 0..{c - 1} and keep one "

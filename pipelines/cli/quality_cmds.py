@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,6 +9,7 @@ import typer
 
 from hyperforget.pipelines.cli.checks import input_dir, output_dir, positive
 from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.files import write_json
 
 
 def quality_cmd(
@@ -20,7 +20,8 @@ def quality_cmd(
         help="DiHyFo-1: the model to unlearn (an MLP .safetensors file, e.g. RUN/original/model.safetensors); "
              "default: fresh random initializations")] = None,
     forget: Annotated[Optional[list[str]], typer.Option(
-        help="forget set for the clean single-sample share, e.g. 2 or 2,3 (repeatable)")] = None,
+        help="forget set for the clean single-sample share, e.g. 2 or 2,3 (repeatable; default: the paper's "
+             "for the task, {2} and {2,3} for MNIST-4)")] = None,
     targets: Annotated[int, typer.Option(help="target losses per swept class (zoo q05..q95)")] = 8,
     samples: Annotated[int, typer.Option(help="samples per target and per forget set")] = 16,
     steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
@@ -45,7 +46,7 @@ def quality_cmd(
     positive(steps, "--steps")
     if threads is not None:
         positive(threads, "--threads")
-    sets = [list(parse_classes(f)) for f in (forget or [])]
+    sets = [list(parse_classes(f)) for f in forget] if forget else None
     out_path = output_dir(out or model / "quality", option="--out")
     if start is not None and not start.is_file():
         raise HyperForgetError(f"--start {start} is not a file; give an MLP .safetensors file such as "
@@ -73,9 +74,7 @@ def quality_cmd(
 
     # Write and show.
     out_path.mkdir(parents=True, exist_ok=True)
-    tmp = out_path / ".quality.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out_path / "quality.json")
+    write_json(out_path / "quality.json", report)
     plot_quality(report, out_path / "quality.png")
     table = Table(title=f"generation quality of {model} ({report['variant']}, start: {report['start']})")
     for col in ("measure", "value"):
