@@ -62,11 +62,10 @@ class QualityConfig:
 
 
 def paper_forget_sets(spec: MLPSpec, pivots: list[int]) -> list[list[int]]:
-    """The forget sets the paper evaluates for the task a hypernetwork's MLPs belong to ({2} and
-    {2,3} for MNIST-4), found by hidden width, classes and pivots; none for another task."""
+    """The forget sets the paper evaluates for the task a hypernetwork's MLPs solve ({2} and {2,3}
+    for MNIST-4's four classes with pivots {0,1}), found by classes and pivots; none for another task."""
     for preset in TASK_PRESETS.values():
-        if (preset.spec.hidden, preset.spec.num_classes, list(preset.pivots)) == (spec.hidden, spec.num_classes,
-                                                                                    list(pivots)):
+        if (preset.spec.num_classes, list(preset.pivots)) == (spec.num_classes, list(pivots)):
             return [list(f) for f in preset.forget_sets]
     return []
 
