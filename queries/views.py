@@ -88,7 +88,11 @@ VIEW_KINDS: dict[str, ViewKind] = {
         # "knows the class" to "forgot it" weigh as much as the common small steps
         "balance": "none",
         "n_bins": 20,  # bins per non-pivot class for balance "delta"
-    }, "run-grouped (θ, θ*) pairs, θ from an earlier step of the same run"),
+        # Runs per family (a zoo collected with --branches K): > 1 pairs θ with θ* from any run of its
+        # family, at the same step or later, and splits train/test by family. Branches share θ up to
+        # their deletion, so θ* is also "this model had those classes been deleted at the deletion step"
+        "family": 1,
+    }, "run-grouped (θ, θ*) pairs, θ from an earlier step of the same run (or family)"),
 }
 
 
@@ -151,6 +155,8 @@ def resolve_params(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
             raise HyperForgetError(f"balance must be 'none' or 'delta', got {p['balance']!r}")
         if p["n_bins"] < 1:
             raise HyperForgetError(f"pairs views need n_bins >= 1, got {p['n_bins']}")
+        if p["family"] < 1:
+            raise HyperForgetError(f"family must be >= 1 runs (the zoo's --branches), got {p['family']}")
     return p
 
 

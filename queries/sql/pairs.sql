@@ -7,19 +7,23 @@
 -- $max_gap < 0 means any gap; otherwise target_step - step <= $max_gap.
 -- $start_max_loss < 0 means any θ; otherwise θ's largest class loss is at most $start_max_loss (θ
 -- knows every class, as the model handed to unlearning does).
+-- $family > 1 (a zoo of branch families, runs family*f .. family*f + family - 1): θ* may come from
+-- any run of θ's family, at θ's step or later (never θ itself), and runs are split by family, so
+-- that branches, which share their checkpoints up to the deletion, never straddle train and test.
 -- Only the four key columns go through the self-join (a CTE that carried the losses made the
 -- 10^8-row join five times slower); losses and phases are joined to the few picked pairs.
 WITH keys AS (
     SELECT checkpoint_id, run_id, step, perm_index, greatest({{losses}}) AS max_loss
     FROM checkpoints
-    WHERE ($split = 'all' OR run_split(run_id, $split_seed, $test_fraction) = $split)
+    WHERE ($split = 'all' OR run_split(run_id // $family, $split_seed, $test_fraction) = $split)
       AND ($include_augmented OR perm_index = 0)
 ),
 candidates AS (
     SELECT a.run_id, a.checkpoint_id, b.checkpoint_id AS target_id,
            hash(CAST(a.checkpoint_id AS BIGINT), CAST(b.checkpoint_id AS BIGINT), CAST($seed AS BIGINT)) AS h
     FROM keys AS a JOIN keys AS b
-      ON a.run_id = b.run_id AND a.perm_index = b.perm_index AND a.step < b.step
+      ON a.run_id // $family = b.run_id // $family AND a.perm_index = b.perm_index
+     AND (a.step < b.step OR (a.step = b.step AND a.run_id <> b.run_id))
     WHERE ($max_gap < 0 OR b.step - a.step <= $max_gap)
       AND ($start_max_loss < 0 OR a.max_loss <= $start_max_loss)
 ),

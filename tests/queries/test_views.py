@@ -106,6 +106,26 @@ def test_pairs_from_trained_starts(qzoo, zoo_meta):
         _build(qzoo, "pairs", "pbad", start_max_loss=-0.5)
 
 
+def test_family_pairs_reach_across_the_runs_of_a_family(qzoo, zoo_meta):
+    """family=K pairs θ with θ* of any run r // K == θ's, at its step or later (a brute-force check),
+    and splits train/test by family."""
+    k = 3
+    view = _build(qzoo, "pairs", "pfam", cap=100_000, family=k)
+    m = zoo_meta[zoo_meta.perm_index == 0][["checkpoint_id", "run_id", "perm_index", "step"]].copy()
+    m["family"] = m.run_id // k
+    j = m.merge(m, on=["family", "perm_index"], suffixes=("", "_t"))
+    j = j[(j.step < j.step_t) | ((j.step == j.step_t) & (j.run_id != j.run_id_t))]
+    assert set(zip(view.checkpoint_id, view.target_id)) == set(zip(j.checkpoint_id, j.checkpoint_id_t))
+    target_run = zoo_meta.set_index("checkpoint_id").loc[view.target_id, "run_id"].to_numpy()
+    assert (view.run_id.to_numpy() // k == target_run // k).all()
+    assert _build(qzoo, "pairs", "pfam1", cap=100_000, family=1).equals(_build(qzoo, "pairs", "prun", cap=100_000))
+    train = _build(qzoo, "pairs", "pft", cap=100_000, family=k, split="train", test_fraction=0.5)
+    test = _build(qzoo, "pairs", "pfs", cap=100_000, family=k, split="test", test_fraction=0.5)
+    assert len(train) and len(test) and not set(train.run_id // k) & set(test.run_id // k)
+    with pytest.raises(HyperForgetError, match="family"):
+        _build(qzoo, "pairs", "pbad", family=0)
+
+
 def _bins(x: np.ndarray, n_bins: int) -> np.ndarray:
     lo, hi = x.min(), x.max()
     if hi == lo:
