@@ -1,24 +1,22 @@
-"""``python -m pipelines.compare_baselines``: every baseline against models retrained from scratch.
+"""``hyperforget compare-baselines``: every baseline against models retrained from scratch.
 
 Trains an original MLP and S retrained MLPs the way a run does (pipelines.retrain), applies each
 registered baseline of pipelines.baselines to the original, and prints one comparison table
-(pipelines.report.render_comparison). It sits above the methods, so that pipelines.baselines
+(pipelines.report.render_comparison, printed by the CLI). It sits above the methods, so that pipelines.baselines
 itself depends on nothing but the data layer.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from hyperforget.pipelines.baselines import compare_baselines
-from hyperforget.pipelines.report import render_comparison
 from hyperforget.pipelines.retrain import keep_converged, retrain_without
-from hyperforget.pipelines.rundir import RunConfig, parse_classes
-from hyperforget.zoo.files import write_json
+from hyperforget.pipelines.rundir import RunConfig
 from hyperforget.zoo.datasets import load_dataset
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLP, MLPSpec, evaluate_per_class, get_preset
@@ -42,57 +40,44 @@ def _train_from_scratch(spec, x: torch.Tensor, y: torch.Tensor, forget: Sequence
     return [MLP.from_flat(spec, params[i]) for i in keep], seconds, [int(seeds[i]) for i in failed]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m pipelines.compare_baselines``: train an original and S retrained MLPs, compare every method."""
+@dataclass
+class ComparisonConfig:
+    """What ``hyperforget compare-baselines`` trains and compares (the defaults: a run's)."""
+
+    dataset: str = "mnist-5k"
+    classes: tuple[int, ...] = (0, 1, 2, 3)  # original class ids of the task
+    hidden: int = 2  # hidden units (2: MNIST-4, 7: MNIST-10)
+    forget: tuple[int, ...] = (2,)  # task labels to forget
+    epochs: int = get_preset(RunConfig().preset).epochs  # of the original and retrained models
+    retrained: int = 3  # models retrained without the forget set
+    seed: int = 0
+    lr: float = RunConfig().lr
+    batch_size: int = RunConfig().batch_size
+
+    def __post_init__(self) -> None:
+        if self.retrained < 1:
+            raise HyperForgetError(f"--retrained must be >= 1, got {self.retrained}")
+        if self.hidden < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise HyperForgetError("--hidden, --epochs and --batch-size must be >= 1")
+
+
+def run_comparison(cfg: ComparisonConfig) -> dict:
+    """Train an original and the retrained MLPs (failed seeds replaced, as a run does), apply every
+    baseline to the original, and return compare_baselines' records with ``dropped_seeds``."""
     run_defaults = RunConfig()
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--dataset", default="mnist-5k")
-    ap.add_argument("--classes", default="0,1,2,3", help="original class ids of the task")
-    ap.add_argument("--hidden", type=int, default=2, help="hidden units (2: MNIST-4, 7: MNIST-10)")
-    ap.add_argument("--forget", default="2", help="task labels to forget, e.g. 2 or 2,3")
-    ap.add_argument("--epochs", type=int, default=get_preset(run_defaults.preset).epochs,
-                    help="epochs of the original and retrained models (a run's default)")
-    ap.add_argument("--retrained", type=int, default=3, help="retrained models")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--lr", type=float, default=run_defaults.lr,
-                    help="SGD learning rate of the original and retrained models (a run's default)")
-    ap.add_argument("--batch-size", type=int, default=run_defaults.batch_size,
-                    help="minibatch of the original and retrained models (a run's default)")
-    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny MLPs gain nothing from more)")
-    ap.add_argument("--json", default=None, help="also write the records and the table as JSON here")
-    a = ap.parse_args(argv)
-    if a.retrained < 1:
-        raise HyperForgetError(f"--retrained must be >= 1, got {a.retrained}")
-    torch.set_num_threads(a.threads)
-    ds = load_dataset(a.dataset, classes=[int(c) for c in a.classes.split(",")])
-    forget = list(parse_classes(a.forget))
+    ds = load_dataset(cfg.dataset, classes=list(cfg.classes))
+    forget = list(cfg.forget)
     x, y = torch.tensor(ds.x_train), torch.tensor(ds.y_train)
-    spec = MLPSpec(ds.input_size, a.hidden, ds.num_classes)
+    spec = MLPSpec(ds.input_size, cfg.hidden, ds.num_classes)
     # Train the original on every class and the gold standard without the forget classes, with
     # spare seeds in the same pass to replace failed trainings, as a run does.
     spares = run_defaults.spare_seeds if run_defaults.failure_margin is not None else 0
-    train = dict(epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, margin=run_defaults.failure_margin)
+    train = dict(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, margin=run_defaults.failure_margin)
     (original,), _, dropped_original = _train_from_scratch(
-        spec, x, y, (), [a.seed + i for i in range(1 + spares)], 1, **train)
+        spec, x, y, (), [cfg.seed + i for i in range(1 + spares)], 1, **train)
     retrained, retrain_seconds, dropped = _train_from_scratch(
-        spec, x, y, forget, [a.seed + 1000 + i for i in range(a.retrained + spares)], a.retrained, **train)
-    # Unlearn with every method and print the report's comparison table.
-    entry = compare_baselines(original, retrained, x, y, ds.x_test, ds.y_test, forget, seed=a.seed,
+        spec, x, y, forget, [cfg.seed + 1000 + i for i in range(cfg.retrained + spares)], cfg.retrained, **train)
+    entry = compare_baselines(original, retrained, x, y, ds.x_test, ds.y_test, forget, seed=cfg.seed,
                               retrain_seconds=retrain_seconds)
     entry["dropped_seeds"] = {"original": dropped_original, "retrain": dropped}
-    table, text = render_comparison(entry)
-    print(text)
-    if dropped_original or dropped:
-        print(f"\nfailed trainings replaced by spare seeds: original {dropped_original}, retrained {dropped}")
-    if a.json:
-        write_json(a.json, {**entry, "table": table})
-
-
-if __name__ == "__main__":
-    import sys
-
-    try:
-        main()
-    except HyperForgetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    return entry

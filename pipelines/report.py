@@ -111,7 +111,7 @@ def render_comparison(entry: dict) -> tuple[dict, str]:
     """One forget set's side-by-side table as JSON ({"header", "rows"}) and as Markdown.
 
     ``entry`` has the shape of forget-X/metrics.json ({"forget", "methods": {name: metrics}}); a run's
-    report and ``python -m pipelines.compare_baselines`` (whose compare_baselines returns that shape) both
+    report and ``hyperforget compare-baselines`` (whose compare_baselines returns that shape) both
     print their tables through here.
     """
     header, rows = comparison_table(entry)

@@ -18,7 +18,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 # Stage modules, upstream first. A module that is not there yet is skipped, not fatal.
 STAGES = ["zoo_cmds", "collect_cmds", "query_cmds", "hyper_cmds", "quality_cmds", "unlearn_cmds", "evaluate_cmds",
-          "bench_cmds"]
+          "baselines_cmds", "bench_cmds"]
 for _stage in STAGES:
     try:
         _module = importlib.import_module(f"hyperforget.pipelines.cli.{_stage}")

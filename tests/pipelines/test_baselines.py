@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from hyperforget.pipelines import baselines as B
-from hyperforget.pipelines import compare_baselines as CB
 from hyperforget.pipelines import metrics as M
 from hyperforget.zoo.datasets import load_dataset
 from hyperforget.zoo.errors import HyperForgetError
@@ -203,17 +202,24 @@ def test_compare_baselines_records_render_through_the_report(case):
         B.compare_baselines(model, [], x, y, x, y, [2])
 
 
-def test_cli_prints_the_comparison_table(tmp_path, capsys):
+def test_cli_prints_the_comparison_table(tmp_path):
+    from typer.testing import CliRunner
+
+    from hyperforget.pipelines.cli import app
+
     out = tmp_path / "rows.json"
-    CB.main(["--dataset", "digits", "--hidden", "8", "--epochs", "2", "--retrained", "2", "--json", str(out)])
-    text = capsys.readouterr().out
+    runner = CliRunner()
+    res = runner.invoke(app, ["compare-baselines", "--dataset", "digits", "--hidden", "8", "--epochs", "2",
+                              "--retrained", "2", "--json", str(out)])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    text = res.output
     assert text.lstrip().startswith("| method | models | acc D_r |") and "| Retrained | 2 |" in text
     for name in B.BASELINES:
         assert f"| {name} | 1 |" in text
     saved = json.loads(out.read_text())
     assert saved["forget"] == [2] and saved["table"]["header"][-1] == "wall time / model"
     assert set(saved["dropped_seeds"]) == {"original", "retrain"}
-    with pytest.raises(HyperForgetError, match="--retrained must be >= 1"):
-        CB.main(["--dataset", "digits", "--retrained", "0"])
-    with pytest.raises(HyperForgetError, match="comma-separated"):
-        CB.main(["--dataset", "digits", "--forget", "two"])
+    res = runner.invoke(app, ["compare-baselines", "--dataset", "digits", "--retrained", "0"])
+    assert isinstance(res.exception, HyperForgetError) and "--retrained must be >= 1" in str(res.exception)
+    res = runner.invoke(app, ["compare-baselines", "--dataset", "digits", "--forget", "two"])
+    assert isinstance(res.exception, HyperForgetError) and "comma-separated" in str(res.exception)
