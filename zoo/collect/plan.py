@@ -83,27 +83,43 @@ def plan_run(cfg: CollectConfig, task: Task, run_id: int) -> RunPlan:
     return plan_single(cfg, task, run_id)
 
 
-def plan_single(cfg: CollectConfig, task: Task, run_id: int) -> RunPlan:
-    rng = np.random.default_rng([cfg.seed, 0, run_id])
-    c = task.spec.num_classes
-    pivots = set(task.preset.pivots)
-    nonpivots = [k for k in range(c) if k not in pivots]
+def _draw_run(cfg: CollectConfig, rng: np.random.Generator) -> tuple[int, float, str]:
+    """A run's initialization seed, base learning rate (log-uniform) and selection kind."""
     seed = int(rng.integers(0, 2**31 - 1))
     lr = float(np.exp(rng.uniform(np.log(cfg.lr_min), np.log(cfg.lr_max))))
     kind = "random" if rng.random() < cfg.selection.random_share else cfg.selection.mode
+    return seed, lr, kind
+
+
+def _draw_undersampling(cfg: CollectConfig, rng: np.random.Generator, c: int, nonpivots: list[int]
+                        ) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Which classes a run undersamples (none to all of the pool) and their kept fractions."""
     pool = list(range(c)) if cfg.undersample_pivots else nonpivots
     n_under = int(rng.integers(0, len(pool) + 1))
     under = tuple(sorted(int(k) for k in rng.choice(pool, size=n_under, replace=False))) if n_under else ()
     lo, hi = np.log(cfg.undersample_rate_min), np.log(cfg.undersample_rate_max)
     rates = tuple(float(np.float32(np.exp(rng.uniform(lo, hi)))) for _ in under)
+    return under, rates
+
+
+def _draw_deletion_step(cfg: CollectConfig, task: Task, rng: np.random.Generator) -> int:
+    a, b = cfg.deletion_window
+    return min(max(int(round(rng.uniform(a, b) * task.total_steps)), 1), task.total_steps - 1)
+
+
+def plan_single(cfg: CollectConfig, task: Task, run_id: int) -> RunPlan:
+    rng = np.random.default_rng([cfg.seed, 0, run_id])
+    c = task.spec.num_classes
+    pivots = set(task.preset.pivots)
+    nonpivots = [k for k in range(c) if k not in pivots]
+    seed, lr, kind = _draw_run(cfg, rng)
+    under, rates = _draw_undersampling(cfg, rng, c, nonpivots)
     deleted: tuple[int, ...] = ()
     deletion_step = -1
     if nonpivots and rng.random() < cfg.deletion_share:
         size = int(rng.integers(1, len(nonpivots) + 1))
         deleted = tuple(sorted(int(k) for k in rng.choice(nonpivots, size=size, replace=False)))
-        a, b = cfg.deletion_window
-        deletion_step = int(round(rng.uniform(a, b) * task.total_steps))
-        deletion_step = min(max(deletion_step, 1), task.total_steps - 1)
+        deletion_step = _draw_deletion_step(cfg, task, rng)
         if not cfg.deletion_undersample:
             under, rates = (), ()
     if cfg.holdout:  # a separate stream: zoos without a holdout keep their plans
@@ -129,21 +145,14 @@ def plan_branch(cfg: CollectConfig, task: Task, run_id: int) -> RunPlan:
     nonpivots = [k for k in range(c) if k not in pivots]
     if not nonpivots:
         raise HyperForgetError(f"branches need non-pivot classes to delete; preset {cfg.preset} has none")
-    seed = int(rng.integers(0, 2**31 - 1))
-    lr = float(np.exp(rng.uniform(np.log(cfg.lr_min), np.log(cfg.lr_max))))
-    kind = "random" if rng.random() < cfg.selection.random_share else cfg.selection.mode
+    seed, lr, kind = _draw_run(cfg, rng)
     under: tuple[int, ...] = ()
     rates: tuple[float, ...] = ()
     if cfg.deletion_undersample:
-        pool = list(range(c)) if cfg.undersample_pivots else nonpivots
-        n_under = int(rng.integers(0, len(pool) + 1))
-        under = tuple(sorted(int(k) for k in rng.choice(pool, size=n_under, replace=False))) if n_under else ()
-        lo, hi = np.log(cfg.undersample_rate_min), np.log(cfg.undersample_rate_max)
-        rates = tuple(float(np.float32(np.exp(rng.uniform(lo, hi)))) for _ in under)
+        under, rates = _draw_undersampling(cfg, rng, c, nonpivots)
         if cfg.holdout:
             under, rates, _ = restrict_plan(cfg.holdout, under, rates, (), rng)
-    a, b = cfg.deletion_window
-    deletion_step = min(max(int(round(rng.uniform(a, b) * task.total_steps)), 1), task.total_steps - 1)
+    deletion_step = _draw_deletion_step(cfg, task, rng)
     # Sets that would lower a held-out set together with the family's undersampling are never deleted.
     allowed = [d for d in deletion_sets(nonpivots)
                if not any(set(h) <= set(d) | set(under) for h in cfg.holdout)]
