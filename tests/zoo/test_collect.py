@@ -304,8 +304,10 @@ def test_branch_families_share_their_past_and_differ_in_what_they_delete():
         before, after = [t for t in shared if t <= d], [t for t in shared if t > d + 3]
         assert before and after, (r, shared, d)
         for t in before:
-            np.testing.assert_array_equal(res.params[row[r, t]], res.params[row[0, t]])
-        assert max(np.abs(res.params[row[r, t]] - res.params[row[0, t]]).max() for t in after) > 0
+            # The same run computed in another row of the batched products: equal up to rounding,
+            # which a CPU may do differently per row, so not compared bit for bit.
+            np.testing.assert_allclose(res.params[row[r, t]], res.params[row[0, t]], rtol=0, atol=1e-5)
+        assert max(np.abs(res.params[row[r, t]] - res.params[row[0, t]]).max() for t in after) > 1e-2
     with pytest.raises(HyperForgetError, match="multiple of branches"):
         tiny_config(runs_per_group=6, branches=4)
     held = tiny_config(runs=8, runs_per_group=4, branches=4, holdout=[[2, 3]])
