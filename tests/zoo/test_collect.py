@@ -310,6 +310,8 @@ def test_branch_families_share_their_past_and_differ_in_what_they_delete():
         assert max(np.abs(res.params[row[r, t]] - res.params[row[0, t]]).max() for t in after) > 1e-2
     with pytest.raises(HyperForgetError, match="multiple of branches"):
         tiny_config(runs_per_group=6, branches=4)
+    with pytest.raises(HyperForgetError, match="branches must be ≥ 1"):
+        tiny_config(branches=0)
     held = tiny_config(runs=8, runs_per_group=4, branches=4, holdout=[[2, 3]])
     assert all(plan_run(held, task, r).deleted != (2, 3) for r in range(8))
 

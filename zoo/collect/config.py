@@ -84,7 +84,7 @@ class CollectConfig:
             (self.max_param_abs > 0, "max_param_abs must be > 0"),
             (self.forgetting_lr >= 0, f"forgetting_lr must be ≥ 0, got {self.forgetting_lr}"),
             (self.branches >= 1, f"branches must be ≥ 1, got {self.branches}"),
-            (self.branches == 1 or self.runs_per_group % self.branches == 0,
+            (self.branches <= 1 or self.runs_per_group % self.branches == 0,
              f"runs_per_group ({self.runs_per_group}) must be a multiple of branches ({self.branches}) so that "
              "a family trains in one group, on one minibatch order"),
             (0 <= self.holdout_forget_acc < self.holdout_retain_acc <= 1,
