@@ -281,6 +281,11 @@ def build_view(zoo: Any, kind: str, name: str | None = None, *, overwrite: bool 
         raise HyperForgetError(f"view {name!r} already exists in {root}; choose another --name or pass overwrite")
     reader = open_zoo(root) if isinstance(zoo, (str, os.PathLike)) else zoo
     cfg = reader.config
+    if kind == "pairs" and full["family"] > 1:
+        branches = int(((cfg.collection or {}).get("config") or {}).get("branches", 1))
+        if branches != full["family"]:
+            raise HyperForgetError(f"family={full['family']} pairs runs in families of {full['family']}, but zoo "
+                                   f"{root} was collected with --branches {branches}: use family={branches}")
     limits = engine.SQLLimits(memory_limit=memory_limit, threads=threads or min(4, os.cpu_count() or 1))
     con = engine.connect(reader, confined=False, limits=limits)
     try:

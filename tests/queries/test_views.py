@@ -106,10 +106,20 @@ def test_pairs_from_trained_starts(qzoo, zoo_meta):
         _build(qzoo, "pairs", "pbad", start_max_loss=-0.5)
 
 
-def test_family_pairs_reach_across_the_runs_of_a_family(qzoo, zoo_meta):
+def test_family_pairs_reach_across_the_runs_of_a_family(qzoo, zoo_meta, tmp_path):
     """family=K pairs θ with θ* of any run r // K == θ's, at its step or later (a brute-force check),
-    and splits train/test by family."""
+    and splits train/test by family; only on a zoo collected in families of K."""
+    import json
+    import shutil
+
     k = 3
+    with pytest.raises(HyperForgetError, match="--branches 1"):
+        _build(qzoo, "pairs", "pfam", family=k)
+    qzoo = str(shutil.copytree(qzoo, tmp_path / "branched"))  # the same checkpoints, said to be families of 3
+    zoo_json = tmp_path / "branched" / "zoo.json"
+    saved = json.loads(zoo_json.read_text())
+    saved["collection"] = {**saved.get("collection", {}), "config": {"branches": k}}
+    zoo_json.write_text(json.dumps(saved))
     view = _build(qzoo, "pairs", "pfam", cap=100_000, family=k)
     m = zoo_meta[zoo_meta.perm_index == 0][["checkpoint_id", "run_id", "perm_index", "step"]].copy()
     m["family"] = m.run_id // k
