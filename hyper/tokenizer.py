@@ -209,13 +209,14 @@ class ParamTokenizer:
         """Normalized tokens (B, N, token_size) -> raw (B, P)."""
         return self.denormalize(self.from_tokens(tokens))
 
-    def layer_weights(self) -> torch.Tensor:
-        """(P,) weights giving every layer the same total weight in the MSE; they average to 1."""
+    def layer_weights(self, power: float = 1.0) -> torch.Tensor:
+        """(P,) MSE weights that average to 1: power 1 gives every layer the same total weight; power
+        0.5 takes the square root of those per-value weights (halfway, in log scale, to uniform)."""
         w = torch.empty(self.spec.num_params)
         n = len(self.spec.layout.slots)
         for s in self.spec.layout.slots:
-            w[s.offset:s.stop] = self.spec.num_params / (n * s.size)
-        return w
+            w[s.offset:s.stop] = (self.spec.num_params / (n * s.size)) ** power
+        return w / w.mean()
 
     def describe(self) -> dict:
         return {"num_tokens": self.num_tokens, "chunk_sizes": self.chunk_sizes,

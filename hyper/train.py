@@ -46,7 +46,7 @@ from hyperforget.zoo.files import atomic_path, write_json
 from hyperforget.zoo.seeds import ALIGNMENT_SEED, TRAIN_RANK_STRIDE, TRAIN_RESUME_STRIDE
 
 log = logging.getLogger("hyperforget.train")  # step lines at INFO for runs without a progress bar
-LOSS_WEIGHTINGS = ("uniform", "layer")
+LOSS_WEIGHTINGS = {"uniform": 0.0, "layer_sqrt": 0.5, "layer": 1.0}  # name -> power of the layer weights
 
 
 @dataclass
@@ -63,7 +63,9 @@ class TrainConfig:
     beta2: float = 0.999  # AdamW β2
     grad_clip: float = 0.75  # max global gradient norm (G.pt: 0.75); 0 disables
     ema_decay: float = 0.995  # EMA of weights; short CPU runs need a short horizon (G.pt: 0.9999)
-    loss_weighting: str = "layer"  # "layer": every layer weighs the same in the MSE; "uniform": every value
+    # "layer": every layer weighs the same in the MSE; "uniform": every value; "layer_sqrt": the square
+    # root of the layer weights (a few output values decide the class losses, ~1 % of the vector).
+    loss_weighting: str = "layer"
     cond_dropout: float = 0.0  # probability of dropping the loss conditions (classifier-free guidance)
     amp: str = "auto"  # "auto" (bf16 on CUDA), "bf16", "off"
     seed: int = 0  # seeds model init, timesteps, noise and data order
@@ -87,7 +89,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise HyperForgetError(f"unknown loss weighting {self.loss_weighting!r}: choose uniform or layer")
+            raise HyperForgetError(f"unknown loss weighting {self.loss_weighting!r}: choose "
+                                   f"{', '.join(LOSS_WEIGHTINGS)}")
         if self.amp not in ("auto", "bf16", "off"):
             raise HyperForgetError(f"unknown amp mode {self.amp!r}: choose auto, bf16 or off")
         if self.steps < 1 or self.batch_size < 1:
@@ -293,7 +296,8 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
     opt = make_optimizer(model, cfg)
     ema = EMA(model, cfg.ema_decay)
     gen = torch.Generator().manual_seed(cfg.seed * TRAIN_RANK_STRIDE + rank)
-    weights = tokenizer.layer_weights().to(dev) if cfg.loss_weighting == "layer" else None
+    power = LOSS_WEIGHTINGS[cfg.loss_weighting]
+    weights = tokenizer.layer_weights(power).to(dev) if power else None
     step, epoch, curves = 0, 0, {"train": [], "test": [], "eval": []}
     config = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "variant": variant, "preset": preset,
               "model": model_cfg.to_dict(), "tokenizer": tok_cfg.to_dict(), "diffusion": diff_cfg.to_dict(),

@@ -40,7 +40,7 @@ def train_cmd(
     eval_every: Annotated[Optional[int], typer.Option(help="steps between prompt-alignment evaluations")] = None,
     token_size: Annotated[Optional[int], typer.Option(help="values per parameter token")] = None,
     normalization: Annotated[Optional[str], typer.Option(help="global or layer")] = None,
-    loss_weighting: Annotated[Optional[str], typer.Option(help="layer or uniform")] = None,
+    loss_weighting: Annotated[Optional[str], typer.Option(help="layer, layer_sqrt or uniform")] = None,
     cond_dropout: Annotated[Optional[float], typer.Option(help="condition dropout for guidance")] = None,
     noise_start_share: Annotated[Optional[float], typer.Option(
         help="DiHyFo-1: share of pairs whose θ is a fresh random init (teaches the noise start)")] = None,

@@ -85,3 +85,13 @@ def test_loss_transform_is_finite_at_zero():
     assert torch.isfinite(out).all() and out[0].item() == pytest.approx(math.log(0.01))
     with pytest.raises(HyperForgetError):
         loss_transform(torch.tensor([1.0]), "sqrt")
+
+
+def test_layer_sqrt_weights_lie_between_uniform_and_layer():
+    tok = ParamTokenizer(SPEC, TokenizerConfig(16), compute_normalization(SPEC, _params()))
+    full, half = tok.layer_weights(1.0), tok.layer_weights(0.5)
+    assert half.mean().item() == pytest.approx(1.0)
+    # per value, the square-root weight is the geometric middle of uniform (1) and layer weights, up to the mean
+    ratio = half / full.sqrt()
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-5)
+    assert half.max() < full.max() and half.min() > full.min()

@@ -316,6 +316,28 @@ def test_branch_families_share_their_past_and_differ_in_what_they_delete():
     assert all(plan_run(held, task, r).deleted != (2, 3) for r in range(8))
 
 
+def test_branch_steps_delete_every_set_at_each_of_the_familys_steps():
+    cfg = tiny_config(runs=14, runs_per_group=7, branches=7, branch_steps=2, augment=0, deletion_undersample=False)
+    task = resolve_task(cfg)
+    for family in range(2):
+        plans = [plan_run(cfg, task, 7 * family + b) for b in range(7)]
+        assert len({(p.seed, p.lr, p.undersampled, p.kind) for p in plans}) == 1
+        assert plans[0].deleted == () and plans[0].deletion_step == -1
+        steps = sorted({p.deletion_step for p in plans[1:]})
+        assert len(steps) == 2
+        # every set at every step, exactly once
+        assert sorted((p.deleted, p.deletion_step) for p in plans[1:]) == sorted(
+            (d, s) for d in [(2,), (3,), (2, 3)] for s in steps)
+    # One step per family keeps the plans of a plain branch collection.
+    one = tiny_config(runs=8, runs_per_group=4, branches=4, augment=0, deletion_undersample=False)
+    again = tiny_config(runs=8, runs_per_group=4, branches=4, branch_steps=1, augment=0, deletion_undersample=False)
+    assert [plan_run(one, task, r) for r in range(8)] == [plan_run(again, task, r) for r in range(8)]
+    with pytest.raises(HyperForgetError, match="branch_steps must be ≥ 1"):
+        tiny_config(branches=4, branch_steps=0)
+    with pytest.raises(HyperForgetError, match="more branches than steps"):
+        tiny_config(runs_per_group=4, branches=4, branch_steps=4)
+
+
 def test_augmented_copies_are_functionally_identical(tiny_zoo):
     _, out, _ = tiny_zoo
     r = open_zoo(out)

@@ -49,6 +49,10 @@ class CollectConfig:
     # deletion, the family's futures then differ only by their class losses, which is what DiHyFo-1
     # must learn to read (deletion_share is not used).
     branches: int = 1
+    # > 1: a family deletes each of its sets at this many different steps (drawn from deletion_window),
+    # so that at one step its branches differ in how long ago a set was deleted, not only in which:
+    # a forgotten class's loss then varies while the retained classes' training time is the same.
+    branch_steps: int = 1
     # Forget sets kept out of the zoo (zoo/holdout.py): no run lowers all of a set's classes, and no
     # checkpoint with every class of a set at accuracy <= holdout_forget_acc and every other class
     # >= holdout_retain_acc is saved.
@@ -84,6 +88,10 @@ class CollectConfig:
             (self.max_param_abs > 0, "max_param_abs must be > 0"),
             (self.forgetting_lr >= 0, f"forgetting_lr must be ≥ 0, got {self.forgetting_lr}"),
             (self.branches >= 1, f"branches must be ≥ 1, got {self.branches}"),
+            (self.branch_steps >= 1, f"branch_steps must be ≥ 1, got {self.branch_steps}"),
+            (self.branch_steps == 1 or self.branches > self.branch_steps,
+             f"branch_steps {self.branch_steps} needs more branches than steps (branch 0 deletes nothing), "
+             f"got --branches {self.branches}"),
             (self.branches <= 1 or self.runs_per_group % self.branches == 0,
              f"runs_per_group ({self.runs_per_group}) must be a multiple of branches ({self.branches}) so that "
              "a family trains in one group, on one minibatch order"),

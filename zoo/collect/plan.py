@@ -157,5 +157,12 @@ def plan_branch(cfg: CollectConfig, task: Task, run_id: int) -> RunPlan:
     allowed = [d for d in deletion_sets(nonpivots)
                if not any(set(h) <= set(d) | set(under) for h in cfg.holdout)]
     order = [allowed[i] for i in rng.permutation(len(allowed))] if allowed else []
-    deleted = order[(branch - 1) % len(order)] if branch > 0 and order else ()
-    return RunPlan(run_id, seed, lr, kind, under, rates, deleted, deletion_step if deleted else -1)
+    if branch == 0 or not order:
+        return RunPlan(run_id, seed, lr, kind, under, rates, (), -1)
+    # Branch b >= 1: deletion step (b-1) mod T of the family's T steps, set (b-1) div T of its order.
+    which_step, which_set = (branch - 1) % cfg.branch_steps, (branch - 1) // cfg.branch_steps
+    if cfg.branch_steps > 1:  # a separate stream: one-step families keep their plans
+        more = np.random.default_rng([cfg.seed, 7, family])
+        steps = sorted([deletion_step] + [_draw_deletion_step(cfg, task, more) for _ in range(cfg.branch_steps - 1)])
+        deletion_step = steps[which_step]
+    return RunPlan(run_id, seed, lr, kind, under, rates, order[which_set % len(order)], deletion_step)
