@@ -507,6 +507,14 @@ PRESETS: dict[str, dict] = {
 }
 
 
+PRESETS["cpu-mlp2"] = {
+    # cpu-mlp with the MSE weighted by the square root of the layer weights: the 14 values after
+    # fc1.weight (fc1.bias, fc2), which decide the class losses, carry 14 % of the MSE instead of
+    # 0.9 % (uniform) or 75 % (layer). The CPU demo's generator (docs/experiments.md, rows 4g-4i).
+    **PRESETS["cpu-mlp"],
+    "train": {**PRESETS["cpu-mlp"]["train"], "loss_weighting": "layer_sqrt"}}
+
+
 PRESETS["paper-adaln"] = {
     # The paper's DiT size with DiT's adaLN-Zero conditioning over canonical, per-value standardized
     # tokens (a GPU configuration; the in-context "paper" preset stays as G.pt has it).

@@ -44,7 +44,7 @@ class DemoConfig:
     holdout: list = field(default_factory=list)  # forget sets kept out of the zoo (zoo/holdout.py), e.g. [[2, 3]]
     zoo_epochs: int | None = None  # epochs per zoo run (None: the preset's)
     workers: int | None = 2  # dask workers for collection (None: CPU count; 0: no dask)
-    hyper_preset: str = "cpu-mlp"  # hypernetwork preset (hyper.model.PRESETS)
+    hyper_preset: str = "cpu-mlp2"  # hypernetwork preset (hyper.model.PRESETS)
     train_steps: int | None = None  # hypernetwork steps per variant (None: the preset's)
     train_overrides: dict = field(default_factory=dict)  # more hypernetwork options by name
     variants: tuple[str, ...] = DIHYFO_METHODS  # DiHyFo variants to train and use
