@@ -50,6 +50,14 @@ class DemoConfig:
     variants: tuple[str, ...] = DIHYFO_METHODS  # DiHyFo variants to train and use
     dihyfo1_start: str = "model"  # DiHyFo-1 unlearns from: "model" (the model to unlearn) or "noise"
     dihyfo1_noise_share: float = 0.2  # share of DiHyFo-1 training pairs that start from a fresh init
+    # DiHyFo-1's pairs come from a second zoo of branch families (zoo collect --branches B --branch-steps S):
+    # every family deletes nothing or a set at one of S steps, so that from one θ the futures differ by
+    # how much a class is forgotten while the rest train alike (docs/experiments.md, rows 30-35).
+    # family_runs 0: DiHyFo-1 trains on the main zoo's pairs instead.
+    family_runs: int = 1200
+    family_branches: int = 10
+    family_branch_steps: int = 3
+    family_start_max_loss: float = 0.5  # pairs start from checkpoints whose class losses are all at most this
     retrieval: bool = True  # also run zoo_retrieval, the SQL-lookup control
     parallel_training: bool = True  # train the two variants at once, one process and one thread each
     quality_targets: int = 8  # generation quality: targets per swept class
@@ -69,7 +77,8 @@ class DemoConfig:
                  runs: int | None = None, train_steps: int | None = None, methods: list | None = None,
                  **overrides) -> "DemoConfig":
         if quick:
-            base = dict(runs=32, zoo_epochs=6, workers=0, hyper_preset="tiny", train_steps=40,
+            base = dict(runs=32, zoo_epochs=6, workers=0, hyper_preset="tiny", train_steps=40, family_runs=20,
+                        family_branches=4, family_branch_steps=1, family_start_max_loss=-1.0,
                         train_overrides={"eval_every": -1, "test_every": 0, "batch_size": 32, "checkpoint_every": 0},
                         candidates=8, repeats=2, sample_steps=10, retrain_seeds=2, epochs=40, quality_targets=3,
                         quality_samples=2)
@@ -92,12 +101,24 @@ def _say(msg: str) -> None:
     Console(stderr=True).print(f"[bold]demo[/bold] {msg}")
 
 
-def collect_zoo(cfg: DemoConfig, zoo_dir: Path) -> None:
-    """Stage 1: the zoo (resumes a partial collection; skips a complete one)."""
-    from hyperforget.zoo.collect import CollectConfig, collect
+def collect_config(cfg: DemoConfig, families: bool = False):
+    """The main zoo's collection, or (families=True) the branch-family zoo DiHyFo-1 learns from."""
+    from hyperforget.zoo.collect import CollectConfig
 
-    ccfg = CollectConfig(preset=cfg.preset, dataset=cfg.dataset, runs=cfg.runs, runs_per_group=cfg.runs_per_group,
-                         epochs=cfg.zoo_epochs, seed=cfg.seed, holdout=list(cfg.holdout))
+    common = dict(preset=cfg.preset, dataset=cfg.dataset, epochs=cfg.zoo_epochs, seed=cfg.seed,
+                  holdout=list(cfg.holdout))
+    if not families:
+        return CollectConfig(runs=cfg.runs, runs_per_group=cfg.runs_per_group, **common)
+    per_group = cfg.family_branches * max(1, cfg.runs_per_group // cfg.family_branches)  # whole families per group
+    return CollectConfig(runs=cfg.family_runs, runs_per_group=min(per_group, cfg.family_runs), branches=cfg.family_branches,
+                         branch_steps=cfg.family_branch_steps, deletion_undersample=False, **common)
+
+
+def collect_zoo(cfg: DemoConfig, zoo_dir: Path, families: bool = False) -> None:
+    """Stage 1: a zoo (resumes a partial collection; skips a complete one)."""
+    from hyperforget.zoo.collect import collect
+
+    ccfg = collect_config(cfg, families)
     if (zoo_dir / "manifest.json").exists():
         from hyperforget.zoo.collect import group_key
         from hyperforget.zoo.store import open_zoo
@@ -112,6 +133,13 @@ def _train_kwargs(cfg: DemoConfig, variant: str, zoo_dir: Path, model_dir: Path)
     overrides = dict(cfg.train_overrides)
     if variant == "dihyfo1":
         overrides.setdefault("noise_start_share", cfg.dihyfo1_noise_share)
+        if cfg.family_runs:
+            from hyperforget.hyper.train import resolve_configs
+
+            view = dict(resolve_configs(cfg.hyper_preset, variant, overrides)[3].view)
+            view["pairs"] = {**view.get("pairs", {}), "family": cfg.family_branches,
+                             "start_max_loss": cfg.family_start_max_loss}
+            overrides["view"] = view
     if cfg.train_steps is not None:
         overrides["steps"] = cfg.train_steps
     resume = (model_dir / "checkpoints" / "latest.json").exists()
@@ -140,7 +168,7 @@ def _train_child(kwargs: dict, done, total) -> None:
     train(**kwargs, progress=False, on_step=report)
 
 
-def train_variants_in_parallel(cfg: DemoConfig, jobs: list[tuple[str, Path]], zoo_dir: Path) -> None:
+def train_variants_in_parallel(cfg: DemoConfig, jobs: list[tuple[str, Path]], zoos: dict[str, Path]) -> None:
     """Stage 2 with one process per variant, one thread each: on a 2-core machine both train at once
     instead of one after the other on two threads (which scale far below 2× on these small products)."""
     import multiprocessing as mp
@@ -153,10 +181,10 @@ def train_variants_in_parallel(cfg: DemoConfig, jobs: list[tuple[str, Path]], zo
     ctx = mp.get_context("spawn")
     procs = []
     for variant, model_dir in jobs:
-        kwargs = _train_kwargs(cfg, variant, zoo_dir, model_dir)
+        kwargs = _train_kwargs(cfg, variant, zoos[variant], model_dir)
         # Views are built here, before the processes start, so that two never build one at once.
         train_cfg = resolve_configs(cfg.hyper_preset, variant, kwargs["overrides"])[3]
-        ensure_training_views(str(zoo_dir), variant, seed=train_cfg.seed,
+        ensure_training_views(str(zoos[variant]), variant, seed=train_cfg.seed,
                               **train_cfg.view.get(VARIANT_KINDS[variant], {}))
         done, total = ctx.Value("i", 0), ctx.Value("i", 1)
         p = ctx.Process(target=_train_child, args=(kwargs, done, total), daemon=True)
@@ -225,11 +253,13 @@ def unlearn_all(run, forget_sets: Sequence[Sequence[int]], *, models: dict[str, 
 def check_demo(cfg: DemoConfig) -> tuple[list[tuple[int, ...]], list[str]]:
     """Refuse a demo configuration that a later stage would refuse; returns (forget sets, methods)."""
     from hyperforget.pipelines.baselines import BASELINES
-    from hyperforget.zoo.collect import CollectConfig
-
     preset = get_preset(cfg.preset)
-    CollectConfig(preset=cfg.preset, dataset=cfg.dataset, runs=cfg.runs, runs_per_group=cfg.runs_per_group,
-                  epochs=cfg.zoo_epochs, seed=cfg.seed, holdout=list(cfg.holdout))  # raises on a bad count or set
+    collect_config(cfg)  # raises on a bad count or set
+    if cfg.family_runs and "dihyfo1" in cfg.variants:
+        if cfg.family_runs < 0 or cfg.family_runs % cfg.family_branches:
+            raise HyperForgetError(f"family_runs ({cfg.family_runs}) must be a multiple of family_branches "
+                                   f"({cfg.family_branches}), or 0 to train DiHyFo-1 on the main zoo")
+        collect_config(cfg, families=True)
     methods = list(cfg.methods) if cfg.methods is not None else list(BASELINES)
     unknown = [m for m in methods if m not in BASELINES]
     if unknown:
@@ -277,6 +307,16 @@ def run_demo(cfg: DemoConfig) -> Path:
     _say(f"collecting a {cfg.preset} zoo of {cfg.runs} runs on {cfg.dataset} -> {zoo_dir}")
     collect_zoo(cfg, zoo_dir)
     _stage(state, state_path, "collect", time.perf_counter() - t0)
+    zoos = {v: zoo_dir for v in cfg.variants}
+    collect_s = {v: state["stages"]["collect"] for v in cfg.variants}
+    if cfg.family_runs and "dihyfo1" in cfg.variants:
+        zoos["dihyfo1"] = out / "zoo-families"
+        t0 = time.perf_counter()
+        _say(f"collecting {cfg.family_runs // cfg.family_branches} branch families of {cfg.family_branches} runs "
+             f"for DiHyFo-1 -> {zoos['dihyfo1']}")
+        collect_zoo(cfg, zoos["dihyfo1"], families=True)
+        _stage(state, state_path, "collect_families", time.perf_counter() - t0)
+        collect_s["dihyfo1"] += state["stages"]["collect_families"]
 
     # 2. Train the hypernetworks (views are built on first use), both at once when there are two.
     models = {v: str(out / "models" / v) for v in cfg.variants}
@@ -284,13 +324,13 @@ def run_demo(cfg: DemoConfig) -> Path:
     t0 = time.perf_counter()
     if len(todo) > 1 and cfg.parallel_training:
         _say(f"training {', '.join(v for v, _ in todo)} ({cfg.hyper_preset}) in parallel -> {out / 'models'}")
-        train_variants_in_parallel(cfg, todo, zoo_dir)
+        train_variants_in_parallel(cfg, todo, zoos)
         _stage(state, state_path, "train_" + "_".join(v for v, _ in todo), time.perf_counter() - t0)
     else:
         for variant, model_dir in todo:
             t0 = time.perf_counter()
             _say(f"training {variant} ({cfg.hyper_preset}) -> {model_dir}")
-            train_variant(cfg, variant, zoo_dir, model_dir)
+            train_variant(cfg, variant, zoos[variant], model_dir)
             _stage(state, state_path, f"train_{variant}", time.perf_counter() - t0)
 
     # 3. The original model (and the run directory).
@@ -314,7 +354,7 @@ def run_demo(cfg: DemoConfig) -> Path:
                 retrain_seeds=run.config.retrain_seeds, seed=cfg.seed, retrieval=cfg.retrieval,
                 dihyfo1=dict(start=cfg.dihyfo1_start, guidance="auto"))
     _stage(state, state_path, "unlearn", time.perf_counter() - t0)
-    state["cost"] = amortized_cost(run, forget_sets, models, state["stages"]["collect"])
+    state["cost"] = amortized_cost(run, forget_sets, models, collect_s)
     for variant, c in state["cost"].items():
         k = c["break_even"]
         _say(f"{variant}: {c['fixed_s']:.0f} s to collect and train, {c['request_s']:.3f} s per request against "

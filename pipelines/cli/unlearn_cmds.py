@@ -174,6 +174,8 @@ def register(app: typer.Typer) -> None:
         train_steps: Annotated[Optional[int], typer.Option(help="hypernetwork training steps per variant")] = None,
         methods: Annotated[Optional[str], typer.Option(help="comma-separated baselines (default: all)")] = None,
         dihyfo1_start: Annotated[str, typer.Option(help="DiHyFo-1 unlearns from: model or noise")] = "model",
+        family_runs: Annotated[Optional[int], typer.Option(
+            help="runs of the branch-family zoo DiHyFo-1 learns from (0: DiHyFo-1 uses the main zoo)")] = None,
         holdout: Annotated[Optional[list[str]], typer.Option(
             help="a forget set the zoo never shows forgotten, e.g. 2,3 (repeatable; see `zoo collect --holdout`)")] = None,
     ) -> None:
@@ -187,6 +189,7 @@ def register(app: typer.Typer) -> None:
         cfg = DemoConfig.for_mode(out=str(out), preset=preset, dataset=dataset, quick=quick, runs=runs,
                                   train_steps=train_steps, dihyfo1_start=dihyfo1_start,
                                   holdout=[list(parse_classes(h)) for h in holdout or []],
+                                  **({} if family_runs is None else {"family_runs": family_runs}),
                                   methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None)
         from hyperforget.pipelines.demo import check_demo
 

@@ -53,7 +53,12 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     assert d1["train"]["noise_start_share"] == 0.2
     state = json.loads((out / "demo.json").read_text())
     # The two variants trained at once, in two processes.
-    assert {"collect", "train_dihyfo1_dihyfo2", "original", "quality", "unlearn", "report"} <= set(state["stages"])
+    assert {"collect", "collect_families", "train_dihyfo1_dihyfo2", "original", "quality", "unlearn",
+            "report"} <= set(state["stages"])
+    # DiHyFo-1 learned from the branch-family zoo's pairs, DiHyFo-2 from the main zoo.
+    d1_config = json.loads((out / "models" / "dihyfo1" / "config.json").read_text())
+    assert d1_config["train"]["view"]["pairs"]["family"] == 4
+    assert (out / "models" / "dihyfo1" / d1_config["zoo"]).resolve() == (out / "zoo-families").resolve()
     # Generation quality of single samples, per variant and DiHyFo-1 start, with its figure.
     assert set(state["quality"]) == {"dihyfo1-from-model", "dihyfo1-from-noise", "dihyfo2"}
     for name in state["quality"]:
@@ -65,7 +70,9 @@ def test_demo_quick_end_to_end_and_resume(tmp_path):
     for variant in ("dihyfo1", "dihyfo2"):
         c = state["cost"][variant]
         summary = json.loads((out / "models" / variant / "summary.json").read_text())
-        assert c["train_s"] == round(summary["seconds"], 3) and c["collect_s"] == round(state["stages"]["collect"], 3)
+        # DiHyFo-1 pays for the branch-family zoo its pairs come from as well.
+        collected = state["stages"]["collect"] + (state["stages"]["collect_families"] if variant == "dihyfo1" else 0)
+        assert c["train_s"] == round(summary["seconds"], 3) and c["collect_s"] == pytest.approx(collected, abs=2e-3)
         assert c["fixed_s"] == pytest.approx(c["collect_s"] + c["train_s"], abs=2e-3)
         assert (c["break_even"] is None) == (c["retrain_s"] <= c["request_s"])
 
