@@ -212,6 +212,11 @@ def _unlearn_baseline(run: Run, forget: tuple[int, ...], config: UnlearnConfig, 
     if not torch.equal(run.original_params(), original):
         raise AssertionError("a baseline changed the original model on disk")
     params = torch.stack(models)  # (R, P)
+    diverged = int((~torch.isfinite(params).all(1)).sum())
+    if diverged:  # refuse before saving: a NaN model on disk would stop every later stage of the run
+        raise HyperForgetError(f"{config.method} diverged on forget set {list(forget)}: {diverged} of its "
+                               f"{len(params)} models hold NaN or infinite parameters, so none was saved; leave "
+                               f"it out (--methods) or give it a smaller learning rate")
     output_mask = sorted(masks)
     with torch.no_grad():
         val_logits = model_logits(run.spec, params, d.x_val, output_mask)  # (R, N_val, C)

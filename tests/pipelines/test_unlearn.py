@@ -170,6 +170,21 @@ def test_unlearn_with_a_baseline_writes_the_method_folder(tiny_run, method):
         assert torch.equal(params[0], before)  # the control keeps the original parameters
 
 
+def test_a_diverged_baseline_is_refused_and_nothing_is_saved(tiny_run, monkeypatch):
+    import hyperforget.pipelines.baselines as baselines
+    from hyperforget.zoo.mlp import MLP
+
+    def diverges(method, model, *args, **kwargs):
+        flat = torch.as_tensor(tiny_run.original_params()).clone()
+        flat[-3:] = float("nan")
+        return MLP.from_flat(tiny_run.spec, flat), 0.0
+
+    monkeypatch.setattr(baselines, "run_baseline", diverges)
+    with pytest.raises(HyperForgetError, match="finetune diverged on forget set \\[2\\]: 2 of its 2 models"):
+        unlearn(tiny_run, "2", UnlearnConfig(method="finetune", repeats=2))
+    assert not (tiny_run.forget_dir((2,)) / "finetune" / "model.safetensors").exists()
+
+
 def test_metrics_compare_every_method_with_the_retrained_models(tiny_run):
     run = tiny_run
     unlearn(run, (2,), UnlearnConfig(method="logit_mask", repeats=1))
