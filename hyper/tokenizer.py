@@ -216,7 +216,8 @@ class ParamTokenizer:
         n = len(self.spec.layout.slots)
         for s in self.spec.layout.slots:
             w[s.offset:s.stop] = (self.spec.num_params / (n * s.size)) ** power
-        return w / w.mean()
+        # Power 1 averages to 1 by construction; rescaling it would move some weights by a rounding step.
+        return w if power == 1 else w / w.mean()
 
     def describe(self) -> dict:
         return {"num_tokens": self.num_tokens, "chunk_sizes": self.chunk_sizes,
