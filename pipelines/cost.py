@@ -31,11 +31,10 @@ def break_even(fixed_seconds: float, request_seconds: float, retrain_seconds: fl
 
 
 def amortized_cost(run: Run, forget_sets: Sequence[Sequence[int]], models: dict[str, str],
-                   collect_seconds: float | dict[str, float]) -> dict:
+                   collect_seconds: dict[str, float]) -> dict:
     """{variant: {"fixed_s", "collect_s", "train_s", "request_s", "retrain_s", "break_even"}} from a run's metrics.
 
-    collect_seconds: the zoo's collection time, or one per variant (a variant trained on two zoos
-    pays for both). request_s and retrain_s are means over the forget sets' metrics.json;
+    collect_seconds: each variant's zoo collection time (a variant trained on two zoos pays for both). request_s and retrain_s are means over the forget sets' metrics.json;
     break_even is K* or None.
     """
     per_set = [read_json(run.forget_dir(f) / "metrics.json")["methods"] for f in forget_sets]
@@ -48,7 +47,7 @@ def amortized_cost(run: Run, forget_sets: Sequence[Sequence[int]], models: dict[
             continue
         train_s = float(read_json(summary).get("seconds", 0.0))
         u, r = sum(requests) / len(requests), sum(retrain) / len(retrain)
-        collect_s = float(collect_seconds[variant] if isinstance(collect_seconds, dict) else collect_seconds)
+        collect_s = float(collect_seconds[variant])
         fixed = collect_s + train_s
         out[variant] = {"collect_s": round(collect_s, 3), "train_s": round(train_s, 3),
                         "fixed_s": round(fixed, 3), "request_s": round(u, 4), "retrain_s": round(r, 4),

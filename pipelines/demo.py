@@ -72,10 +72,15 @@ class DemoConfig:
     epochs: int | None = None  # epochs of the original / retrained models (None: the preset's)
     seed: int = 0  # master seed
 
+    @property
+    def family_zoo(self) -> bool:
+        """True when DiHyFo-1 trains on its own branch-family zoo (OUT/zoo-families)."""
+        return bool(self.family_runs) and "dihyfo1" in self.variants
+
     @classmethod
     def for_mode(cls, *, out: str, preset: str = "mnist4", dataset: str = "mnist-5k", quick: bool = False,
                  runs: int | None = None, train_steps: int | None = None, methods: list | None = None,
-                 **overrides) -> "DemoConfig":
+                 family_runs: int | None = None, **overrides) -> "DemoConfig":
         if quick:
             base = dict(runs=32, zoo_epochs=6, workers=0, hyper_preset="tiny", train_steps=40, family_runs=20,
                         family_branches=4, family_branch_steps=1, family_start_max_loss=-1.0,
@@ -84,8 +89,8 @@ class DemoConfig:
                         quality_samples=2)
         else:
             base = {}
-        base.update({k: v for k, v in dict(runs=runs, train_steps=train_steps, methods=methods).items()
-                     if v is not None})
+        base.update({k: v for k, v in dict(runs=runs, train_steps=train_steps, methods=methods,
+                                            family_runs=family_runs).items() if v is not None})
         base.update(overrides)
         return cls(out=out, preset=preset, dataset=dataset, quick=quick, **base)
 
@@ -133,7 +138,7 @@ def _train_kwargs(cfg: DemoConfig, variant: str, zoo_dir: Path, model_dir: Path)
     overrides = dict(cfg.train_overrides)
     if variant == "dihyfo1":
         overrides.setdefault("noise_start_share", cfg.dihyfo1_noise_share)
-        if cfg.family_runs:
+        if cfg.family_zoo:
             from hyperforget.hyper.train import resolve_configs
 
             view = dict(resolve_configs(cfg.hyper_preset, variant, overrides)[3].view)
@@ -255,7 +260,7 @@ def check_demo(cfg: DemoConfig) -> tuple[list[tuple[int, ...]], list[str]]:
     from hyperforget.pipelines.baselines import BASELINES
     preset = get_preset(cfg.preset)
     collect_config(cfg)  # raises on a bad count or set
-    if cfg.family_runs and "dihyfo1" in cfg.variants:
+    if cfg.family_zoo:
         if cfg.family_runs < 0 or cfg.family_runs % cfg.family_branches:
             raise HyperForgetError(f"family_runs ({cfg.family_runs}) must be a multiple of family_branches "
                                    f"({cfg.family_branches}), or 0 to train DiHyFo-1 on the main zoo")
@@ -309,7 +314,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     _stage(state, state_path, "collect", time.perf_counter() - t0)
     zoos = {v: zoo_dir for v in cfg.variants}
     collect_s = {v: state["stages"]["collect"] for v in cfg.variants}
-    if cfg.family_runs and "dihyfo1" in cfg.variants:
+    if cfg.family_zoo:
         zoos["dihyfo1"] = out / "zoo-families"
         t0 = time.perf_counter()
         _say(f"collecting {cfg.family_runs // cfg.family_branches} branch families of {cfg.family_branches} runs "

@@ -187,9 +187,8 @@ def register(app: typer.Typer) -> None:
             raise HyperForgetError(f"unknown --dihyfo1-start {dihyfo1_start!r}: use noise or model")
         output_dir(out, option="--out")
         cfg = DemoConfig.for_mode(out=str(out), preset=preset, dataset=dataset, quick=quick, runs=runs,
-                                  train_steps=train_steps, dihyfo1_start=dihyfo1_start,
+                                  train_steps=train_steps, dihyfo1_start=dihyfo1_start, family_runs=family_runs,
                                   holdout=[list(parse_classes(h)) for h in holdout or []],
-                                  **({} if family_runs is None else {"family_runs": family_runs}),
                                   methods=[m.strip() for m in methods.split(",") if m.strip()] if methods else None)
         from hyperforget.pipelines.demo import check_demo
 
