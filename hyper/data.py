@@ -7,8 +7,10 @@ DiHyFo-2 reads single checkpoints (θ*, its class losses); DiHyFo-1 reads pairs 
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +22,10 @@ from hyperforget.zoo.mlp import MLPSpec
 from hyperforget.zoo.seeds import EPOCH_SHUFFLE_STRIDE
 
 KNOWN_ACCURACY = 0.9  # a checkpoint "knows every class" when each class's test accuracy reaches this
+# Retain profiles (:func:`retain_profiles`) are saved at these fractions of the zoo, for every forget
+# set of at most MAX_FORGETTABLE forgettable classes (2^8 - 1 sets).
+RETAIN_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+MAX_FORGETTABLE = 8
 
 
 class TensorStream:
@@ -129,7 +135,38 @@ LOSS_LEVELS = (0.0, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7,
                0.995, 1.0)
 
 
-def loss_statistics(losses: np.ndarray, accuracies: np.ndarray | None = None) -> dict:
+def retain_profiles(losses: np.ndarray, forgettable: Sequence[int],
+                    fractions: Sequence[float] = RETAIN_FRACTIONS) -> dict | None:
+    """Joint low-loss levels of the retained classes, for every forget set of forgettable classes.
+
+    For a forget set F and a fraction f: the per-class median loss of the zoo checkpoints whose mean
+    loss over the classes outside F is among the lowest f of the zoo. Unlike per-class quantiles
+    taken one class at a time, which ask for a combination few checkpoints reach (on MNIST-10 no
+    checkpoint has all nine other classes at their 5 % quantile), this is a level the zoo's best
+    models reach on all retained classes at once.
+
+    Returns {"fractions": [...], "profiles": {"2-3": (len(fractions), C) lists}} keyed by the sorted
+    forget set, or None when there are no forgettable classes or more than MAX_FORGETTABLE.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    c = losses.shape[1]
+    forgettable = sorted({int(k) for k in forgettable})
+    if not forgettable or len(forgettable) > MAX_FORGETTABLE:
+        return None
+    profiles = {}
+    for size in range(1, len(forgettable) + 1):
+        for forget in itertools.combinations(forgettable, size):
+            retain = [k for k in range(c) if k not in forget]
+            if not retain:
+                continue
+            order = np.argsort(losses[:, retain].mean(1), kind="stable")
+            rows = [np.median(losses[order[:max(1, math.ceil(f * len(losses)))]], 0) for f in fractions]
+            profiles["-".join(map(str, forget))] = np.asarray(rows).tolist()
+    return {"fractions": [float(f) for f in fractions], "profiles": profiles}
+
+
+def loss_statistics(losses: np.ndarray, accuracies: np.ndarray | None = None,
+                    forgettable: Sequence[int] | None = None) -> dict:
     """Per-class statistics of the class losses (N, C) of a zoo's checkpoints: the one source of
     them, saved with every hypernetwork and read by unlearning's prompts and the quality sweep.
 
@@ -137,7 +174,8 @@ def loss_statistics(losses: np.ndarray, accuracies: np.ndarray | None = None) ->
     "q90", "q95", "max" (C,)}; NaN rows are left out. With per-class accuracies (N, C), also
     "known_median": the per-class median loss of the checkpoints that know every class (accuracy
     ≥ KNOWN_ACCURACY on each): a low loss that the zoo's models reach on all classes at once,
-    unlike the per-class q10, which few checkpoints reach jointly.
+    unlike the per-class q10, which few checkpoints reach jointly. With the forgettable classes
+    (the non-pivots), also "retain_profiles" (:func:`retain_profiles`).
     """
     losses = np.asarray(losses, dtype=np.float64)
     finite = np.isfinite(losses).all(1)
@@ -152,7 +190,26 @@ def loss_statistics(losses: np.ndarray, accuracies: np.ndarray | None = None) ->
         if known.any():
             stats["known_median"] = np.median(losses[known], axis=0).astype(float).tolist()
             stats["known_rows"] = int(known.sum())
+    if forgettable is not None:
+        profiles = retain_profiles(losses[finite], forgettable)
+        if profiles is not None:
+            stats["retain_profiles"] = profiles
     return stats
+
+
+def retain_profile(stats: dict, forget: Sequence[int], fraction: float) -> np.ndarray:
+    """(C,) per-class median loss of the zoo's best ``fraction`` of checkpoints on the classes outside
+    ``forget``, from saved statistics (:func:`retain_profiles`), linear between the saved fractions."""
+    saved = stats.get("retain_profiles")
+    if saved is None:
+        raise HyperForgetError("these loss statistics have no joint retain profiles (a hypernetwork saved by an "
+                               "older version); retrain it with `hyperforget train`, or use --retain-mode quantile")
+    key = "-".join(str(k) for k in sorted(int(k) for k in forget))
+    if key not in saved["profiles"]:
+        raise HyperForgetError(f"no retain profile for forget set {{{key.replace('-', ',')}}}: profiles exist for "
+                               "forget sets of the zoo's non-pivot classes only")
+    fractions, rows = np.asarray(saved["fractions"]), np.asarray(saved["profiles"][key])  # (L,), (L, C)
+    return np.array([np.interp(fraction, fractions, rows[:, k]) for k in range(rows.shape[1])])
 
 
 def zoo_loss_statistics(reader) -> dict:
@@ -165,7 +222,8 @@ def zoo_loss_statistics(reader) -> dict:
     if "perm_index" in meta.column_names:
         original = meta.column("perm_index").to_numpy(zero_copy_only=False) == 0
         losses, accs = losses[original], accs[original]
-    return loss_statistics(losses, accs)
+    pivots = set(getattr(reader.config, "pivots", None) or [])
+    return loss_statistics(losses, accs, forgettable=[k for k in range(c) if k not in pivots])
 
 
 def loss_quantile(stats: dict, q: float) -> np.ndarray:
@@ -207,7 +265,7 @@ def data_from_tensors(spec: MLPSpec, params: torch.Tensor, losses: torch.Tensor,
     per_rank = batch_size // world_size
     return HyperData(spec=spec, classes=list(classes or range(spec.num_classes)),
                      normalization=compute_normalization(spec, params[train_rows]),
-                     loss_stats=loss_statistics(losses[train_rows].numpy()),
+                     loss_stats=loss_statistics(losses[train_rows].numpy(), forgettable=range(spec.num_classes)),
                      train_stream=stream(train_rows, True, per_rank),
                      test_stream=stream(test_rows, True, min(per_rank, max(1, len(test_rows) // world_size))),
                      eval_data=(torch.as_tensor(x_test), torch.as_tensor(y_test)))

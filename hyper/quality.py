@@ -5,16 +5,19 @@ training (the trainer seeds from ``TrainConfig.seed``) and from unlearning's sel
 from ``UnlearnConfig.seed``): every seed here is ``QUALITY_SEED_BASE + seed``.
 
 1. **Alignment sweep** per non-pivot class k: ``targets`` target losses for class k evenly
-   spaced over the zoo's [q05, q95] of that class, every other class asked for its q10 loss
-   (``hold``; "known_median" asks instead for the median loss of the zoo's checkpoints that know
-   every class, a level they reach on all classes at once),
+   spaced over the zoo's [q05, q95] of that class, every other class held at a low loss
+   (``hold``): by default "joint", the level of the zoo's best 1 % on the other classes together
+   (hyper.data.retain_profiles), as unlearning's prompts ask; or a per-class quantile such as
+   "q10", which few checkpoints reach on all classes at once; or "known_median", the median loss
+   of the zoo's checkpoints that know every class,
    ``samples`` independent samples per target. Scores, pooled over all target × sample pairs:
        R² = 1 − Σ(L*_i − L̂_i)² / Σ(L*_i − mean L*)²      (Eq. 6 of the reference text)
        Pearson r between L* and L̂.
    DiHyFo-1 starts from a given model (``start``: the model to unlearn) or, without one, from
    fresh random initializations (one per sample), each with its measured class losses.
 2. **Clean single-sample share** per forget set: ``samples`` samples prompted with the forget
-   classes at their q95 loss and the others at the hold level; a sample is clean when every forget class
+   classes at their q95 loss and the others at the hold level (for "joint": the best 1 % on the
+   classes outside the forget set); a sample is clean when every forget class
    has test accuracy ≤ ``forget_acc_max`` and every other class ≥ ``retain_acc_min``.
 
 No selection happens here: every number is over all samples.
@@ -29,6 +32,7 @@ import numpy as np
 import torch
 
 from hyperforget.hyper.alignment import pearson, prompt_alignment_r2
+from hyperforget.hyper.data import retain_profile
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import TASK_PRESETS, MLPSpec, init_params
 from hyperforget.zoo.seeds import QUALITY_SEED_BASE
@@ -42,7 +46,7 @@ class QualityConfig:
     samples: int = 16  # samples per target (and per forget set for the clean share)
     low_quantile: str = "q05"  # lowest swept target: a zoo loss quantile name of the hypernetwork's loss_stats
     high_quantile: str = "q95"  # highest swept target
-    hold: str = "q10"  # what the other classes are asked for: a loss_stats name ("q10", "known_median")
+    hold: str = "joint"  # what the other classes are asked for: "joint" or a loss_stats name ("q10", "known_median")
     forget_sets: list | None = None  # forget sets for the clean share (task labels); None: the paper's for the task
     forget_acc_max: float = 0.02  # a clean sample's highest forget-class test accuracy
     retain_acc_min: float = 0.9  # a clean sample's lowest retain-class test accuracy
@@ -76,6 +80,16 @@ def _stat(net, name: str) -> np.ndarray:
         raise HyperForgetError(f"{net.dir}/config.json has no loss quantile {name!r} (has {sorted(stats)}); "
                                "retrain the hypernetwork")
     return np.asarray(stats[name], dtype=np.float32)
+
+
+JOINT_HOLD_FRACTION = 0.01  # hold "joint": the zoo's best 1 % on the held classes together
+
+
+def _hold(net, name: str, swept: list[int]) -> np.ndarray:
+    """(C,) what the classes outside ``swept`` are asked for while ``swept`` is swept or forgotten."""
+    if name == "joint":
+        return retain_profile(net.loss_stats, swept, JOINT_HOLD_FRACTION).astype(np.float32)
+    return _stat(net, name)
 
 
 def _sample(net, targets: np.ndarray, start: torch.Tensor | None, cfg: QualityConfig, seed: int) -> torch.Tensor:
@@ -125,14 +139,16 @@ def generation_quality(net, cfg: QualityConfig | None = None, start: torch.Tenso
             raise HyperForgetError(f"forget set {forget} must name non-pivot classes of 0..{c - 1} and keep one "
                                    f"(pivots {sorted(pivots)}: the zoo never forgets them, so DiHyFo cannot)")
     hold_name = cfg.hold
-    low, high, hold = _stat(net, cfg.low_quantile), _stat(net, cfg.high_quantile), _stat(net, hold_name)
+    low, high = _stat(net, cfg.low_quantile), _stat(net, cfg.high_quantile)
+    swept = [k for k in range(c) if k not in pivots]
+    holds = {tuple(s): _hold(net, hold_name, s) for s in [[k] for k in swept] + sets}
     report: dict = {"config": asdict(cfg), "variant": net.variant, "model_dir": str(net.dir),
-                    "hold": hold.tolist(), "hold_name": hold_name,
+                    "hold": {"-".join(map(str, s)): h.tolist() for s, h in holds.items()}, "hold_name": hold_name,
                     "start": "model" if start is not None else ("noise" if net.variant == "dihyfo1" else None),
                     "classes": {}, "forget_sets": {}}
-    for k in [k for k in range(c) if k not in pivots]:
+    for k in swept:
         levels = np.linspace(low[k], high[k], cfg.targets, dtype=np.float32)  # (T,)
-        targets = np.repeat(hold[None], cfg.targets * cfg.samples, 0)  # (T·S, C)
+        targets = np.repeat(holds[(k,)][None], cfg.targets * cfg.samples, 0)  # (T·S, C)
         targets[:, k] = np.repeat(levels, cfg.samples)
         params = _sample(net, targets, start, cfg, QUALITY_SEED_BASE + cfg.seed + 1000 * k)
         loss, _ = _finite_metrics(net, params)
@@ -142,7 +158,7 @@ def generation_quality(net, cfg: QualityConfig | None = None, start: torch.Tenso
             "targets": levels.tolist(), "observed": observed.tolist(), "median": np.median(observed, 1).tolist()}
     for i, forget in enumerate(sets):
         retain = [j for j in range(c) if j not in forget]
-        targets = np.repeat(hold[None], cfg.samples, 0)
+        targets = np.repeat(holds[tuple(forget)][None], cfg.samples, 0)
         targets[:, forget] = high[forget]
         params = _sample(net, targets, start, cfg, QUALITY_SEED_BASE + cfg.seed + 100_000 + 1000 * i)
         _, acc = _finite_metrics(net, params)

@@ -26,9 +26,10 @@ def quality_cmd(
     samples: Annotated[int, typer.Option(help="samples per target and per forget set")] = 16,
     steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
     guidance: Annotated[Optional[float], typer.Option(help="classifier-free guidance scale (default: none)")] = None,
-    hold: Annotated[str, typer.Option(help="loss asked of the other classes: a zoo loss quantile such as q10, or "
-                                           "known_median (median loss of the zoo's checkpoints that know every class)")
-                    ] = "q10",
+    hold: Annotated[str, typer.Option(help="loss asked of the other classes: joint (the zoo's best 1 % on those "
+                                           "classes together, as unlearning asks), a zoo loss quantile such as q10, "
+                                           "or known_median (median loss of the zoo's checkpoints that know every class)")
+                    ] = "joint",
     seed: Annotated[int, typer.Option(help="offset of the sampling seeds (disjoint from training and selection)")] = 0,
     threads: Annotated[Optional[int], typer.Option(help="torch CPU threads")] = None,
 ) -> None:

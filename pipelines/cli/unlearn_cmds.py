@@ -61,7 +61,8 @@ def register(app: typer.Typer) -> None:
         steps: Annotated[int, typer.Option(help="sampler denoising steps")] = 50,
         sampler: Annotated[str, typer.Option(help="sampler method, e.g. ddim or ddpm")] = "ddim",
         forget_mode: Annotated[str, typer.Option(help="forget prompt: quantile, max or fixed")] = "quantile",
-        retain_mode: Annotated[str, typer.Option(help="retain prompt: quantile, min or fixed")] = "quantile",
+        retain_mode: Annotated[str, typer.Option(
+            help="retain prompt: joint (the zoo's best on the retain classes together), quantile, min or fixed")] = "joint",
         retain_scale: Annotated[float, typer.Option(help="scale retain targets (G.pt: slightly above/below best)")] = 1.0,
         seed: Annotated[int, typer.Option(help="sampling / baseline seed")] = 0,
         set_: Annotated[list[str], typer.Option("--set", help="baseline hyper-parameter KEY=VALUE")] = [],

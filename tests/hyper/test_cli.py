@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -51,8 +52,14 @@ def test_train_then_sample(zoo_path, tmp_path, variant):
     assert res.exit_code == 0, res.output + repr(res.exception)
     q = json.load(open(model / "quality" / "quality.json"))
     assert set(q["classes"]) == {"2", "3"} and set(q["forget_sets"]) == {"2", "2-3"}
-    assert q["start"] == ("model" if variant == "dihyfo1" else None) and q["hold_name"] == "q10"
+    assert q["start"] == ("model" if variant == "dihyfo1" else None) and q["hold_name"] == "joint"
     assert len(q["classes"]["2"]["observed"]) == 3 and (model / "quality" / "quality.png").stat().st_size > 1000
+    # The joint hold: the zoo's best 1 % on the held classes together, from the saved profiles.
+    from hyperforget.hyper.data import retain_profile
+
+    for held, level in q["hold"].items():
+        np.testing.assert_allclose(level, retain_profile(cfg["loss_stats"], held.split("-"), 0.01), rtol=1e-5)
+    assert set(q["hold"]) == {"2", "3", "2-3"}
     res = runner.invoke(app, ["quality", str(model), "--forget", "0"])  # a pivot
     assert isinstance(res.exception, HyperForgetError) and "pivot" in str(res.exception)
     res = runner.invoke(app, ["quality", str(model), "--hold", "q42"])

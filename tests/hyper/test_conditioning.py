@@ -110,7 +110,9 @@ def test_a_few_hundred_steps_follow_a_class_loss_set_by_construction(ckpt_zoo, t
     cfg["dataset"], cfg["pivots"] = ckpt_zoo["dataset"], [0, 1, 3]  # sweep class 2 only
     json.dump(cfg, open(os.path.join(out, "config.json"), "w"))
     net = load_hypernetwork(out)
-    report = generation_quality(net, QualityConfig(targets=8, samples=8, steps=20))
+    # The other classes at their own q10: in this zoo they vary only across its few dozen base
+    # models, and the "joint" hold (the best 1 % on them together) would name one or two of them.
+    report = generation_quality(net, QualityConfig(targets=8, samples=8, steps=20, hold="q10"))
     rec = report["classes"]["2"]
     assert list(report["classes"]) == ["2"]
     assert rec["pearson"] > 0.6, rec

@@ -79,7 +79,7 @@ def test_prompts_lie_within_the_zoos_loss_ranges(tiny_zoo):
 
     stats = LossStats(zoo_loss_statistics(reader))  # what a hypernetwork saves of its zoo
     assert stats.stats["rows"] == len(losses)  # permuted copies left out
-    prompts = build_prompts(stats, [2, 3], 9)
+    prompts = build_prompts(stats, [2, 3], 9, PromptConfig(retain_mode="quantile"))
     assert prompts.shape == (9, 4) and prompts.dtype == np.float32
     lo, hi = losses.min(0), losses.max(0)
     assert np.all(prompts >= lo - 1e-6) and np.all(prompts <= hi + 1e-6)
@@ -89,6 +89,30 @@ def test_prompts_lie_within_the_zoos_loss_ranges(tiny_zoo):
     np.testing.assert_allclose(prompts[:, 2].max(), q995[2], rtol=1e-5)
     assert np.all(prompts[:, :2] <= q05[:2] + 1e-6) and np.all(prompts[:, :2] >= lo[:2] - 1e-6)
     assert np.all(prompts[:, 2:].min(0) > prompts[:, :2].max(0))
+
+
+def test_joint_retain_prompts_are_the_best_checkpoints_levels_on_the_retain_classes_together():
+    # Classes 0 and 1 trade off (their losses sum to 1): no checkpoint has both at their own 5 %
+    # quantile, which the per-class prompt asks for; the joint prompt asks for what the best have.
+    rng = np.random.default_rng(3)
+    n = 401
+    a = rng.uniform(0.0, 1.0, n)
+    losses = np.stack([a, 1.0 - a, rng.gamma(2.0, 1.0, n), rng.gamma(2.0, 0.2, n)], 1)
+    stats = LossStats.of_losses(losses)
+    for f in (0.02, 0.1):
+        prompts = build_prompts(stats, [2], 3, PromptConfig(retain_mode="joint", retain_fractions=(f, f)))
+        retain = [0, 1, 3]
+        best = np.argsort(losses[:, retain].mean(1))[:int(np.ceil(f * n))]  # independent of hyper.data
+        np.testing.assert_allclose(prompts[:, retain], np.broadcast_to(np.median(losses[best][:, retain], 0), (3, 3)),
+                                   rtol=1e-5)
+        assert prompts[0, 0] + prompts[0, 1] > 0.9  # a combination the zoo holds, not two 5 % quantiles
+    per_class = build_prompts(stats, [2], 3, PromptConfig(retain_mode="quantile"))
+    assert np.all(per_class[:, 0] + per_class[:, 1] < 0.15)
+    spread = build_prompts(stats, [2, 3], 5)  # the default: joint, spread over the best 0.5-5 %
+    assert len(np.unique(spread[:, 0])) > 1
+    old = LossStats({k: v for k, v in stats.stats.items() if k != "retain_profiles"})
+    with pytest.raises(HyperForgetError, match="retain-mode quantile"):
+        build_prompts(old, [2], 3)
 
 
 def test_prompt_modes():
