@@ -203,7 +203,8 @@ def retain_profile(stats: dict, forget: Sequence[int], fraction: float) -> np.nd
     saved = stats.get("retain_profiles")
     if saved is None:
         raise HyperForgetError("these loss statistics have no joint retain profiles (a hypernetwork saved by an "
-                               "older version); retrain it with `hyperforget train`, or use --retain-mode quantile")
+                               "older version); retrain it with `hyperforget train`, or ask for per-class quantiles "
+                               "(`unlearn --retain-mode quantile`, `quality --hold q10`)")
     key = "-".join(str(k) for k in sorted(int(k) for k in forget))
     if key not in saved["profiles"]:
         raise HyperForgetError(f"no retain profile for forget set {{{key.replace('-', ',')}}}: profiles exist for "
