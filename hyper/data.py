@@ -191,15 +191,17 @@ def loss_statistics(losses: np.ndarray, accuracies: np.ndarray | None = None,
             stats["known_median"] = np.median(losses[known], axis=0).astype(float).tolist()
             stats["known_rows"] = int(known.sum())
     if forgettable is not None:
-        profiles = retain_profiles(losses[finite], forgettable)
-        if profiles is not None:
-            stats["retain_profiles"] = profiles
+        stats["retain_profiles"] = retain_profiles(losses[finite], forgettable)  # None: too many classes
     return stats
 
 
 def retain_profile(stats: dict, forget: Sequence[int], fraction: float) -> np.ndarray:
     """(C,) per-class median loss of the zoo's best ``fraction`` of checkpoints on the classes outside
     ``forget``, from saved statistics (:func:`retain_profiles`), linear between the saved fractions."""
+    if stats.get("retain_profiles", False) is None:
+        raise HyperForgetError(f"no joint retain profiles: the zoo has more than {MAX_FORGETTABLE} non-pivot classes "
+                               "(too many forget sets to save); ask for per-class quantiles "
+                               "(`unlearn --retain-mode quantile`, `quality --hold q10`)")
     saved = stats.get("retain_profiles")
     if saved is None:
         raise HyperForgetError("these loss statistics have no joint retain profiles (a hypernetwork saved by an "

@@ -113,6 +113,10 @@ def test_joint_retain_prompts_are_the_best_checkpoints_levels_on_the_retain_clas
     old = LossStats({k: v for k, v in stats.stats.items() if k != "retain_profiles"})
     with pytest.raises(HyperForgetError, match="retain-mode quantile"):
         build_prompts(old, [2], 3)
+    many = LossStats.of_losses(rng.gamma(2.0, 0.3, size=(50, 10)))  # 10 forgettable classes: not saved
+    with pytest.raises(HyperForgetError, match="more than 8 non-pivot classes"):
+        build_prompts(many, [2], 3)
+    assert build_prompts(many, [2], 3, PromptConfig(retain_mode="quantile")).shape == (3, 10)
 
 
 def test_prompt_modes():
