@@ -24,7 +24,7 @@ from hyperforget.zoo.seeds import EPOCH_SHUFFLE_STRIDE
 KNOWN_ACCURACY = 0.9  # a checkpoint "knows every class" when each class's test accuracy reaches this
 # Retain profiles (:func:`retain_profiles`) are saved at these fractions of the zoo, for every forget
 # set of at most MAX_FORGETTABLE forgettable classes (2^8 - 1 sets).
-RETAIN_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+RETAIN_FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1)
 MAX_FORGETTABLE = 8
 
 
@@ -154,12 +154,16 @@ def retain_profiles(losses: np.ndarray, forgettable: Sequence[int],
     if not forgettable or len(forgettable) > MAX_FORGETTABLE:
         return None
     profiles = {}
+    keep = max(1, math.ceil(max(fractions) * len(losses)))
     for size in range(1, len(forgettable) + 1):
         for forget in itertools.combinations(forgettable, size):
             retain = [k for k in range(c) if k not in forget]
             if not retain:
                 continue
-            order = np.argsort(losses[:, retain].mean(1), kind="stable")
+            score = losses[:, retain].mean(1)
+            # Only the best max(fractions) are ever read: partition them out, then sort those.
+            top = np.argpartition(score, keep - 1)[:keep] if keep < len(score) else np.arange(len(score))
+            order = top[np.argsort(score[top], kind="stable")]
             rows = [np.median(losses[order[:max(1, math.ceil(f * len(losses)))]], 0) for f in fractions]
             profiles["-".join(map(str, forget))] = np.asarray(rows).tolist()
     return {"fractions": [float(f) for f in fractions], "profiles": profiles}
