@@ -37,6 +37,8 @@ from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import TASK_PRESETS, MLPSpec, init_params
 from hyperforget.zoo.seeds import QUALITY_SEED_BASE
 
+JOINT_HOLD_FRACTION = 0.01  # hold "joint": the zoo's best 1 % on the held classes together
+
 
 @dataclass
 class QualityConfig:
@@ -80,9 +82,6 @@ def _stat(net, name: str) -> np.ndarray:
         raise HyperForgetError(f"{net.dir}/config.json has no loss quantile {name!r} (has {sorted(stats)}); "
                                "retrain the hypernetwork")
     return np.asarray(stats[name], dtype=np.float32)
-
-
-JOINT_HOLD_FRACTION = 0.01  # hold "joint": the zoo's best 1 % on the held classes together
 
 
 def _hold(net, name: str, swept: list[int]) -> np.ndarray:
