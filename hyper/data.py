@@ -202,21 +202,20 @@ def loss_statistics(losses: np.ndarray, accuracies: np.ndarray | None = None,
 def retain_profile(stats: dict, forget: Sequence[int], fraction: float) -> np.ndarray:
     """(C,) per-class median loss of the zoo's best ``fraction`` of checkpoints on the classes outside
     ``forget``, from saved statistics (:func:`retain_profiles`), linear between the saved fractions."""
-    if stats.get("retain_profiles", False) is None:
-        raise HyperForgetError(f"no joint retain profiles: the zoo has more than {MAX_FORGETTABLE} non-pivot classes "
-                               "(too many forget sets to save); ask for per-class quantiles "
-                               "(`unlearn --retain-mode quantile`, `quality --hold q10`)")
-    saved = stats.get("retain_profiles")
-    if saved is None:
+    if "retain_profiles" not in stats:
         raise HyperForgetError("these loss statistics have no joint retain profiles (a hypernetwork saved by an "
                                "older version); retrain it with `hyperforget train`, or ask for per-class quantiles "
+                               "(`unlearn --retain-mode quantile`, `quality --hold q10`)")
+    saved = stats["retain_profiles"]
+    if saved is None:  # loss_statistics saves None when there are too many forget sets
+        raise HyperForgetError(f"no joint retain profiles: the zoo has more than {MAX_FORGETTABLE} non-pivot classes "
+                               "(too many forget sets to save); ask for per-class quantiles "
                                "(`unlearn --retain-mode quantile`, `quality --hold q10`)")
     key = "-".join(str(k) for k in sorted(int(k) for k in forget))
     if key not in saved["profiles"]:
         raise HyperForgetError(f"no retain profile for forget set {{{key.replace('-', ',')}}}: profiles exist for "
                                "forget sets of the zoo's non-pivot classes only")
-    fractions, rows = np.asarray(saved["fractions"]), np.asarray(saved["profiles"][key])  # (L,), (L, C)
-    return np.array([np.interp(fraction, fractions, rows[:, k]) for k in range(rows.shape[1])])
+    return _interp_columns(fraction, saved["fractions"], saved["profiles"][key])
 
 
 def zoo_loss_statistics(reader) -> dict:
@@ -240,8 +239,13 @@ def loss_quantile(stats: dict, q: float) -> np.ndarray:
                                "version); retrain it with `hyperforget train`")
     if not 0.0 <= q <= 1.0:
         raise HyperForgetError(f"a loss quantile is a level in [0, 1], got {q}")
-    levels, grid = np.asarray(stats["levels"], dtype=np.float64), np.asarray(stats["quantiles"], dtype=np.float64)
-    return np.array([np.interp(q, levels, grid[:, k]) for k in range(grid.shape[1])])
+    return _interp_columns(q, stats["levels"], stats["quantiles"])
+
+
+def _interp_columns(x: float, levels, grid) -> np.ndarray:
+    """(C,) each column of a saved (L, C) grid read at x, linear between its L levels."""
+    levels, grid = np.asarray(levels, dtype=np.float64), np.asarray(grid, dtype=np.float64)
+    return np.array([np.interp(x, levels, grid[:, k]) for k in range(grid.shape[1])])
 
 
 def data_from_tensors(spec: MLPSpec, params: torch.Tensor, losses: torch.Tensor, *, variant: str,

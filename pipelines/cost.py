@@ -34,8 +34,9 @@ def amortized_cost(run: Run, forget_sets: Sequence[Sequence[int]], models: dict[
                    collect_seconds: dict[str, float]) -> dict:
     """{variant: {"fixed_s", "collect_s", "train_s", "request_s", "retrain_s", "break_even"}} from a run's metrics.
 
-    collect_seconds: each variant's zoo collection time (a variant trained on two zoos pays for both). request_s and retrain_s are means over the forget sets' metrics.json;
-    break_even is K* or None.
+    collect_seconds: each variant's zoo collection time (a variant trained on two zoos pays for
+    both). request_s and retrain_s are means over the forget sets' metrics.json; break_even is K*
+    or None.
     """
     per_set = [read_json(run.forget_dir(f) / "metrics.json")["methods"] for f in forget_sets]
     retrain = [m["retrain"]["wall_seconds"] for m in per_set if m.get("retrain", {}).get("wall_seconds")]
