@@ -6,6 +6,7 @@ Each stage module exposes ``register(app)``; library code raises HyperForgetErro
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 
@@ -39,6 +40,13 @@ def main() -> None:
             sys.exit(code)
     except HyperForgetError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        # Writers commit atomically, so what was written before stays and the command resumes.
+        print(f"error: the disk is full ({exc.filename or exc.strerror}); free space and re-run the same command "
+              "to resume", file=sys.stderr)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         print("error: interrupted; re-run the same command to resume", file=sys.stderr)

@@ -574,3 +574,19 @@ def test_reader_pickles_as_its_location(tiny_zoo):
     r = pickle.loads(pickle.dumps(open_zoo(path)))
     np.testing.assert_array_equal(r.read([116, 2]), params[[116, 2]])
     assert r.num_rows == 117
+
+
+def test_a_full_disk_is_a_one_line_error(monkeypatch, capsys):
+    import errno
+
+    from hyperforget.pipelines import cli
+
+    def full(*args, **kwargs):  # a command whose write meets a full disk
+        raise OSError(errno.ENOSPC, "No space left on device", "params.zarr")
+
+    monkeypatch.setattr(cli, "app", full)
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the disk is full (params.zarr)") and "Traceback" not in err
