@@ -50,13 +50,16 @@ class DemoConfig:
     variants: tuple[str, ...] = DIHYFO_METHODS  # DiHyFo variants to train and use
     dihyfo1_start: str = "model"  # DiHyFo-1 unlearns from: "model" (the model to unlearn) or "noise"
     dihyfo1_noise_share: float = 0.2  # share of DiHyFo-1 training pairs that start from a fresh init
-    # DiHyFo-1's pairs come from a second zoo of branch families (zoo collect --branches B --branch-steps S):
-    # every family deletes nothing or a set at one of S steps, so that from one θ the futures differ by
-    # how much a class is forgotten while the rest train alike (docs/experiments.md, rows 30-35).
-    # family_runs 0: DiHyFo-1 trains on the main zoo's pairs instead.
+    # DiHyFo-1's pairs come from a second zoo of branch families (zoo collect --branches B --branch-steps S
+    # --branch-from-start): runs that share an initialization and minibatch order and delete nothing or
+    # one set each, from step 0 when family_from_start (retrained without it: the gold standard) or at
+    # one of S steps drawn from the deletion window. Family pairs then go from a checkpoint that knows
+    # every class to what retraining from its initialization gives (docs/experiments.md, "Retrained
+    # counterparts"). family_runs 0: DiHyFo-1 trains on the main zoo's pairs instead.
     family_runs: int = 1200
-    family_branches: int = 10
-    family_branch_steps: int = 3
+    family_branches: int = 4
+    family_branch_steps: int = 1
+    family_from_start: bool = True
     family_start_max_loss: float = 0.5  # pairs start from checkpoints whose class losses are all at most this
     retrieval: bool = True  # also run zoo_retrieval, the SQL-lookup control
     parallel_training: bool = True  # train the two variants at once, one process and one thread each
@@ -116,7 +119,8 @@ def collect_config(cfg: DemoConfig, families: bool = False):
         return CollectConfig(runs=cfg.runs, runs_per_group=cfg.runs_per_group, **common)
     per_group = cfg.family_branches * max(1, cfg.runs_per_group // cfg.family_branches)  # whole families per group
     return CollectConfig(runs=cfg.family_runs, runs_per_group=min(per_group, cfg.family_runs), branches=cfg.family_branches,
-                         branch_steps=cfg.family_branch_steps, deletion_undersample=False, **common)
+                         branch_steps=cfg.family_branch_steps, branch_from_start=cfg.family_from_start,
+                         deletion_undersample=False, **common)
 
 
 def collect_zoo(cfg: DemoConfig, zoo_dir: Path, families: bool = False) -> None:

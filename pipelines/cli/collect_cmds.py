@@ -37,6 +37,9 @@ def collect_cmd(
              "nothing or distinct sets (replaces --deletion-share)")] = 1,
     branch_steps: Annotated[int, typer.Option(
         help="with --branches: each deleted set is deleted at this many different steps of the family")] = 1,
+    branch_from_start: Annotated[bool, typer.Option(
+        help="with --branches: the earliest deletion step is 0, so each set has a branch retrained without it "
+             "from the family's initialization")] = False,
     holdout: Annotated[Optional[list[str]], typer.Option(
         help="a forget set kept out of the zoo, e.g. 2,3 (repeatable): no run lowers all its classes and no "
              "checkpoint that forgot it is saved")] = None,
@@ -66,7 +69,8 @@ def collect_cmd(
     cfg = CollectConfig(preset=preset, dataset=dataset, data_root=data_root, runs=runs, augment=augment,
                         runs_per_group=runs_per_group, seed=seed, epochs=epochs, deletion_share=deletion_share,
                         deletion_window=window, forgetting_lr=forgetting_lr, deletion_undersample=deletion_undersample,
-                        branches=branches, branch_steps=branch_steps, holdout=holdout_sets, holdout_forget_acc=holdout_forget_acc,
+                        branches=branches, branch_steps=branch_steps,
+                        branch_from_start=branch_from_start, holdout=holdout_sets, holdout_forget_acc=holdout_forget_acc,
                         holdout_retain_acc=holdout_retain_acc, selection=SelectionConfig(max_per_run=max_per_run))
     summary = collect(cfg, out, use_dask=not no_dask, workers=workers, scheduler=scheduler, progress=True)
     if as_json:

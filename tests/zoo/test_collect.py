@@ -338,6 +338,31 @@ def test_branch_steps_delete_every_set_at_each_of_the_familys_steps():
         tiny_config(runs_per_group=4, branches=4, branch_steps=4)
 
 
+def test_branch_from_start_retrains_each_set_from_the_familys_initialization():
+    cfg = tiny_config(runs=7, runs_per_group=7, branches=7, branch_steps=2, branch_from_start=True, augment=0,
+                      deletion_undersample=False, selection=SelectionConfig(mode="relaxed", max_per_run=45,
+                                                                            random_share=1.0))
+    task = resolve_task(cfg)
+    plans = [plan_run(cfg, task, b) for b in range(7)]
+    plain = [plan_run(tiny_config(runs=7, runs_per_group=7, branches=7, branch_steps=2, augment=0,
+                                  deletion_undersample=False), task, b) for b in range(7)]
+    late = max(p.deletion_step for p in plain[1:])
+    # Every set is deleted at step 0 (never trained on) and at the plain collection's later step.
+    assert sorted((p.deleted, p.deletion_step) for p in plans[1:]) == sorted(
+        (d, s) for d in [(2,), (3,), (2, 3)] for s in (0, late))
+    res = train_group(cfg, 0)
+    meta = res.meta.to_pandas()
+    last = meta[meta.step == meta.step.max()].set_index("run_id")
+    never = next(b for b, p in enumerate(plans) if p.deleted == (2,) and p.deletion_step == 0)
+    # Trained without a single class-2 example, the branch ends predicting class 2 for none of its
+    # test images, while the branch that deletes nothing learned it.
+    assert last.loc[never, "acc_2"] <= 0.02 < last.loc[0, "acc_2"]
+    trained = meta[(meta.run_id == never) & (meta.step > 0)]  # step 0 is the shared initialization
+    assert len(trained) and (trained.phase == "forgetting").all()
+    with pytest.raises(HyperForgetError, match="branch_from_start needs families"):
+        tiny_config(branch_from_start=True)
+
+
 def test_augmented_copies_are_functionally_identical(tiny_zoo):
     _, out, _ = tiny_zoo
     r = open_zoo(out)

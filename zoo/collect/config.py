@@ -53,6 +53,11 @@ class CollectConfig:
     # so that at one step its branches differ in how long ago a set was deleted, not only in which:
     # a forgotten class's loss then varies while the retained classes' training time is the same.
     branch_steps: int = 1
+    # With branches: the earliest of a family's deletion steps is 0, so that each set also has a
+    # branch that never sees it: the model retrained without it from the family's initialization,
+    # the gold standard of unlearning. Family pairs then go from a checkpoint that knows every
+    # class straight to what retraining gives, not only to what training on after a late deletion gives.
+    branch_from_start: bool = False
     # Forget sets kept out of the zoo (zoo/holdout.py): no run lowers all of a set's classes, and no
     # checkpoint with every class of a set at accuracy <= holdout_forget_acc and every other class
     # >= holdout_retain_acc is saved.
@@ -92,6 +97,8 @@ class CollectConfig:
             (self.branch_steps == 1 or self.branches > self.branch_steps,
              f"branch_steps {self.branch_steps} needs more branches than steps (branch 0 deletes nothing), "
              f"got --branches {self.branches}"),
+            (not self.branch_from_start or self.branches > 1,
+             "branch_from_start needs families: add --branches"),
             (self.branches <= 1 or self.runs_per_group % self.branches == 0,
              f"runs_per_group ({self.runs_per_group}) must be a multiple of branches ({self.branches}) so that "
              "a family trains in one group, on one minibatch order"),

@@ -161,8 +161,11 @@ def plan_branch(cfg: CollectConfig, task: Task, run_id: int) -> RunPlan:
         return RunPlan(run_id, seed, lr, kind, under, rates, (), -1)
     # Branch b >= 1: deletion step (b-1) mod T of the family's T steps, set (b-1) div T of its order.
     which_step, which_set = (branch - 1) % cfg.branch_steps, (branch - 1) // cfg.branch_steps
+    steps = [deletion_step]
     if cfg.branch_steps > 1:  # a separate stream: one-step families keep their plans
         more = np.random.default_rng([cfg.seed, 7, family])
-        steps = sorted([deletion_step] + [_draw_deletion_step(cfg, task, more) for _ in range(cfg.branch_steps - 1)])
-        deletion_step = steps[which_step]
+        steps = sorted(steps + [_draw_deletion_step(cfg, task, more) for _ in range(cfg.branch_steps - 1)])
+    if cfg.branch_from_start:  # the earliest becomes 0: the branch never trains on the set
+        steps[0] = 0
+    deletion_step = steps[which_step]
     return RunPlan(run_id, seed, lr, kind, under, rates, order[which_set % len(order)], deletion_step)
