@@ -126,3 +126,14 @@ def test_quick_mode_sizes_are_small():
     full = DemoConfig.for_mode(out="x")
     assert quick.runs < full.runs and quick.candidates < full.candidates and quick.train_steps is not None
     assert DemoConfig.for_mode(out="x", quick=True, runs=7).runs == 7
+
+
+def test_demo_families_retrain_from_the_start_for_mnist4_and_delete_late_for_mnist10():
+    from hyperforget.pipelines.demo import DemoConfig, collect_config
+
+    four = collect_config(DemoConfig.for_mode(out="x"), families=True)
+    assert (four.branches, four.branch_steps, four.branch_from_start) == (4, 1, True)
+    ten = collect_config(DemoConfig.for_mode(out="x", preset="mnist10"), families=True)
+    assert (ten.branches, ten.branch_steps, ten.branch_from_start) == (10, 3, False)
+    mine = DemoConfig.for_mode(out="x", preset="mnist10", family_from_start=True, family_branches=4, family_branch_steps=1)
+    assert collect_config(mine, families=True).branch_from_start
