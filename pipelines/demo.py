@@ -93,7 +93,7 @@ class DemoConfig:
         elif preset == "mnist10":
             # Retrained counterparts help MNIST-4's DiHyFo-1, not MNIST-10's: φ 0.702 / 0.356 / 0.401
             # on {2} / {2,3,4} / {0..4} against 0.871 / 0.253 / 0.442 with late, graded deletions
-            # (docs/results.md, MNIST-10), whose families of ten cover its 31 sets more often.
+            # (docs/results.md, MNIST-10).
             base = dict(family_branches=10, family_branch_steps=3, family_from_start=False)
         else:
             base = {}
