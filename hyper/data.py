@@ -312,7 +312,8 @@ def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: 
                      dataset=dataset, zoo=str(zoo), pivots=list(getattr(cfg, "pivots", []) or []))
 
 
-def coordinate_statistics(data: HyperData, variant: str, canonical: bool, max_rows: int = 20_000) -> dict:
+def coordinate_statistics(data: HyperData, variant: str, canonical: bool, max_rows: int = 20_000,
+                          order: str = "bias") -> dict:
     """Per-value mean/std of the training stream's targets (θ*), from up to ``max_rows`` of them.
 
     Reads the first batches of the stream and restores its position, so training sees the same
@@ -333,7 +334,7 @@ def coordinate_statistics(data: HyperData, variant: str, canonical: bool, max_ro
         raise HyperForgetError("the training view yields no batch; lower --batch-size or grow the zoo")
     # Under DDP every rank sees its own slice: the sums of all ranks make one set of statistics.
     reduce = dist.all_reduce if dist.is_available() and dist.is_initialized() else None
-    return compute_coordinate_normalization(data.spec, torch.cat(rows)[:max_rows], canonical, reduce)
+    return compute_coordinate_normalization(data.spec, torch.cat(rows)[:max_rows], canonical, reduce, order)
 
 
 def _dataset_description(cfg) -> dict:

@@ -14,8 +14,11 @@ Normalization modes:
                   vectors, see ``canonical``): every coordinate enters the diffusion at unit scale,
                   so the noise schedule treats a rarely-moving bias and a pixel weight alike.
 
-With ``canonical`` the hidden units of every vector are put in a canonical order (sorted by
-fc1.bias, zoo.augment.canonicalize) before normalization: one vector per function instead of H!.
+With ``canonical`` the hidden units of every vector are put in a canonical order before
+normalization: one vector per function instead of H!. ``canonical_order`` says which: "bias" sorts
+them by fc1.bias (zoo.augment.canonicalize); "match" assigns them to the units of a template network
+computed from the training checkpoints (zoo.augment.matching_permutations), which also puts units
+that compute similar features in the same place across the zoo (stored with the statistics).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from hyperforget.zoo.augment import CANONICAL_ORDERS
 from hyperforget.zoo.errors import HyperForgetError, from_settings
 from hyperforget.zoo.mlp import MLPSpec
 from hyperforget.zoo.normalization import GPT_TARGET_STD, MomentSums, layer_normalization
@@ -40,9 +44,13 @@ class TokenizerConfig:
     token_size: int = 64  # most values in one token; must stay below the DiT hidden size
     normalization: str = "global"  # "global" (one scale, G.pt) or "layer" (per-layer mean/std)
     target_std: float = GPT_TARGET_STD  # std of normalized parameters (G.pt's constant; "coordinate" uses 1)
-    canonical: bool = False  # sort hidden units by fc1.bias before normalizing (one mode per function)
+    canonical: bool = False  # put hidden units in a canonical order before normalizing (one mode per function)
+    canonical_order: str = "bias"  # which order: "bias" (sorted by fc1.bias) or "match" (to a template network)
 
     def __post_init__(self) -> None:
+        if self.canonical_order not in CANONICAL_ORDERS:
+            raise HyperForgetError(f"unknown canonical order {self.canonical_order!r}: choose one of "
+                                   f"{', '.join(CANONICAL_ORDERS)}")
         if self.normalization not in NORMALIZATIONS:
             raise HyperForgetError(
                 f"unknown normalization {self.normalization!r}: choose one of {', '.join(NORMALIZATIONS)}")
@@ -70,19 +78,26 @@ def compute_normalization(spec: MLPSpec, params: torch.Tensor | np.ndarray) -> d
 
 
 def compute_coordinate_normalization(spec: MLPSpec, params: torch.Tensor | np.ndarray, canonical: bool,
-                                     all_reduce=None) -> dict:
-    """Per-value mean and std of (N, P) checkpoints (canonicalized first when ``canonical``).
+                                     all_reduce=None, order: str = "bias") -> dict:
+    """Per-value mean and std of (N, P) checkpoints (put in canonical ``order`` first when ``canonical``).
 
     ``all_reduce`` (in place, summing, e.g. torch.distributed.all_reduce) combines the sums of
     several DDP ranks, so that every rank normalizes alike. Returns {"mean": (P,) list, "std": (P,)
-    list, "canonical": bool, "rows": N}; stored with the hypernetwork under normalization["coordinate"].
+    list, "canonical": bool, "rows": N}, and with order "match" also "order" and "template" (P,)
+    list, the network every vector's hidden units are matched to; stored with the hypernetwork
+    under normalization["coordinate"].
     """
-    from hyperforget.zoo.augment import canonicalize
+    from hyperforget.zoo.augment import canonicalize, matching_permutations, permute_hidden, unit_template
 
     p = torch.as_tensor(params, dtype=torch.float32)
     spec.layout.check(p)
     p = p[torch.isfinite(p).all(1)]
-    if canonical:
+    extra = {}
+    if canonical and order == "match":
+        template = unit_template(spec, p, all_reduce=all_reduce)
+        p = permute_hidden(spec, p, matching_permutations(spec, p, template))
+        extra = {"order": "match", "template": template.tolist()}
+    elif canonical:
         p = canonicalize(spec, p)
     sums = MomentSums(spec.num_params).add(p.double().numpy())
     if all_reduce is not None:
@@ -91,7 +106,7 @@ def compute_coordinate_normalization(spec: MLPSpec, params: torch.Tensor | np.nd
         sums.count, sums.s1, sums.s2 = int(packed[0, 0]), packed[1].numpy(), packed[2].numpy()
     mean, std = sums.per_value()
     return {"mean": mean.astype(np.float32).tolist(), "std": std.astype(np.float32).tolist(),
-            "canonical": bool(canonical), "rows": int(sums.count)}
+            "canonical": bool(canonical), "rows": int(sums.count), **extra}
 
 
 def _layer_stats(stats: dict, name: str) -> tuple[float, float]:
@@ -130,6 +145,9 @@ class ParamTokenizer:
             mask[j, : b - a] = True
         self.index, self.mask = index, mask
         self.scale, self.shift = self._normalization(stats)
+        self.template = None  # the network hidden units are matched to (canonical order "match")
+        if config.canonical and config.canonical_order == "match":
+            self.template = torch.as_tensor(stats["coordinate"]["template"], dtype=torch.float32)
 
     def _normalization(self, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.spec.num_params
@@ -143,10 +161,13 @@ class ParamTokenizer:
             scale[:] = self.config.target_std / std
         elif self.config.normalization == "coordinate":
             coord = stats.get("coordinate")
-            if not coord or len(coord.get("mean", ())) != p or bool(coord.get("canonical")) != self.config.canonical:
+            order = self.config.canonical_order if self.config.canonical else None
+            if not coord or len(coord.get("mean", ())) != p or bool(coord.get("canonical")) != self.config.canonical \
+                    or (order is not None and coord.get("order", "bias") != order) \
+                    or (order == "match" and len(coord.get("template", ())) != p):
                 raise HyperForgetError("normalization statistics lack per-value statistics of this form "
-                                       f"(canonical={self.config.canonical}); the trainer computes them, "
-                                       "the model directory is damaged")
+                                       f"(canonical={self.config.canonical}, order={order}); the trainer computes "
+                                       "them, the model directory is damaged")
             std = torch.as_tensor(coord["std"], dtype=torch.float32)
             # A value that never moved (std 0) keeps unit scale rather than dividing by zero.
             scale[:] = torch.where(std > 1e-8, 1.0 / std.clamp_min(1e-8), torch.ones_like(std))
@@ -164,8 +185,10 @@ class ParamTokenizer:
         """(B, H) hidden-unit orders that make raw (B, P) vectors canonical, or None without ``canonical``."""
         if not self.config.canonical:
             return None
-        from hyperforget.zoo.augment import canonical_permutations
+        from hyperforget.zoo.augment import canonical_permutations, matching_permutations
 
+        if self.template is not None:
+            return matching_permutations(self.spec, params, self.template).to(params.device)
         return canonical_permutations(self.spec, params).to(params.device)
 
     def permute(self, params: torch.Tensor, perms: torch.Tensor | None) -> torch.Tensor:

@@ -289,7 +289,8 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
     torch.manual_seed(cfg.seed)
     if tok_cfg.normalization == "coordinate" and "coordinate" not in data.normalization:
         data.normalization = {**data.normalization,
-                              "coordinate": coordinate_statistics(data, variant, tok_cfg.canonical)}
+                              "coordinate": coordinate_statistics(data, variant, tok_cfg.canonical,
+                                                                  order=tok_cfg.canonical_order)}
     model, tokenizer = build(variant, data.spec, data.normalization, model_cfg, tok_cfg, data.loss_stats)
     model.to(dev)
     diffusion = GaussianDiffusion(diff_cfg)

@@ -93,6 +93,9 @@ def augment(spec: MLPSpec, params: torch.Tensor | np.ndarray, k: int, seed: int)
     return out.reshape(n * (k + 1), -1), perm_index
 
 
+CANONICAL_ORDERS = ("bias", "match")  # hidden units sorted by fc1.bias, or matched to a template network
+
+
 def canonical_permutations(spec: MLPSpec, params: torch.Tensor | np.ndarray) -> torch.Tensor:
     """(n, H) permutations that sort each vector's hidden units by fc1.bias (ascending).
 
@@ -109,3 +112,70 @@ def canonical_permutations(spec: MLPSpec, params: torch.Tensor | np.ndarray) -> 
 def canonicalize(spec: MLPSpec, params: torch.Tensor | np.ndarray) -> torch.Tensor:
     """The canonical copy of each vector (hidden units sorted by fc1.bias): (n, P), same functions."""
     return permute_hidden(spec, params, canonical_permutations(spec, params))
+
+
+# ----------------------------------------------------------------------------------------------
+# Canonical order by matching to a template network (weight matching, Ainsworth et al. 2023,
+# "Git Re-Basin", for one hidden layer, where one linear assignment solves it exactly).
+
+
+def hidden_units(spec: MLPSpec, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, P) -> hidden units (n, H, D + 1 + C) [incoming weights, bias, outgoing weights] and fc2.bias
+    (n, C): what a permutation moves together, and what it leaves in place."""
+    w = spec.layout.unflatten(params)
+    units = torch.cat([w["fc1.weight"], w["fc1.bias"][..., None], w["fc2.weight"].transpose(-1, -2)], -1)
+    return units, w["fc2.bias"]
+
+
+def min_cost_assignments(cost: torch.Tensor) -> torch.Tensor:
+    """(n, H, H) costs -> (n, H) permutations π minimizing Σ_h cost[i, h, π(h)], exactly (the Hungarian
+    method, scipy's linear_sum_assignment, row by row: a few µs each for the hidden sizes here)."""
+    from scipy.optimize import linear_sum_assignment
+
+    n, h, _ = cost.shape
+    c = cost.detach().cpu().double().numpy()
+    perms = np.stack([linear_sum_assignment(ci)[1] for ci in c]) if n else np.zeros((0, h), dtype=np.int64)
+    return torch.as_tensor(perms, dtype=torch.long)
+
+
+def matching_permutations(spec: MLPSpec, params: torch.Tensor | np.ndarray, template: torch.Tensor) -> torch.Tensor:
+    """(n, H) permutations that bring each vector's hidden units closest to a template network's.
+
+    π minimizes ‖template − π(θ)‖², i.e. Σ_h ‖unit_T(h) − unit_θ(π(h))‖²: new unit h is the old unit
+    that best matches the template's unit h. Like sorting, this is a canonical form (every permuted
+    copy of a network maps to the same vector, ties aside), but it also puts units that compute
+    similar features in the same place across networks, so each coordinate varies less across a zoo.
+    """
+    params = torch.as_tensor(params, dtype=torch.float32)
+    spec.layout.check(params)
+    units, _ = hidden_units(spec, params)  # (n, H, F)
+    ref, _ = hidden_units(spec, torch.as_tensor(template, dtype=torch.float32).to(params.device))  # (H, F)
+    # ‖a − b‖² = ‖a‖² + ‖b‖² − 2⟨a, b⟩, and every unit's norm enters the sum once whatever π is:
+    # the inner products alone decide the assignment.
+    return min_cost_assignments(-torch.einsum("hf,njf->nhj", ref, units))
+
+
+def unit_template(spec: MLPSpec, params: torch.Tensor | np.ndarray, iterations: int = 10,
+                  all_reduce=None) -> torch.Tensor:
+    """A template network (P,) for :func:`matching_permutations`: the mean of the vectors matched to it.
+
+    Starts from the first vector and alternates matching every vector to the template with
+    averaging them (Lloyd's iteration with one centre, under the permutation symmetry), a fixed
+    number of times, so that the same rows give the same template. (A start from an average, such as
+    the mean in fc1.bias order, would give every template unit nearly the same features, and the
+    matching nothing to go by.) ``all_reduce``
+    (in place, summing) combines the sums of several DDP ranks, so every rank gets one template.
+    """
+    p = torch.as_tensor(params, dtype=torch.float32)
+    spec.layout.check(p)
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        packed = torch.cat([x.double().sum(0), torch.tensor([float(len(x))], dtype=torch.float64)])
+        if all_reduce is not None:
+            all_reduce(packed)
+        return (packed[:-1] / packed[-1].clamp_min(1)).float()
+
+    template = p[0].clone()  # under DDP each rank's own first vector; the first mean is shared by all
+    for _ in range(iterations):
+        template = mean(permute_hidden(spec, p, matching_permutations(spec, p, template)))
+    return template

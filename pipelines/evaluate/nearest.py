@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
 import torch
 
+from hyperforget.zoo.augment import hidden_units, min_cost_assignments
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLPSpec
-
-
-def _units(spec: MLPSpec, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(K, P) -> hidden units (K, H, D + 1 + C) [incoming weights, bias, outgoing weights], fc2 bias (K, C)."""
-    w = spec.layout.unflatten(params)
-    units = torch.cat([w["fc1.weight"], w["fc1.bias"][..., None], w["fc2.weight"].transpose(-1, -2)], -1)
-    return units, w["fc2.bias"]
 
 
 def permutation_invariant_distance(spec: MLPSpec, a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
@@ -25,25 +18,14 @@ def permutation_invariant_distance(spec: MLPSpec, a: torch.Tensor, b: torch.Tens
     Permuting hidden units moves each unit's incoming row, bias and outgoing column together and
     leaves the function unchanged, so
     ‖a − π(b)‖² = Σ_h ‖unit_a(h) − unit_b(π(h))‖² + ‖b2_a − b2_b‖²,
-    a linear assignment over an H×H cost matrix, solved exactly (all H! permutations when H ≤ 4,
-    the Hungarian method otherwise). Sorting units into a canonical order would be cheaper but is
-    not a minimum: two nearby networks can sort differently.
+    a linear assignment over an H×H cost matrix, solved exactly. Sorting units into a canonical
+    order would be cheaper but is not a minimum: two nearby networks can sort differently.
     """
-    ua, ba = _units(spec, a[None].double())
-    ub, bb = _units(spec, b.double())
+    ua, ba = hidden_units(spec, a[None].double())
+    ub, bb = hidden_units(spec, b.double())
     cost = torch.cdist(ua.expand(ub.shape[0], -1, -1), ub) ** 2  # (K, H, H)
     bias = ((bb - ba) ** 2).sum(-1)  # (K,)
-    h = spec.hidden
-    if math.factorial(h) <= 24:
-        perms = torch.tensor(list(itertools.permutations(range(h))))  # (h!, H)
-        rows = torch.arange(h)
-        total = cost[:, rows[None, :], perms].sum(-1)  # (K, h!)
-        best = total.min(1).values
-    else:
-        from scipy.optimize import linear_sum_assignment
-
-        c = cost.numpy()
-        best = torch.tensor([c[k][linear_sum_assignment(c[k])].sum() for k in range(len(c))])
+    best = cost.gather(2, min_cost_assignments(cost)[..., None]).squeeze(-1).sum(-1)  # (K,)
     return torch.sqrt((best + bias).clamp_min(0)).numpy()
 
 

@@ -17,6 +17,7 @@ from hyperforget.hyper.tokenizer import ParamTokenizer, TokenizerConfig, compute
 from hyperforget.hyper.data import data_from_tensors
 from hyperforget.hyper.train import train
 from hyperforget.zoo.augment import canonicalize, permute_hidden, random_permutations
+from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import evaluate_per_class
 
 from tests.hyper.conftest import SPEC
@@ -45,6 +46,27 @@ def test_coordinate_normalization_round_trips_and_standardizes(ckpt_zoo):
     np.testing.assert_allclose(z[:, moving].mean(0).numpy(), 0.0, atol=1e-3)
     np.testing.assert_allclose(z[:, moving].std(0).numpy(), 1.0, atol=1e-2)
     torch.testing.assert_close(tok.denormalize(z), canon, rtol=1e-5, atol=1e-5)
+
+
+def test_matched_canonical_order_is_stored_with_the_statistics_and_checked(ckpt_zoo):
+    params = ckpt_zoo["params"]
+    coord = compute_coordinate_normalization(SPEC, params, canonical=True, order="match")
+    assert coord["order"] == "match" and len(coord["template"]) == SPEC.num_params
+    cfg = TokenizerConfig(normalization="coordinate", canonical=True, canonical_order="match")
+    tok = ParamTokenizer(SPEC, cfg, {"coordinate": coord})
+    copies = permute_hidden(SPEC, params, random_permutations(SPEC.hidden, len(params), seed=3))
+    torch.testing.assert_close(tok.canonicalize(copies), tok.canonicalize(params))
+    z = tok.normalize(tok.canonicalize(params))
+    moving = torch.as_tensor(coord["std"]) > 1e-6
+    np.testing.assert_allclose(z[:, moving].mean(0).numpy(), 0.0, atol=1e-3)
+    # Statistics of the other order (or none of this one) are refused: the model would read wrong coordinates.
+    bias_stats = {"coordinate": compute_coordinate_normalization(SPEC, params, canonical=True)}
+    with pytest.raises(HyperForgetError, match="order=match"):
+        ParamTokenizer(SPEC, cfg, bias_stats)
+    with pytest.raises(HyperForgetError, match="order=bias"):
+        ParamTokenizer(SPEC, TokenizerConfig(normalization="coordinate", canonical=True), {"coordinate": coord})
+    with pytest.raises(HyperForgetError, match="canonical order"):
+        TokenizerConfig(canonical=True, canonical_order="sorted")
 
 
 @pytest.mark.parametrize("backbone,conditioning", [("mlp", "adaln"), ("transformer", "adaln"),
