@@ -8,22 +8,11 @@ Notation follows Ho et al. 2020 ("DDPM") and Song et al. 2021 ("DDIM"):
     q(x_{t−1} | x_t, x_0) = N(μ̃_t, β̃_t I),                                  (DDPM Eq. 6-7)
         μ̃_t = √ᾱ_{t−1} β_t / (1 − ᾱ_t) · x_0 + √α_t (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · x_t
         β̃_t = (1 − ᾱ_{t−1}) / (1 − ᾱ_t) · β_t
-The network predicts x_0 (θ*), as G.pt does, and is trained with the plain MSE of Equation 5 of
-the reference text: E‖θ* − G(θ*_t, cond, t)‖². Timesteps are 0-based here: index t ∈ [0, T)
-stands for DDPM's step t+1.
+The network predicts x_0 (θ*) directly, as G.pt does, and is trained with the plain MSE of
+Equation 5 of the reference text: E‖θ* − G(θ*_t, cond, t)‖². Timesteps are 0-based here:
+index t ∈ [0, T) stands for DDPM's step t+1.
 
-How the network's output F becomes x̂_0 (``preconditioning``):
-    "none": x̂_0 = F                                                     (G.pt)
-    "edm":  x̂_0 = √ᾱ_t x_t + √(1 − ᾱ_t) F                                 (Karras et al. 2022, Eq. 7)
-EDM's preconditioning D(x̃; σ) = c_skip x̃ + c_out F with x̃ = x_t / √ᾱ_t, σ² = (1 − ᾱ_t) / ᾱ_t and
-unit-variance data (σ_data = 1, per-value standardized parameters) gives c_skip = ᾱ_t and
-c_out = √(1 − ᾱ_t): F is −v of Salimans & Ho (2022). At low noise x̂_0 passes x_t through, so a
-network narrower than the parameter vector no longer has to reproduce it through its bottleneck;
-at high noise x̂_0 → F, so DiHyFo-1's residual (F = θ + ...) still starts from θ* = θ. Eq. 5's
-loss on x̂_0 is unchanged.
-
-The network is seen only through ``model_fn(x_t (B, P), t (B,) long) -> F (B, P)``, read as x̂_0 by
-:meth:`GaussianDiffusion.predict_x0`.
+The network is seen only through ``model_fn(x_t (B, P), t (B,) long) -> x0_hat (B, P)``.
 Samplers take a ``torch.Generator`` so that a seed gives the same parameters every time.
 """
 
@@ -41,7 +30,6 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 SCHEDULES = ("linear",)
 VARIANCES = ("small", "large")
-PRECONDITIONINGS = ("none", "edm")
 
 
 @dataclass(frozen=True)
@@ -53,12 +41,8 @@ class DiffusionConfig:
     beta_end: float = 0.02  # β_T of the linear schedule
     schedule: str = "linear"  # beta schedule; schedules may be added but never changed once saved
     variance: str = "small"  # DDPM reverse variance: "small" = β̃_t (posterior), "large" = β_t (G.pt)
-    preconditioning: str = "none"  # how the output becomes x̂_0: "none" (it is x̂_0) or "edm" (module docstring)
 
     def __post_init__(self) -> None:
-        if self.preconditioning not in PRECONDITIONINGS:
-            raise HyperForgetError(f"unknown preconditioning {self.preconditioning!r}: choose one of "
-                                   f"{', '.join(PRECONDITIONINGS)}")
         if self.schedule not in SCHEDULES:
             raise HyperForgetError(f"unknown beta schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.variance not in VARIANCES:
@@ -121,13 +105,6 @@ class GaussianDiffusion:
         """Uniform t ∈ [0, T) as G.pt does: (B,) long."""
         return torch.randint(0, self.num_timesteps, (batch,), generator=generator).to(device)
 
-    def predict_x0(self, model_fn: ModelFn, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x̂_0 from the network's output F at (x_t, t): F itself, or EDM's √ᾱ_t x_t + √(1 − ᾱ_t) F."""
-        out = model_fn(x_t, t)
-        if self.config.preconditioning == "none":
-            return out
-        return self._at(self.sqrt_alpha_bar, t, x_t) * x_t + self._at(self.sqrt_one_minus_alpha_bar, t, x_t) * out
-
     # ---------------------------------------------------------------- objective
     def training_losses(self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor,
                         noise: torch.Tensor | None = None, weights: torch.Tensor | None = None,
@@ -141,7 +118,7 @@ class GaussianDiffusion:
         Returns {"loss": scalar to minimize, "mse": unweighted scalar MSE, "x0_hat": (B, P)}.
         """
         x_t = self.q_sample(x0, t, noise)
-        x0_hat = self.predict_x0(model_fn, x_t, t)
+        x0_hat = model_fn(x_t, t)
         sq = (x0_hat.float() - x0.float()) ** 2  # (B, P)
         mse = sq.mean()
         if weights is not None:
@@ -170,7 +147,7 @@ class GaussianDiffusion:
         x = torch.randn(shape, generator=generator).to(device)
         for t in reversed(range(self.num_timesteps)):
             tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
-            x = self.ddpm_step(self.predict_x0(model_fn, x, tt), x, t, generator)
+            x = self.ddpm_step(model_fn(x, tt), x, t, generator)
             if progress is not None:
                 progress(1)
         return x
@@ -195,7 +172,7 @@ class GaussianDiffusion:
         ts = self.ddim_timesteps(steps)
         for i, t in enumerate(ts):
             tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
-            x0_hat = self.predict_x0(model_fn, x, tt)
+            x0_hat = model_fn(x, tt)
             if i == len(ts) - 1:
                 x = x0_hat  # the step to "t = −1" (ᾱ = 1) is the x0 prediction itself
             else:

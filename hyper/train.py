@@ -205,7 +205,7 @@ def resolve_configs(preset: str, variant: str, overrides: dict | None = None
     p = get_preset(preset)
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     model_kw = {**p["model"], "variant": variant}
-    tok_kw, train_kw, diff_kw = dict(p["tokenizer"]), dict(p["train"]), dict(p.get("diffusion", {}))
+    tok_kw, train_kw, diff_kw = dict(p["tokenizer"]), dict(p["train"]), {}
     for k, v in overrides.items():
         _check_override_type(k, v)
         if k in DiTConfig.__dataclass_fields__:

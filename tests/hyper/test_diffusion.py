@@ -60,29 +60,6 @@ def test_samplers_recover_a_gaussian_data_distribution(method, steps, variance):
     assert x.std().item() == pytest.approx(s, rel=0.06)
 
 
-@pytest.mark.parametrize("method,steps", [("ddpm", 1000), ("ddim", 250)])
-def test_edm_preconditioning_reads_the_output_as_minus_v(method, steps):
-    # The exact x0-predictor re-expressed as EDM's F = (x̂0 − √ᾱ x_t) / √(1 − ᾱ): the samplers must give
-    # the same data distribution as with the plain x0 output.
-    d = GaussianDiffusion(DiffusionConfig(preconditioning="edm"))
-    mu, s = 0.7, 0.3
-    oracle = _gaussian_oracle(d, mu, s)
-
-    def fn(x, t):
-        ab = d.alpha_bar[t].to(x.dtype)[:, None]
-        return (oracle(x, t) - ab.sqrt() * x) / (1 - ab).sqrt()
-
-    x = d.sample(fn, (1500, 2), method=method, steps=steps, generator=torch.Generator().manual_seed(1))
-    assert x.mean().item() == pytest.approx(mu, abs=0.02)
-    assert x.std().item() == pytest.approx(s, rel=0.06)
-    # At the lowest noise x̂0 passes x_t through (c_skip ≈ 1, c_out = 0.01); at the highest it is F.
-    x_t, out = torch.randn(3, 4), torch.randn(3, 4)
-    lo, hi = torch.zeros(3, dtype=torch.long), torch.full((3,), 999)
-    torch.testing.assert_close(d.predict_x0(lambda x, t: out, x_t, lo), x_t, atol=0.03, rtol=0)
-    torch.testing.assert_close(d.predict_x0(lambda x, t: out, x_t, hi), out, atol=0.03, rtol=0)
-    assert GaussianDiffusion().predict_x0(lambda x, t: out, x_t, lo) is out  # "none": the output is x̂0
-
-
 def test_sampling_is_deterministic_for_a_seed():
     d = GaussianDiffusion()
     fn = _gaussian_oracle(d, 0.0, 1.0)
@@ -116,8 +93,6 @@ def test_bad_configs():
         DiffusionConfig(schedule="cosine-ish")
     with pytest.raises(HyperForgetError, match="beta"):
         DiffusionConfig(beta_start=0.1, beta_end=0.01)
-    with pytest.raises(HyperForgetError, match="preconditioning"):
-        DiffusionConfig(preconditioning="karras")
     with pytest.raises(HyperForgetError, match="method"):
         GaussianDiffusion().sample(lambda x, t: x, (1, 1), method="euler")
     with pytest.raises(HyperForgetError, match="DDIM steps"):
