@@ -44,7 +44,10 @@ class DemoConfig:
     holdout: list = field(default_factory=list)  # forget sets kept out of the zoo (zoo/holdout.py), e.g. [[2, 3]]
     zoo_epochs: int | None = None  # epochs per zoo run (None: the preset's)
     workers: int | None = 2  # dask workers for collection (None: CPU count; 0: no dask)
-    hyper_preset: str = "cpu-mlp2"  # hypernetwork preset (hyper.model.PRESETS)
+    # Hypernetwork preset per variant (hyper.model.PRESETS): DiHyFo-2 matches hidden units to a template
+    # network (cpu-mlp3), DiHyFo-1 keeps them sorted by fc1.bias (docs/experiments.md, "Canonical order
+    # by matching").
+    hyper_presets: dict = field(default_factory=lambda: {"dihyfo1": "cpu-mlp2", "dihyfo2": "cpu-mlp3"})
     train_steps: int | None = None  # hypernetwork steps per variant (None: the preset's)
     train_overrides: dict = field(default_factory=dict)  # more hypernetwork options by name
     variants: tuple[str, ...] = DIHYFO_METHODS  # DiHyFo variants to train and use
@@ -75,6 +78,10 @@ class DemoConfig:
     epochs: int | None = None  # epochs of the original / retrained models (None: the preset's)
     seed: int = 0  # master seed
 
+    def hyper_preset(self, variant: str) -> str:
+        """The hypernetwork preset a variant trains with."""
+        return self.hyper_presets[variant]
+
     @property
     def family_zoo(self) -> bool:
         """True when DiHyFo-1 trains on its own branch-family zoo (OUT/zoo-families)."""
@@ -85,7 +92,8 @@ class DemoConfig:
                  runs: int | None = None, train_steps: int | None = None, methods: list | None = None,
                  family_runs: int | None = None, **overrides) -> "DemoConfig":
         if quick:
-            base = dict(runs=32, zoo_epochs=6, workers=0, hyper_preset="tiny", train_steps=40, family_runs=20,
+            base = dict(runs=32, zoo_epochs=6, workers=0, hyper_presets={"dihyfo1": "tiny", "dihyfo2": "tiny"},
+                        train_steps=40, family_runs=20,
                         family_branches=4, family_branch_steps=1, family_start_max_loss=-1.0,
                         train_overrides={"eval_every": -1, "test_every": 0, "batch_size": 32, "checkpoint_every": 0},
                         candidates=8, repeats=2, sample_steps=10, retrain_seeds=2, epochs=40, quality_targets=3,
@@ -150,14 +158,14 @@ def _train_kwargs(cfg: DemoConfig, variant: str, zoo_dir: Path, model_dir: Path)
         if cfg.family_zoo:
             from hyperforget.hyper.train import resolve_configs
 
-            view = dict(resolve_configs(cfg.hyper_preset, variant, overrides)[3].view)
+            view = dict(resolve_configs(cfg.hyper_preset(variant), variant, overrides)[3].view)
             view["pairs"] = {**view.get("pairs", {}), "family": cfg.family_branches,
                              "start_max_loss": cfg.family_start_max_loss}
             overrides["view"] = view
     if cfg.train_steps is not None:
         overrides["steps"] = cfg.train_steps
     resume = (model_dir / "checkpoints" / "latest.json").exists()
-    return dict(variant=variant, out=str(model_dir), preset=cfg.hyper_preset, zoo=str(zoo_dir), overrides=overrides,
+    return dict(variant=variant, out=str(model_dir), preset=cfg.hyper_preset(variant), zoo=str(zoo_dir), overrides=overrides,
                 resume=resume)
 
 
@@ -197,7 +205,7 @@ def train_variants_in_parallel(cfg: DemoConfig, jobs: list[tuple[str, Path]], zo
     for variant, model_dir in jobs:
         kwargs = _train_kwargs(cfg, variant, zoos[variant], model_dir)
         # Views are built here, before the processes start, so that two never build one at once.
-        train_cfg = resolve_configs(cfg.hyper_preset, variant, kwargs["overrides"])[3]
+        train_cfg = resolve_configs(kwargs["preset"], variant, kwargs["overrides"])[3]
         ensure_training_views(str(zoos[variant]), variant, seed=train_cfg.seed,
                               **train_cfg.view.get(VARIANT_KINDS[variant], {}))
         done, total = ctx.Value("i", 0), ctx.Value("i", 1)
@@ -281,6 +289,12 @@ def check_demo(cfg: DemoConfig) -> tuple[list[tuple[int, ...]], list[str]]:
     unknown = [v for v in cfg.variants if v not in DIHYFO_METHODS]
     if unknown:
         raise HyperForgetError(f"unknown DiHyFo variants {unknown}: use dihyfo1 and/or dihyfo2")
+    from hyperforget.hyper.model import get_preset as hyper_preset
+
+    for variant in cfg.variants:
+        if variant not in cfg.hyper_presets:
+            raise HyperForgetError(f"no hypernetwork preset for {variant}: name one in hyper_presets")
+        hyper_preset(cfg.hyper_presets[variant])  # raises on an unknown name
     counts = {"--train-steps": cfg.train_steps, "candidates": cfg.candidates, "repeats": cfg.repeats,
               "sample_steps": cfg.sample_steps, "baseline_repeats": cfg.baseline_repeats,
               "retrain_seeds": cfg.retrain_seeds, "epochs": cfg.epochs}
@@ -337,13 +351,13 @@ def run_demo(cfg: DemoConfig) -> Path:
     todo = [(v, Path(d)) for v, d in models.items() if not _trained(Path(d), cfg.train_steps)]
     t0 = time.perf_counter()
     if len(todo) > 1 and cfg.parallel_training:
-        _say(f"training {', '.join(v for v, _ in todo)} ({cfg.hyper_preset}) in parallel -> {out / 'models'}")
+        _say(f"training {', '.join(f'{v} ({cfg.hyper_preset(v)})' for v, _ in todo)} in parallel -> {out / 'models'}")
         train_variants_in_parallel(cfg, todo, zoos)
         _stage(state, state_path, "train_" + "_".join(v for v, _ in todo), time.perf_counter() - t0)
     else:
         for variant, model_dir in todo:
             t0 = time.perf_counter()
-            _say(f"training {variant} ({cfg.hyper_preset}) -> {model_dir}")
+            _say(f"training {variant} ({cfg.hyper_preset(variant)}) -> {model_dir}")
             train_variant(cfg, variant, zoos[variant], model_dir)
             _stage(state, state_path, f"train_{variant}", time.perf_counter() - t0)
 

@@ -137,3 +137,17 @@ def test_demo_families_retrain_from_the_start_for_mnist4_and_delete_late_for_mni
     assert (ten.branches, ten.branch_steps, ten.branch_from_start) == (10, 3, False)
     mine = DemoConfig.for_mode(out="x", preset="mnist10", family_from_start=True, family_branches=4, family_branch_steps=1)
     assert collect_config(mine, families=True).branch_from_start
+
+
+def test_each_variant_trains_with_its_own_preset(tmp_path):
+    from hyperforget.pipelines.demo import DemoConfig, _train_kwargs, run_demo
+    from hyperforget.zoo.errors import HyperForgetError
+
+    cfg = DemoConfig.for_mode(out="x")
+    # DiHyFo-2 matches hidden units to a template network; DiHyFo-1 keeps the fc1.bias order.
+    assert _train_kwargs(cfg, "dihyfo2", tmp_path, tmp_path / "m2")["preset"] == "cpu-mlp3"
+    assert _train_kwargs(cfg, "dihyfo1", tmp_path, tmp_path / "m1")["preset"] == "cpu-mlp2"
+    with pytest.raises(HyperForgetError, match="unknown hypernetwork preset"):
+        run_demo(DemoConfig.for_mode(out=str(tmp_path / "d"), quick=True, dataset="digits",
+                                     hyper_presets={"dihyfo1": "tiny", "dihyfo2": "cpu-huge"}))
+    assert not (tmp_path / "d" / "zoo").exists()  # refused before any work
