@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from hyperforget.zoo.augment import CANONICAL_ORDERS
+from hyperforget.zoo.augment import (CANONICAL_ORDERS, canonical_permutations, canonicalize, matching_permutations,
+                                     permute_hidden, unit_template)
 from hyperforget.zoo.errors import HyperForgetError, from_settings
 from hyperforget.zoo.mlp import MLPSpec
 from hyperforget.zoo.normalization import GPT_TARGET_STD, MomentSums, layer_normalization
@@ -87,8 +88,6 @@ def compute_coordinate_normalization(spec: MLPSpec, params: torch.Tensor | np.nd
     list, the network every vector's hidden units are matched to; stored with the hypernetwork
     under normalization["coordinate"].
     """
-    from hyperforget.zoo.augment import canonicalize, matching_permutations, permute_hidden, unit_template
-
     p = torch.as_tensor(params, dtype=torch.float32)
     spec.layout.check(p)
     p = p[torch.isfinite(p).all(1)]
@@ -185,8 +184,6 @@ class ParamTokenizer:
         """(B, H) hidden-unit orders that make raw (B, P) vectors canonical, or None without ``canonical``."""
         if not self.config.canonical:
             return None
-        from hyperforget.zoo.augment import canonical_permutations, matching_permutations
-
         if self.template is not None:
             return matching_permutations(self.spec, params, self.template).to(params.device)
         return canonical_permutations(self.spec, params).to(params.device)
@@ -195,8 +192,6 @@ class ParamTokenizer:
         """Apply (B, H) hidden-unit orders to raw (B, P) vectors (same functions); None: unchanged."""
         if perms is None:
             return params
-        from hyperforget.zoo.augment import permute_hidden
-
         return permute_hidden(self.spec, params, perms).to(params)
 
     def canonicalize(self, params: torch.Tensor) -> torch.Tensor:
