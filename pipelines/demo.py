@@ -176,23 +176,27 @@ def train_variant(cfg: DemoConfig, variant: str, zoo_dir: Path, model_dir: Path)
     train(**_train_kwargs(cfg, variant, zoo_dir, model_dir), progress=True)
 
 
-def _train_child(kwargs: dict, done, total) -> None:
-    """A spawned process training one variant on one thread, reporting its step through shared values."""
+def _train_child(kwargs: dict, done, total, threads) -> None:
+    """A spawned process training one variant, reporting its step through shared values and taking the
+    thread count the parent sets in ``threads`` before its next step."""
     import torch
 
     from hyperforget.hyper.train import train
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads.value)
 
     def report(step: int, steps: int) -> None:
         done.value, total.value = step, steps
+        if threads.value != torch.get_num_threads():
+            torch.set_num_threads(threads.value)
 
     train(**kwargs, progress=False, on_step=report)
 
 
 def train_variants_in_parallel(cfg: DemoConfig, jobs: list[tuple[str, Path]], zoos: dict[str, Path]) -> None:
     """Stage 2 with one process per variant, one thread each: on a 2-core machine both train at once
-    instead of one after the other on two threads (which scale far below 2× on these small products)."""
+    instead of one after the other on two threads (which scale far below 2× on these small products).
+    When a process finishes, the ones still training share its thread, so no core idles at the end."""
     import multiprocessing as mp
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -208,16 +212,18 @@ def train_variants_in_parallel(cfg: DemoConfig, jobs: list[tuple[str, Path]], zo
         train_cfg = resolve_configs(kwargs["preset"], variant, kwargs["overrides"])[3]
         ensure_training_views(str(zoos[variant]), variant, seed=train_cfg.seed,
                               **train_cfg.view.get(VARIANT_KINDS[variant], {}))
-        done, total = ctx.Value("i", 0), ctx.Value("i", 1)
-        p = ctx.Process(target=_train_child, args=(kwargs, done, total), daemon=True)
+        done, total, threads = ctx.Value("i", 0), ctx.Value("i", 1), ctx.Value("i", 1)
+        p = ctx.Process(target=_train_child, args=(kwargs, done, total, threads), daemon=True)
         p.start()
-        procs.append((variant, p, done, total))
+        procs.append((variant, p, done, total, threads))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         tasks = {v: bar.add_task(f"train {v}", total=None) for v, *_ in procs}
         try:
-            while any(p.is_alive() for _, p, *_ in procs):
-                for v, p, done, total in procs:
+            while alive := [job for job in procs if job[1].is_alive()]:
+                for v, p, done, total, threads in procs:
                     bar.update(tasks[v], completed=done.value, total=total.value)
+                for *_, threads in alive:
+                    threads.value = len(procs) // len(alive)
                 time.sleep(0.5)
         finally:
             for _, p, *_ in procs:
