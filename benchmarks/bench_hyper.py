@@ -1,6 +1,6 @@
 """Benchmark the diffusion hypernetwork: training throughput, and sampling vs retraining time.
 
-    python benchmarks/bench_hyper.py                  # tiny, cpu-small, cpu-mlp: a few minutes on 2 cores
+    python benchmarks/bench_hyper.py                  # tiny, cpu-small, cpu-mlp, cpu-mlp2: a few minutes on 2 cores
     python benchmarks/bench_hyper.py --full           # adds cpu-base (and paper on a GPU)
     python benchmarks/bench_hyper.py --threads 2 --train-steps 20
     python benchmarks/bench_hyper.py --probe MODEL    # unlearning quality of a trained MNIST-4 DiHyFo
@@ -176,7 +176,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
 
     # Training throughput on the CPU presets, then the paper preset on a GPU.
-    presets = ["tiny", "cpu-small", "cpu-mlp"] + (["cpu-base"] if args.full else [])
+    presets = ["tiny", "cpu-small", "cpu-mlp", "cpu-mlp2"] + (["cpu-base"] if args.full else [])
     rows = []
     for preset in presets:
         batch = get_preset(preset)["train"]["batch_size"]
