@@ -101,6 +101,9 @@ def column_fragments(num_classes: int, pivots: Iterable[int] = ()) -> dict[str, 
         "nonpivot_losses": ", ".join(f"loss_{k}" for k in non_pivot),
         "final_losses": ", ".join(f"arg_max(loss_{k}, step) FILTER (WHERE perm_index = 0) AS final_loss_{k}"
                                   for k in classes),
+        # The lowest accuracy over the classes a checkpoint's run kept (1 when it deleted every class).
+        "retained_accs": ", ".join(f"CASE WHEN list_contains(deleted, {k}) THEN 1.0 ELSE acc_{k} END"
+                                   for k in classes),
         "pair_losses": ", ".join([f"a.loss_{k} AS loss_{k}" for k in classes]
                                  + [f"b.loss_{k} AS target_loss_{k}" for k in classes]
                                  + [f"CAST(b.loss_{k} - a.loss_{k} AS FLOAT) AS delta_{k}" for k in classes]),

@@ -79,6 +79,9 @@ VIEW_KINDS: dict[str, ViewKind] = {
         # θ's largest class test loss at most this (-1 = any θ): pairs that start from a model that knows
         # every class, the start unlearning hands DiHyFo-1; a zoo's early checkpoints then take no part
         "start_max_loss": -1.0,
+        # θ*'s lowest accuracy over the classes its run kept at least this (-1 = any θ*): targets that
+        # forgot only what their run deleted, not a retained class a small network failed to learn
+        "target_min_retain_acc": -1.0,
         # Originals only by default: the collector draws each checkpoint's copies independently
         # (zoo/augment.py), so copy j of θ and copy j of θ* are in general permuted differently
         # when H > 2. Augment pairs with the loader's permute=True (one permutation for both).
@@ -151,6 +154,9 @@ def resolve_params(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
             raise HyperForgetError(f"max_gap must be -1 (any) or a positive number of steps, got {p['max_gap']}")
         if p["start_max_loss"] < 0 and p["start_max_loss"] != -1:
             raise HyperForgetError(f"start_max_loss must be -1 (any) or a loss >= 0, got {p['start_max_loss']}")
+        if not (p["target_min_retain_acc"] == -1 or 0 <= p["target_min_retain_acc"] <= 1):
+            raise HyperForgetError(f"target_min_retain_acc must be -1 (any) or an accuracy in [0, 1], "
+                                   f"got {p['target_min_retain_acc']}")
         if p["balance"] not in ("none", "delta"):
             raise HyperForgetError(f"balance must be 'none' or 'delta', got {p['balance']!r}")
         if p["n_bins"] < 1:

@@ -7,13 +7,16 @@
 -- $max_gap < 0 means any gap; otherwise target_step - step <= $max_gap.
 -- $start_max_loss < 0 means any θ; otherwise θ's largest class loss is at most $start_max_loss (θ
 -- knows every class, as the model handed to unlearning does).
+-- $target_min_retain_acc < 0 means any θ*; otherwise every class θ*'s run kept has accuracy at least
+-- $target_min_retain_acc (θ* is a model that forgot only what its run deleted, as retraining should give).
 -- $family > 1 (a zoo of branch families, runs family*f .. family*f + family - 1): θ* may come from
 -- any run of θ's family, at θ's step or later (never θ itself), and runs are split by family, so
 -- that branches, which share their checkpoints up to the deletion, never straddle train and test.
 -- Only the four key columns go through the self-join (a CTE that carried the losses made the
 -- 10^8-row join five times slower); losses and phases are joined to the few picked pairs.
 WITH keys AS (
-    SELECT checkpoint_id, run_id, step, perm_index, greatest({{losses}}) AS max_loss
+    SELECT checkpoint_id, run_id, step, perm_index, greatest({{losses}}) AS max_loss,
+           least({{retained_accs}}) AS min_retain_acc
     FROM checkpoints
     WHERE ($split = 'all' OR run_split(run_id // $family, $split_seed, $test_fraction) = $split)
       AND ($include_augmented OR perm_index = 0)
@@ -26,6 +29,7 @@ candidates AS (
      AND (a.step < b.step OR (a.step = b.step AND a.run_id <> b.run_id))
     WHERE ($max_gap < 0 OR b.step - a.step <= $max_gap)
       AND ($start_max_loss < 0 OR a.max_loss <= $start_max_loss)
+      AND ($target_min_retain_acc < 0 OR b.min_retain_acc >= $target_min_retain_acc)
 ),
 -- The pair travels packed in one BIGINT (θ id * 2^32 + θ* id; ids < 2^31, else DuckDB raises an
 -- overflow error): twice as fast as a struct through the top-n and the unnest.

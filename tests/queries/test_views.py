@@ -106,6 +106,37 @@ def test_pairs_from_trained_starts(qzoo, zoo_meta):
         _build(qzoo, "pairs", "pbad", start_max_loss=-0.5)
 
 
+def test_pairs_to_targets_that_kept_their_retained_classes(tmp_path, tiny_dataset):
+    """target_min_retain_acc drops every θ* with a class its run kept below the accuracy (brute force)."""
+    from tests.conftest import TINY_CLASSES, TINY_SPEC, make_tiny_batches
+    from hyperforget.zoo.store import ZooConfig, create_zoo, open_zoo
+
+    # The tiny zoo's random networks miss some class entirely, so their accuracies are redrawn here.
+    _, batches = make_tiny_batches(tiny_dataset, rows=61, seed=2)
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "zoo")
+    config = ZooConfig(TINY_SPEC, TINY_CLASSES, pivots=(0, 1), dataset=tiny_dataset.describe(), chunk_rows=8,
+                       shard_rows=32)
+    with create_zoo(path, config) as w:
+        for key, params, meta in batches:
+            for k in TINY_CLASSES:
+                meta[f"acc_{k}"] = rng.uniform(0.5, 1.0, len(params)).astype(np.float32)
+            w.commit(params, meta, key)
+    meta = open_zoo(path).metadata().to_pandas()
+    accs = meta[[f"acc_{k}" for k in TINY_CLASSES]].to_numpy(np.float32)
+    kept = np.array([[k not in set(d) for k in TINY_CLASSES] for d in meta.deleted])
+    retain_min = np.where(kept, accs, np.float32(1.0)).min(axis=1)
+    limit = 0.75  # exact in float32, so DuckDB and numpy compare alike
+    assert (retain_min < limit).any() and (retain_min >= limit).any()  # the limit cuts this zoo
+    view = _build(path, "pairs", "pkept", cap=10_000, target_min_retain_acc=limit)
+    brute = _all_pairs(meta[meta.perm_index == 0])
+    brute = brute[brute.checkpoint_id_t.isin(meta.checkpoint_id[retain_min >= np.float32(limit)])]
+    assert len(view) > 0
+    assert set(zip(view.checkpoint_id, view.target_id)) == set(zip(brute.checkpoint_id, brute.checkpoint_id_t))
+    with pytest.raises(HyperForgetError, match="target_min_retain_acc"):
+        _build(path, "pairs", "pbad", target_min_retain_acc=1.5)
+
+
 def test_family_pairs_reach_across_the_runs_of_a_family(qzoo, zoo_meta, tmp_path):
     """family=K pairs θ with θ* of any run r // K == θ's, at its step or later (a brute-force check),
     and splits train/test by family; only on a zoo collected in families of K."""
