@@ -295,12 +295,12 @@ def check_demo(cfg: DemoConfig) -> tuple[list[tuple[int, ...]], list[str]]:
     unknown = [v for v in cfg.variants if v not in DIHYFO_METHODS]
     if unknown:
         raise HyperForgetError(f"unknown DiHyFo variants {unknown}: use dihyfo1 and/or dihyfo2")
-    from hyperforget.hyper.model import get_preset as hyper_preset
+    from hyperforget.hyper.model import get_preset as get_hyper_preset  # zoo.mlp.get_preset is the MLP preset
 
     for variant in cfg.variants:
         if variant not in cfg.hyper_presets:
             raise HyperForgetError(f"no hypernetwork preset for {variant}: name one in hyper_presets")
-        hyper_preset(cfg.hyper_presets[variant])  # raises on an unknown name
+        get_hyper_preset(cfg.hyper_preset(variant))  # raises on an unknown name
     counts = {"--train-steps": cfg.train_steps, "candidates": cfg.candidates, "repeats": cfg.repeats,
               "sample_steps": cfg.sample_steps, "baseline_repeats": cfg.baseline_repeats,
               "retrain_seeds": cfg.retrain_seeds, "epochs": cfg.epochs}

@@ -101,7 +101,8 @@ def column_fragments(num_classes: int, pivots: Iterable[int] = ()) -> dict[str, 
         "nonpivot_losses": ", ".join(f"loss_{k}" for k in non_pivot),
         "final_losses": ", ".join(f"arg_max(loss_{k}, step) FILTER (WHERE perm_index = 0) AS final_loss_{k}"
                                   for k in classes),
-        # The lowest accuracy over the classes a checkpoint's run kept (1 when it deleted every class).
+        # Each class's accuracy, or 1 for a class the checkpoint's run deleted: least() over them is the
+        # lowest accuracy over the classes the run kept.
         "retained_accs": ", ".join(f"CASE WHEN list_contains(deleted, {k}) THEN 1.0 ELSE acc_{k} END"
                                    for k in classes),
         "pair_losses": ", ".join([f"a.loss_{k} AS loss_{k}" for k in classes]
