@@ -108,6 +108,7 @@ class HyperData:
     test_stream: object | None  # the same over held-out runs, or None
     dataset: dict | None = None  # {"name", "classes", "scaling"} for load_dataset, or None
     eval_data: tuple[torch.Tensor, torch.Tensor] | None = None  # (x_test, y_test) when no dataset name
+    probe_data: tuple[torch.Tensor, torch.Tensor] | None = None  # (x_train, y_train) when no dataset name
     zoo: str | None = None  # zoo path
     pivots: list[int] = field(default_factory=list)  # the zoo's pivot classes (task labels)
 
@@ -116,17 +117,27 @@ class HyperData:
         if self.eval_data is None:
             if self.dataset is None:
                 raise HyperForgetError("no dataset to evaluate generated MLPs on; give the zoo's dataset")
-            self.eval_data = load_task_test_split(self.dataset)
+            self.eval_data = load_task_split(self.dataset, "test")
         return self.eval_data
 
+    def train_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_train (N, D), y_train (N,)) of the task: the images the zoo's networks learned from."""
+        if self.probe_data is None:
+            if self.dataset is None:
+                raise HyperForgetError("no training images for the function-matching term; give the zoo's "
+                                       "dataset or set function_loss=0")
+            self.probe_data = load_task_split(self.dataset, "train")
+        return self.probe_data
 
-def load_task_test_split(dataset: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The test split of the dataset a zoo records (its name, original classes, pixel scaling)."""
+
+def load_task_split(dataset: dict, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """One split ("train" or "test") of the dataset a zoo records (its name, original classes, pixel scaling)."""
     from hyperforget.zoo.datasets import load_dataset
 
     ds = load_dataset(dataset["name"], root=dataset.get("root"), classes=dataset.get("classes"),
                       scaling=dataset.get("scaling", "unit"))
-    return torch.as_tensor(ds.x_test), torch.as_tensor(ds.y_test)
+    x, y = (ds.x_train, ds.y_train) if split == "train" else (ds.x_test, ds.y_test)
+    return torch.as_tensor(x), torch.as_tensor(y)
 
 
 # Levels of the saved quantile grid: every level a prompt, the quality sweep or the condition's
@@ -252,8 +263,12 @@ def data_from_tensors(spec: MLPSpec, params: torch.Tensor, losses: torch.Tensor,
                       run_ids: np.ndarray | None = None, steps: np.ndarray | None = None,
                       x_test: torch.Tensor, y_test: torch.Tensor, batch_size: int, seed: int = 0,
                       test_fraction: float = 0.1, rank: int = 0, world_size: int = 1,
-                      classes: list[int] | None = None) -> HyperData:
-    """HyperData over in-memory checkpoints (N, P) with class losses (N, C); runs split train/test."""
+                      classes: list[int] | None = None, x_train: torch.Tensor | None = None,
+                      y_train: torch.Tensor | None = None) -> HyperData:
+    """HyperData over in-memory checkpoints (N, P) with class losses (N, C); runs split train/test.
+
+    ``x_train``/``y_train`` are the task's training images, needed only by the function-matching term.
+    """
     params = torch.as_tensor(params, dtype=torch.float32)
     losses = torch.as_tensor(losses, dtype=torch.float32)
     n = len(params)
@@ -279,7 +294,8 @@ def data_from_tensors(spec: MLPSpec, params: torch.Tensor, losses: torch.Tensor,
                      loss_stats=loss_statistics(losses[train_rows].numpy(), forgettable=range(spec.num_classes)),
                      train_stream=stream(train_rows, True, per_rank),
                      test_stream=stream(test_rows, True, min(per_rank, max(1, len(test_rows) // world_size))),
-                     eval_data=(torch.as_tensor(x_test), torch.as_tensor(y_test)))
+                     eval_data=(torch.as_tensor(x_test), torch.as_tensor(y_test)),
+                     probe_data=None if x_train is None else (torch.as_tensor(x_train), torch.as_tensor(y_train)))
 
 
 def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,

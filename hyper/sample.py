@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from hyperforget.hyper.data import load_task_test_split
+from hyperforget.hyper.data import load_task_split
 from hyperforget.hyper.denoise import build, check_config_version, resolve_zoo_path, sample_params
 from hyperforget.hyper.diffusion import DiffusionConfig, GaussianDiffusion
 from hyperforget.hyper.model import DiTConfig
@@ -99,7 +99,7 @@ class Hypernetwork:
         if self._test is None:
             if not self.config.get("dataset"):
                 raise HyperForgetError(f"{self.dir}/config.json names no dataset; pass the data explicitly")
-            self._test = load_task_test_split(self.config["dataset"])
+            self._test = load_task_split(self.config["dataset"], "test")
         return self._test
 
     def evaluate(self, params: torch.Tensor | np.ndarray) -> ClassMetrics:

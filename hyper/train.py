@@ -39,6 +39,7 @@ from hyperforget.hyper.data import HyperData, NoiseStarts, coordinate_statistics
 from hyperforget.hyper.denoise import (CONFIG_FORMAT, CONFIG_VERSION, build, check_config_version, make_model_fn,
                                        resolve_zoo_path, sample_params, stored_zoo_path)
 from hyperforget.hyper.diffusion import DiffusionConfig, GaussianDiffusion
+from hyperforget.hyper.function_match import FunctionMatch
 from hyperforget.hyper.model import DiTConfig, get_preset
 from hyperforget.hyper.tokenizer import ParamTokenizer, TokenizerConfig
 from hyperforget.zoo.errors import HyperForgetError, from_settings
@@ -84,6 +85,10 @@ class TrainConfig:
     # losses. G.pt starts from "potentially random noise"; a zoo saves few step-0 checkpoints, so
     # without this the noise start is off the training distribution.
     noise_start_share: float = 0.0
+    # Weight of the function-matching term (hyper/function_match.py): the KL between θ*'s and x̂0's
+    # class predictions on training images, weighted by ᾱ_t, added to the diffusion MSE. 0 turns it off.
+    function_loss: float = 0.0
+    function_probes: int = 128  # class-balanced training images per step for that term
     # Training-view parameters by view kind (queries.views), e.g. {"balanced": {"mode": "weights"}}.
     view: dict = field(default_factory=dict)
 
@@ -97,6 +102,9 @@ class TrainConfig:
             raise HyperForgetError(f"steps and batch_size must be ≥ 1, got {self.steps}, {self.batch_size}")
         if not 0 <= self.cond_dropout < 1:
             raise HyperForgetError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        if self.function_loss < 0 or self.function_probes < 1:
+            raise HyperForgetError(f"function_loss must be ≥ 0 and function_probes ≥ 1, got {self.function_loss}, "
+                                   f"{self.function_probes}")
         if not 0 <= self.noise_start_share <= 1:
             raise HyperForgetError(f"noise_start_share must be in [0, 1], got {self.noise_start_share}")
 
@@ -303,6 +311,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
     gen = torch.Generator().manual_seed(cfg.seed * TRAIN_RANK_STRIDE + rank)
     power = LOSS_WEIGHTINGS[cfg.loss_weighting]
     weights = tokenizer.layer_weights(power).to(dev) if power else None
+    matcher = FunctionMatch(data.spec, *data.train_split(), cfg.function_probes) if cfg.function_loss > 0 else None
     step, epoch, curves = 0, 0, {"train": [], "test": [], "eval": []}
     config = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "variant": variant, "preset": preset,
               "model": model_cfg.to_dict(), "tokenizer": tok_cfg.to_dict(), "diffusion": diff_cfg.to_dict(),
@@ -376,7 +385,8 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
                 g["lr"] = lr
             net.train()
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                terms = _loss_terms(net, tokenizer, diffusion, batch, variant, gen, dev, weights, cfg.cond_dropout)
+                terms = _loss_terms(net, tokenizer, diffusion, batch, variant, gen, dev, weights, cfg.cond_dropout,
+                                    matcher, cfg.function_loss)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if cfg.grad_clip > 0:
@@ -386,9 +396,12 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
             step += 1
             if on_step is not None:
                 on_step(step, cfg.steps)
-            window.append(float(terms["mse"]))
+            window.append((float(terms["mse"]), float(terms.get("function_kl", float("nan")))))
             if step % cfg.log_every == 0 or step == cfg.steps:
-                curves["train"].append({"step": step, "mse": float(np.mean(window)), "lr": lr})
+                point = {"step": step, "mse": float(np.mean([w[0] for w in window])), "lr": lr}
+                if matcher is not None:
+                    point["function_kl"] = float(np.mean([w[1] for w in window]))
+                curves["train"].append(point)
                 window = []
             if cfg.test_every > 0 and step % cfg.test_every == 0 or step == cfg.steps:
                 if data.test_stream is not None:
@@ -443,8 +456,11 @@ def _to_device(batch: dict, dev: torch.device) -> dict:
 
 
 def _loss_terms(net, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, batch: dict, variant: str,
-                gen: torch.Generator, dev: torch.device, weights, cond_dropout: float) -> dict:
-    """One batch -> Equation 5 terms. DiHyFo-2 learns θ* from single checkpoints, DiHyFo-1 from pairs.
+                gen: torch.Generator, dev: torch.device, weights, cond_dropout: float,
+                matcher: FunctionMatch | None = None, function_loss: float = 0.0) -> dict:
+    """One batch -> Equation 5 terms (+ the function-matching term with a ``matcher``).
+
+    DiHyFo-2 learns θ* from single checkpoints, DiHyFo-1 from pairs.
 
     With a canonical tokenizer, θ is put in canonical order and θ* follows θ's order (the hidden
     units of one run keep their identity, and at sampling time only θ is known); a noise start's
@@ -472,7 +488,13 @@ def _loss_terms(net, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, ba
     drop = (torch.rand(b, generator=gen) < cond_dropout).to(dev) if cond_dropout > 0 else \
         torch.zeros(b, dtype=torch.bool, device=dev)
     fn = make_model_fn(net, tokenizer, target_losses, current, current_losses, drop)
-    return diffusion.training_losses(fn, x0, t, noise, weights, batch.get("weights"))
+    terms = diffusion.training_losses(fn, x0, t, noise, weights, batch.get("weights"))
+    if matcher is not None:
+        kl = matcher(tokenizer.denormalize(terms["x0_hat"].float()), tokenizer.denormalize(x0),
+                     diffusion.alpha_bar.to(dev)[t], gen)
+        terms["loss"] = terms["loss"] + function_loss * kl
+        terms["function_kl"] = kl.detach()
+    return terms
 
 
 def _ema_model(model: torch.nn.Module, ema: EMA) -> torch.nn.Module:

@@ -44,12 +44,13 @@ class DemoConfig:
     holdout: list = field(default_factory=list)  # forget sets kept out of the zoo (zoo/holdout.py), e.g. [[2, 3]]
     zoo_epochs: int | None = None  # epochs per zoo run (None: the preset's)
     workers: int | None = 2  # dask workers for collection (None: CPU count; 0: no dask)
-    # Hypernetwork preset per variant (hyper.model.PRESETS): DiHyFo-2 matches hidden units to a template
-    # network (cpu-mlp3), DiHyFo-1 keeps them sorted by fc1.bias (docs/experiments.md, "Canonical order
-    # by matching").
-    hyper_presets: dict = field(default_factory=lambda: {"dihyfo1": "cpu-mlp2", "dihyfo2": "cpu-mlp3"})
+    # Hypernetwork preset per variant (hyper.model.PRESETS): both train with the function-matching term;
+    # DiHyFo-2 matches hidden units to a template network (cpu-mlp3-fn), DiHyFo-1 keeps them sorted by
+    # fc1.bias (docs/experiments.md, "Canonical order by matching" and "Function matching").
+    hyper_presets: dict = field(default_factory=lambda: {"dihyfo1": "cpu-mlp2-fn", "dihyfo2": "cpu-mlp3-fn"})
     train_steps: int | None = None  # hypernetwork steps per variant (None: the preset's)
     train_overrides: dict = field(default_factory=dict)  # more hypernetwork options by name
+    variant_overrides: dict = field(default_factory=dict)  # options for one variant, e.g. {"dihyfo1": {"steps": 1500}}
     variants: tuple[str, ...] = DIHYFO_METHODS  # DiHyFo variants to train and use
     dihyfo1_start: str = "model"  # DiHyFo-1 unlearns from: "model" (the model to unlearn) or "noise"
     dihyfo1_noise_share: float = 0.2  # share of DiHyFo-1 training pairs that start from a fresh init
@@ -82,6 +83,13 @@ class DemoConfig:
         """The hypernetwork preset a variant trains with."""
         return self.hyper_presets[variant]
 
+    def overrides(self, variant: str) -> dict:
+        """Hypernetwork options for a variant: train_overrides, then its variant_overrides, then --train-steps."""
+        overrides = {**self.train_overrides, **self.variant_overrides.get(variant, {})}
+        if self.train_steps is not None:
+            overrides["steps"] = self.train_steps
+        return overrides
+
     @property
     def family_zoo(self) -> bool:
         """True when DiHyFo-1 trains on its own branch-family zoo (OUT/zoo-families)."""
@@ -102,7 +110,10 @@ class DemoConfig:
             # Retrained counterparts help MNIST-4's DiHyFo-1, not MNIST-10's: φ 0.702 / 0.356 / 0.401
             # on {2} / {2,3,4} / {0..4} against 0.871 / 0.253 / 0.442 with late, graded deletions
             # (docs/results.md, MNIST-10).
-            base = dict(family_branches=10, family_branch_steps=3, family_from_start=False)
+            # DiHyFo-1 trains 1,500 steps so that the demo fits 25 minutes on two cores; with the
+            # function-matching term it follows its prompts at 1,500 steps (docs/experiments.md, rows F1-F3).
+            base = dict(family_branches=10, family_branch_steps=3, family_from_start=False,
+                        variant_overrides={"dihyfo1": {"steps": 1500}})
         else:
             base = {}
         base.update({k: v for k, v in dict(runs=runs, train_steps=train_steps, methods=methods,
@@ -152,7 +163,7 @@ def collect_zoo(cfg: DemoConfig, zoo_dir: Path, families: bool = False) -> None:
 
 
 def _train_kwargs(cfg: DemoConfig, variant: str, zoo_dir: Path, model_dir: Path) -> dict:
-    overrides = dict(cfg.train_overrides)
+    overrides = cfg.overrides(variant)
     if variant == "dihyfo1":
         overrides.setdefault("noise_start_share", cfg.dihyfo1_noise_share)
         if cfg.family_zoo:
@@ -162,8 +173,6 @@ def _train_kwargs(cfg: DemoConfig, variant: str, zoo_dir: Path, model_dir: Path)
             view["pairs"] = {**view.get("pairs", {}), "family": cfg.family_branches,
                              "start_max_loss": cfg.family_start_max_loss}
             overrides["view"] = view
-    if cfg.train_steps is not None:
-        overrides["steps"] = cfg.train_steps
     resume = (model_dir / "checkpoints" / "latest.json").exists()
     return dict(variant=variant, out=str(model_dir), preset=cfg.hyper_preset(variant), zoo=str(zoo_dir), overrides=overrides,
                 resume=resume)
@@ -301,6 +310,10 @@ def check_demo(cfg: DemoConfig) -> tuple[list[tuple[int, ...]], list[str]]:
         if variant not in cfg.hyper_presets:
             raise HyperForgetError(f"no hypernetwork preset for {variant}: name one in hyper_presets")
         get_hyper_preset(cfg.hyper_preset(variant))  # raises on an unknown name
+    odd = [k for k, v in cfg.variant_overrides.items() if k not in DIHYFO_METHODS or not isinstance(v, dict)]
+    if odd:
+        raise HyperForgetError(f"variant_overrides keys must be {' or '.join(DIHYFO_METHODS)} with a dict of "
+                               f"options each, got {odd}")
     counts = {"--train-steps": cfg.train_steps, "candidates": cfg.candidates, "repeats": cfg.repeats,
               "sample_steps": cfg.sample_steps, "baseline_repeats": cfg.baseline_repeats,
               "retrain_seeds": cfg.retrain_seeds, "epochs": cfg.epochs}
@@ -354,7 +367,7 @@ def run_demo(cfg: DemoConfig) -> Path:
 
     # 2. Train the hypernetworks (views are built on first use), both at once when there are two.
     models = {v: str(out / "models" / v) for v in cfg.variants}
-    todo = [(v, Path(d)) for v, d in models.items() if not _trained(Path(d), cfg.train_steps)]
+    todo = [(v, Path(d)) for v, d in models.items() if not _trained(Path(d), cfg.overrides(v).get("steps"))]
     t0 = time.perf_counter()
     if len(todo) > 1 and cfg.parallel_training:
         _say(f"training {', '.join(f'{v} ({cfg.hyper_preset(v)})' for v, _ in todo)} in parallel -> {out / 'models'}")

@@ -145,8 +145,18 @@ def test_each_variant_trains_with_its_own_preset(tmp_path):
 
     cfg = DemoConfig.for_mode(out="x")
     # DiHyFo-2 matches hidden units to a template network; DiHyFo-1 keeps the fc1.bias order.
-    assert _train_kwargs(cfg, "dihyfo2", tmp_path, tmp_path / "m2")["preset"] == "cpu-mlp3"
-    assert _train_kwargs(cfg, "dihyfo1", tmp_path, tmp_path / "m1")["preset"] == "cpu-mlp2"
+    assert _train_kwargs(cfg, "dihyfo2", tmp_path, tmp_path / "m2")["preset"] == "cpu-mlp3-fn"
+    assert _train_kwargs(cfg, "dihyfo1", tmp_path, tmp_path / "m1")["preset"] == "cpu-mlp2-fn"
+    # Per-variant options: MNIST-10's DiHyFo-1 trains fewer steps; --train-steps overrides both.
+    cfg10 = DemoConfig.for_mode(out="x", preset="mnist10")
+    assert _train_kwargs(cfg10, "dihyfo1", tmp_path, tmp_path / "m1")["overrides"]["steps"] == 1500
+    assert "steps" not in _train_kwargs(cfg10, "dihyfo2", tmp_path, tmp_path / "m2")["overrides"]
+    cfg10 = DemoConfig.for_mode(out="x", preset="mnist10", train_steps=7)
+    assert _train_kwargs(cfg10, "dihyfo1", tmp_path, tmp_path / "m1")["overrides"]["steps"] == 7
+    with pytest.raises(HyperForgetError, match="variant_overrides keys"):
+        run_demo(DemoConfig.for_mode(out=str(tmp_path / "v"), quick=True, dataset="digits",
+                                     variant_overrides={"dihyfo3": {"steps": 5}}))
+    assert not (tmp_path / "v" / "zoo").exists()
     with pytest.raises(HyperForgetError, match="unknown hypernetwork preset"):
         run_demo(DemoConfig.for_mode(out=str(tmp_path / "d"), quick=True, dataset="digits",
                                      hyper_presets={"dihyfo1": "tiny", "dihyfo2": "cpu-huge"}))

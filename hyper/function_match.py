@@ -1,0 +1,57 @@
+"""Function matching: a training term that compares what θ̂* and θ* compute, not their values.
+
+The diffusion loss (Equation 5) is an MSE over the normalized parameter vector. Equal MSE can hide
+very different networks: thousands of small, independent errors in fc1.weight add up in every
+hidden pre-activation (Σ_i δw_i x_i over 784 pixels), so an x̂0 that is close value by value can
+still misclassify whole classes. This term measures the error where it matters, on inputs:
+
+    L_fn = E_t [ ᾱ_t · mean_x KL( softmax f_θ*(x) ‖ softmax f_θ̂*(x) ) ]
+
+with x drawn class-balanced from the task's training split (the images the zoo's networks learned
+from; the test split stays for evaluation) and θ̂* the network's x0 prediction decoded to raw
+parameters. ᾱ_t weights it towards low noise, where x̂0 is a network the sampler will return; at
+high noise x̂0 is a posterior mean over many networks and has no function worth matching.
+
+The trainer adds ``function_loss · L_fn`` to the diffusion loss (TrainConfig.function_loss).
+The KL is permutation invariant, so canonical orders do not matter here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hyperforget.zoo.mlp import MLPSpec, batched_logits
+
+
+class FunctionMatch:
+    """Class-balanced probe images and the KL between two batches of decoded networks on them.
+
+    Args:
+        spec: the MLP family.
+        x: (N, D) training images; y: (N,) their labels.
+        probes: images per step (shared by every network of the batch).
+    """
+
+    def __init__(self, spec: MLPSpec, x: torch.Tensor, y: torch.Tensor, probes: int = 128):
+        self.spec, self.probes = spec, int(probes)
+        self.x = torch.as_tensor(x, dtype=torch.float32)
+        y = torch.as_tensor(y).long()
+        self.by_class = [torch.nonzero(y == c).flatten() for c in range(spec.num_classes)]
+        self.by_class = [rows for rows in self.by_class if len(rows)]
+
+    def draw(self, gen: torch.Generator) -> torch.Tensor:
+        """(probes, D) images, the same number from every class present (rounded up)."""
+        per = -(-self.probes // len(self.by_class))
+        rows = torch.cat([r[torch.randint(0, len(r), (per,), generator=gen)] for r in self.by_class])
+        return self.x[rows[: self.probes]]
+
+    def __call__(self, predicted: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                 gen: torch.Generator) -> torch.Tensor:
+        """Mean over the batch of weights · KL(target ‖ predicted), both (B, P) raw parameters."""
+        x = self.draw(gen).to(predicted.device)
+        with torch.no_grad():
+            log_p = F.log_softmax(batched_logits(self.spec, target.float(), x), dim=-1)  # (B, N, C)
+        log_q = F.log_softmax(batched_logits(self.spec, predicted.float(), x), dim=-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean(-1)  # (B,)
+        return (weights.to(kl) * kl).mean()

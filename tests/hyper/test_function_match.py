@@ -1,0 +1,76 @@
+"""The function-matching term: its KL against an explicit per-network forward, its probes, the trainer's use."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hyperforget.hyper.data import data_from_tensors
+from hyperforget.hyper.function_match import FunctionMatch
+from hyperforget.hyper.train import train
+from hyperforget.zoo.datasets import load_dataset
+from hyperforget.zoo.errors import HyperForgetError
+from hyperforget.zoo.mlp import MLP, MLPSpec, init_params
+
+SPEC = MLPSpec(13, 5, 3)
+
+
+def _images(n: int = 61, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, SPEC.input_size, generator=g)
+    y = torch.arange(n) % SPEC.num_classes
+    return x, y
+
+
+def test_kl_equals_an_explicit_forward_of_each_network():
+    x, y = _images()
+    matcher = FunctionMatch(SPEC, x, y, probes=17)
+    target, predicted = init_params(SPEC, range(7)), init_params(SPEC, range(100, 107))
+    w = torch.linspace(0.1, 1.0, 7)
+    got = matcher(predicted, target, w, torch.Generator().manual_seed(3))
+    probes = matcher.draw(torch.Generator().manual_seed(3))
+    expected = []
+    for p, q in zip(target, predicted):
+        log_p = F.log_softmax(MLP.from_flat(SPEC, p)(probes), -1)
+        log_q = F.log_softmax(MLP.from_flat(SPEC, q)(probes), -1)
+        expected.append(F.kl_div(log_q, log_p, log_target=True, reduction="batchmean"))
+    assert torch.allclose(got, (w * torch.stack(expected)).mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_identical_networks_match_and_probes_are_class_balanced():
+    x, y = _images()
+    matcher = FunctionMatch(SPEC, x, y, probes=30)
+    p = init_params(SPEC, range(4))
+    assert float(matcher(p, p, torch.ones(4), torch.Generator().manual_seed(0))) == pytest.approx(0.0, abs=1e-6)
+    probes = matcher.draw(torch.Generator().manual_seed(1))
+    labels = y[[int(torch.nonzero((x == row).all(1))[0]) for row in probes]]
+    assert torch.bincount(labels, minlength=3).tolist() == [10, 10, 10]
+
+
+def test_the_trainer_adds_the_term_and_records_it(ckpt_zoo, tmp_path):
+    ds = load_dataset("digits", classes=(0, 1, 2, 3))
+    z = ckpt_zoo
+    data = data_from_tensors(z["spec"], z["params"], z["losses"], variant="dihyfo2", run_ids=z["run_ids"],
+                             steps=z["steps"], x_test=z["x_test"], y_test=z["y_test"], batch_size=32,
+                             x_train=ds.x_train, y_train=ds.y_train)
+    train(variant="dihyfo2", out=tmp_path / "m", preset="tiny", data=data, progress=False,
+          overrides={"steps": 20, "eval_every": -1, "test_every": 0, "function_loss": 1.0, "function_probes": 40})
+    curves = json.loads((tmp_path / "m" / "curves.json").read_text())["train"]
+    kl = [point["function_kl"] for point in curves]
+    assert all(k >= 0 and k == k for k in kl)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["train"]["function_loss"] == 1.0
+
+
+def test_the_term_without_training_images_is_a_one_line_error(ckpt_zoo, tmp_path):
+    z = ckpt_zoo
+    data = data_from_tensors(z["spec"], z["params"], z["losses"], variant="dihyfo2", run_ids=z["run_ids"],
+                             steps=z["steps"], x_test=z["x_test"], y_test=z["y_test"], batch_size=32)
+    with pytest.raises(HyperForgetError, match="function_loss=0"):
+        train(variant="dihyfo2", out=tmp_path / "m", preset="tiny", data=data, progress=False,
+              overrides={"steps": 2, "function_loss": 1.0})
+    with pytest.raises(HyperForgetError, match="function_loss must be"):
+        train(variant="dihyfo2", out=tmp_path / "n", preset="tiny", data=data, progress=False,
+              overrides={"steps": 2, "function_loss": -1.0})
