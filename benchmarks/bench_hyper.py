@@ -1,6 +1,6 @@
 """Benchmark the diffusion hypernetwork: training throughput, and sampling vs retraining time.
 
-    python benchmarks/bench_hyper.py                  # tiny, cpu-small, cpu-mlp, cpu-mlp2: a few minutes on 2 cores
+    python benchmarks/bench_hyper.py                  # tiny, cpu-small, cpu-mlp, cpu-mlp2(-fn): a few minutes on 2 cores
     python benchmarks/bench_hyper.py --full           # adds cpu-base (and paper on a GPU)
     python benchmarks/bench_hyper.py --threads 2 --train-steps 20
     python benchmarks/bench_hyper.py --probe MODEL    # unlearning quality of a trained MNIST-4 DiHyFo
@@ -28,6 +28,7 @@ from hyperforget.hyper.diffusion import GaussianDiffusion
 from hyperforget.hyper.model import get_preset
 from hyperforget.hyper.tokenizer import compute_coordinate_normalization, compute_normalization
 from hyperforget.hyper.denoise import build, make_model_fn, sample_params
+from hyperforget.hyper.function_match import FunctionMatch
 from hyperforget.hyper.train import TrainConfig, make_optimizer, resolve_configs
 from hyperforget.zoo.lockstep import matmul_gflops
 from hyperforget.zoo.mlp import MLPSpec, init_params
@@ -49,6 +50,10 @@ def train_throughput(preset: str, variant: str, steps: int, batch: int, device: 
     model, tok, diffusion = _setup(preset, variant, device)
     opt = make_optimizer(model, TrainConfig(steps=steps))
     g = torch.Generator().manual_seed(0)
+    train_cfg = resolve_configs(preset, variant)[3]
+    # The function-matching term of the -fn presets, on random images (its cost does not depend on them).
+    matcher = FunctionMatch(SPEC, torch.rand(1000, SPEC.input_size, generator=g), torch.arange(1000) % SPEC.num_classes,
+                            train_cfg.function_probes) if train_cfg.function_loss > 0 else None
     theta = torch.randn(batch, SPEC.num_params, generator=g).to(device) * 0.3
     theta_star = theta + 0.05 * torch.randn(batch, SPEC.num_params, generator=g).to(device)
     losses = torch.rand(batch, SPEC.num_classes, generator=g).to(device) * 3
@@ -61,8 +66,13 @@ def train_throughput(preset: str, variant: str, steps: int, batch: int, device: 
         fn = make_model_fn(model, tok, targets, cur, losses if cur is not None else None)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
             terms = diffusion.training_losses(fn, x0, t)
+        loss = terms["loss"]
+        if matcher is not None:
+            kl = matcher(tok.denormalize(terms["x0_hat"].float()), tok.denormalize(x0),
+                         diffusion.alpha_bar.to(device)[t], g)
+            loss = loss + train_cfg.function_loss * kl
         opt.zero_grad(set_to_none=True)
-        terms["loss"].backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.75)
         opt.step()
 
@@ -176,7 +186,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
 
     # Training throughput on the CPU presets, then the paper preset on a GPU.
-    presets = ["tiny", "cpu-small", "cpu-mlp", "cpu-mlp2"] + (["cpu-base"] if args.full else [])
+    presets = ["tiny", "cpu-small", "cpu-mlp", "cpu-mlp2", "cpu-mlp2-fn"] + (["cpu-base"] if args.full else [])
     rows = []
     for preset in presets:
         batch = get_preset(preset)["train"]["batch_size"]
@@ -205,6 +215,12 @@ def main() -> None:
         print(f"{r['preset']:12} {r['variant']:8} {r.get('device', 'cpu'):6} {r['batch']:5d} {r['params_M']:9.2f} "
               f"{r['samples_per_s']:10.0f} {r['s_per_step']:7.3f} {r['tflops_achieved']:8.3f} "
               f"{r.get('mfu', float('nan')):6.3f}")
+
+    step_s = {(r["preset"], r["variant"]): r["s_per_step"] for r in rows if r.get("device", "cpu") == "cpu"}
+    for variant in ("dihyfo1", "dihyfo2"):
+        if ("cpu-mlp2-fn", variant) in step_s:
+            print(f"function-matching term, {variant}: cpu-mlp2-fn step / cpu-mlp2 step = "
+                  f"{step_s[('cpu-mlp2-fn', variant)] / step_s[('cpu-mlp2', variant)]:.2f}")
 
     # One unlearned model by sampling, against retraining from scratch in this run.
     s = sampling_vs_retraining(args.ddim_steps, "cpu")
