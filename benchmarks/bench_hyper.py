@@ -1,6 +1,6 @@
 """Benchmark the diffusion hypernetwork: training throughput, and sampling vs retraining time.
 
-    python benchmarks/bench_hyper.py                  # tiny, cpu-small, cpu-mlp, cpu-mlp2(-fn): a few minutes on 2 cores
+    python benchmarks/bench_hyper.py                  # tiny, cpu-small, cpu-mlp, cpu-mlp2(-fn): minutes on 2 cores
     python benchmarks/bench_hyper.py --full           # adds cpu-base (and paper on a GPU)
     python benchmarks/bench_hyper.py --threads 2 --train-steps 20
     python benchmarks/bench_hyper.py --probe MODEL    # unlearning quality of a trained MNIST-4 DiHyFo
@@ -68,9 +68,7 @@ def train_throughput(preset: str, variant: str, steps: int, batch: int, device: 
             terms = diffusion.training_losses(fn, x0, t)
         loss = terms["loss"]
         if matcher is not None:
-            kl = matcher(tok.denormalize(terms["x0_hat"].float()), tok.denormalize(x0),
-                         diffusion.alpha_bar.to(device)[t], g)
-            loss = loss + train_cfg.function_loss * kl
+            loss = loss + train_cfg.function_loss * matcher.diffusion_term(tok, diffusion, t, terms["x0_hat"], x0, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.75)

@@ -134,6 +134,8 @@ def load_task_split(dataset: dict, split: str = "test") -> tuple[torch.Tensor, t
     """One split ("train" or "test") of the dataset a zoo records (its name, original classes, pixel scaling)."""
     from hyperforget.zoo.datasets import load_dataset
 
+    if split not in ("train", "test"):
+        raise HyperForgetError(f"unknown split {split!r}: choose train or test")
     ds = load_dataset(dataset["name"], root=dataset.get("root"), classes=dataset.get("classes"),
                       scaling=dataset.get("scaling", "unit"))
     x, y = (ds.x_train, ds.y_train) if split == "train" else (ds.x_test, ds.y_test)

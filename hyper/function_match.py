@@ -46,6 +46,12 @@ class FunctionMatch:
         rows = torch.cat([r[torch.randint(0, len(r), (per,), generator=gen)] for r in self.by_class])
         return self.x[rows[: self.probes]]
 
+    def diffusion_term(self, tokenizer, diffusion, t: torch.Tensor, x0_hat: torch.Tensor, x0: torch.Tensor,
+                       gen: torch.Generator) -> torch.Tensor:
+        """L_fn for one training batch: normalized x̂0 and θ* (B, P) decoded by ``tokenizer``, weighted by ᾱ_t."""
+        weights = diffusion.alpha_bar.to(x0.device)[t]
+        return self(tokenizer.denormalize(x0_hat.float()), tokenizer.denormalize(x0), weights, gen)
+
     def __call__(self, predicted: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
                  gen: torch.Generator) -> torch.Tensor:
         """Mean over the batch of weights · KL(target ‖ predicted), both (B, P) raw parameters."""

@@ -490,8 +490,7 @@ def _loss_terms(net, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, ba
     fn = make_model_fn(net, tokenizer, target_losses, current, current_losses, drop)
     terms = diffusion.training_losses(fn, x0, t, noise, weights, batch.get("weights"))
     if matcher is not None:
-        kl = matcher(tokenizer.denormalize(terms["x0_hat"].float()), tokenizer.denormalize(x0),
-                     diffusion.alpha_bar.to(dev)[t], gen)
+        kl = matcher.diffusion_term(tokenizer, diffusion, t, terms["x0_hat"], x0, gen)
         terms["loss"] = terms["loss"] + function_loss * kl
         terms["function_kl"] = kl.detach()
     return terms

@@ -111,7 +111,7 @@ class DemoConfig:
             # on {2} / {2,3,4} / {0..4} against 0.871 / 0.253 / 0.442 with late, graded deletions
             # (docs/results.md, MNIST-10).
             # DiHyFo-1 trains 1,500 steps so that the demo fits 25 minutes on two cores; with the
-            # function-matching term it follows its prompts at 1,500 steps (docs/experiments.md, rows F1-F3).
+            # function-matching term it follows its prompts at 1,500 steps (docs/experiments.md, rows F3-F4).
             base = dict(family_branches=10, family_branch_steps=3, family_from_start=False,
                         variant_overrides={"dihyfo1": {"steps": 1500}})
         else:
