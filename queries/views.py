@@ -39,6 +39,7 @@ from hyperforget.zoo.files import atomic_path, write_json
 
 VIEW_FORMAT = "hyperforget-view"
 VIEW_VERSION = 1
+RESOLVED_KEY = "hyperforget_resolved"  # Arrow metadata: what a view's parameters resolved to on its zoo
 SPLITS = ("train", "test", "all")
 
 # Parameters every kind takes, with defaults.
@@ -79,6 +80,11 @@ VIEW_KINDS: dict[str, ViewKind] = {
         # θ's largest class test loss at most this (-1 = any θ): pairs that start from a model that knows
         # every class, the start unlearning hands DiHyFo-1; a zoo's early checkpoints then take no part
         "start_max_loss": -1.0,
+        # The same bound relative to the task (-1 = off): at most this many times the median largest
+        # class loss of the zoo's plainly trained runs (queries/sql/trained_level.sql), so that starts
+        # look like a trained model of this task, whatever its classes and data. With both set, the
+        # lower bound holds.
+        "start_loss_factor": -1.0,
         # θ*'s lowest accuracy over the classes its run kept at least this (-1 = any θ*): targets that
         # forgot only what their run deleted, not a retained class a small network failed to learn
         "target_min_retain_acc": -1.0,
@@ -154,6 +160,8 @@ def resolve_params(kind: str, params: Mapping[str, Any]) -> dict[str, Any]:
             raise HyperForgetError(f"max_gap must be -1 (any) or a positive number of steps, got {p['max_gap']}")
         if p["start_max_loss"] < 0 and p["start_max_loss"] != -1:
             raise HyperForgetError(f"start_max_loss must be -1 (any) or a loss >= 0, got {p['start_max_loss']}")
+        if p["start_loss_factor"] <= 0 and p["start_loss_factor"] != -1:
+            raise HyperForgetError(f"start_loss_factor must be -1 (off) or > 0, got {p['start_loss_factor']}")
         if not (p["target_min_retain_acc"] == -1 or 0 <= p["target_min_retain_acc"] <= 1):
             raise HyperForgetError(f"target_min_retain_acc must be -1 (any) or an accuracy in [0, 1], "
                                    f"got {p['target_min_retain_acc']}")
@@ -187,6 +195,10 @@ def compute_view(con: duckdb.DuckDBPyConnection, kind: str, num_classes: int, pi
                  params: Mapping[str, Any], name: str = "") -> pa.Table:
     """Run a view's SQL on a connection from queries.engine (which has ``checkpoints``) -> Arrow."""
     resample = kind == "balanced" and params["mode"] == "resample"
+    resolved = {}
+    if kind == "pairs" and params["start_loss_factor"] > 0:
+        resolved = start_threshold(con, num_classes, params)
+        params = {**params, "start_max_loss": resolved["start_max_loss"]}
     sql, values = view_sql(kind, num_classes, pivots, {**params, "mode": "weights"} if resample else params)
     try:
         table = con.sql(sql, params=values).to_arrow_table()
@@ -194,13 +206,32 @@ def compute_view(con: duckdb.DuckDBPyConnection, kind: str, num_classes: int, pi
         raise HyperForgetError(f"building view {name or kind!r} ({kind}) failed: {engine.one_line(exc)}") from None
     if resample:
         weights = table.column("weight").to_numpy()
-        return resample_rows(table.drop_columns(["weight"]), weights, params["seed"], ["checkpoint_id"])
+        table = resample_rows(table.drop_columns(["weight"]), weights, params["seed"], ["checkpoint_id"])
     if kind == "pairs" and params["balance"] == "delta":
         nonpivot = [k for k in range(num_classes) if k not in set(pivots)]
         weights = inverse_frequency_weights([table.column(f"delta_{k}").to_numpy() for k in nonpivot],
                                             params["n_bins"])
-        return resample_rows(table, weights, params["seed"], ["checkpoint_id", "target_id"])
-    return table
+        table = resample_rows(table, weights, params["seed"], ["checkpoint_id", "target_id"])
+    # What the parameters resolved to on this zoo travels with the rows (build_view records it).
+    return table.replace_schema_metadata({RESOLVED_KEY: json.dumps(resolved)}) if resolved else table
+
+
+def start_threshold(con: duckdb.DuckDBPyConnection, num_classes: int, params: Mapping[str, Any]) -> dict:
+    """{"start_max_loss": the absolute bound start_loss_factor gives on this zoo, "trained_level",
+    "trained_runs"} (the level is queries/sql/trained_level.sql's median; a given start_max_loss
+    still caps the bound)."""
+    sql = engine.render(engine.sql_template("trained_level"), engine.column_fragments(num_classes))
+    try:
+        ((runs, level),) = con.sql(sql).fetchall()
+    except duckdb.Error as exc:
+        raise HyperForgetError(f"measuring the zoo's trained loss level failed: {engine.one_line(exc)}") from None
+    if not runs or level is None or not np.isfinite(level):
+        raise HyperForgetError("start_loss_factor needs runs that train on every class (nothing undersampled or "
+                               "deleted), and this zoo has none: set start_max_loss instead")
+    bound = params["start_loss_factor"] * float(level)
+    if params["start_max_loss"] >= 0:
+        bound = min(bound, params["start_max_loss"])
+    return {"start_max_loss": round(bound, 6), "trained_level": float(level), "trained_runs": int(runs)}
 
 
 def inverse_frequency_weights(columns: list[np.ndarray], n_bins: int) -> np.ndarray:
@@ -298,6 +329,7 @@ def build_view(zoo: Any, kind: str, name: str | None = None, *, overwrite: bool 
         table = compute_view(con, kind, cfg.spec.num_classes, cfg.pivots, full, name=name)
     finally:
         con.close()
+    resolved = json.loads((table.schema.metadata or {}).get(RESOLVED_KEY.encode(), b"{}"))
     table = table.replace_schema_metadata({"hyperforget_view": json.dumps({"kind": kind, "params": full})})
     os.makedirs(vdir, exist_ok=True)
     record = {
@@ -307,6 +339,8 @@ def build_view(zoo: Any, kind: str, name: str | None = None, *, overwrite: bool 
         "columns": table.column_names, "created_at": _now(), "seconds": round(time.perf_counter() - t0, 3),
         "duckdb": duckdb.__version__,
     }
+    if resolved:
+        record["resolved"] = resolved
     # JSON out first when overwriting, so a crash between the two renames leaves no stale record.
     try:
         os.remove(js_path)

@@ -6,7 +6,8 @@
 -- deterministic sample kept by a bounded top-n aggregate (memory: runs x $cap, not pairs).
 -- $max_gap < 0 means any gap; otherwise target_step - step <= $max_gap.
 -- $start_max_loss < 0 means any θ; otherwise θ's largest class loss is at most $start_max_loss (θ
--- knows every class, as the model handed to unlearning does).
+-- knows every class, as the model handed to unlearning does). The view's start_loss_factor arrives
+-- here already resolved into $start_max_loss (queries.views.start_threshold).
 -- $target_min_retain_acc < 0 means any θ*; otherwise every class θ*'s run kept has accuracy at least
 -- $target_min_retain_acc (θ* is a model that forgot only what its run deleted, as retraining should give).
 -- $family > 1 (a zoo of branch families, runs family*f .. family*f + family - 1): θ* may come from

@@ -137,6 +137,49 @@ def test_pairs_to_targets_that_kept_their_retained_classes(tmp_path, tiny_datase
         _build(path, "pairs", "pbad", target_min_retain_acc=1.5)
 
 
+def test_start_loss_factor_scales_the_trained_level(tmp_path, tiny_dataset):
+    """start_loss_factor f keeps the pairs whose θ has a largest class loss ≤ f × the median, over the
+    runs that neither undersample nor delete, of their last original checkpoint's largest class loss
+    (computed here with pandas); the bound is recorded, and a zoo without such runs is refused."""
+    from tests.conftest import TINY_CLASSES, TINY_SPEC, make_tiny_batches
+    from hyperforget.zoo.store import ZooConfig, create_zoo, open_zoo
+
+    _, batches = make_tiny_batches(tiny_dataset, rows=61, seed=3)
+    path = str(tmp_path / "zoo")
+    config = ZooConfig(TINY_SPEC, TINY_CLASSES, pivots=(0, 1), dataset=tiny_dataset.describe(), chunk_rows=8,
+                       shard_rows=32)
+    with create_zoo(path, config) as w:
+        for i, (key, params, meta) in enumerate(batches):
+            if i % 4 == 0:  # runs 0 and 4 train plainly on every class (the tiny zoo's odd runs delete)
+                meta["undersampled"], meta["undersample_rates"] = [[]] * len(params), [[]] * len(params)
+            w.commit(params, meta, key)
+    meta = open_zoo(path).metadata().to_pandas()
+    losses = [f"loss_{k}" for k in TINY_CLASSES]
+    meta["worst"] = meta[losses].max(axis=1)
+    plain = meta[(meta.perm_index == 0) & (meta.deleted.map(len) == 0) & (meta.undersampled.map(len) == 0)]
+    level = float(np.median(plain.sort_values("step").groupby("run_id").worst.last()))
+    factor = 1.1
+    rec = views.build_view(path, "pairs", "pfactor", cap=10_000, start_loss_factor=factor)
+    assert rec["resolved"]["trained_runs"] == 2
+    assert rec["resolved"]["start_max_loss"] == pytest.approx(factor * level, rel=1e-5)
+    view, _ = views.load_view(path, "pfactor")
+    bound = rec["resolved"]["start_max_loss"]
+    same = _build(path, "pairs", "pabsolute", cap=10_000, start_max_loss=bound)
+    got = view.to_pandas()
+    assert 0 < len(got) < len(_build(path, "pairs", "pany", cap=10_000))  # the bound cuts this zoo
+    assert set(zip(got.checkpoint_id, got.target_id)) == set(zip(same.checkpoint_id, same.target_id))
+    # a given start_max_loss still caps the bound
+    capped = views.build_view(path, "pairs", "pcapped", start_loss_factor=factor, start_max_loss=bound / 2)
+    assert capped["resolved"]["start_max_loss"] == pytest.approx(bound / 2, rel=1e-5)
+    with pytest.raises(HyperForgetError, match="start_loss_factor"):
+        _build(path, "pairs", "pbad", start_loss_factor=0)
+
+
+def test_start_loss_factor_needs_plainly_trained_runs(qzoo):
+    with pytest.raises(HyperForgetError, match="nothing undersampled or deleted"):
+        _build(qzoo, "pairs", "pnone", start_loss_factor=1.5)  # every run of qzoo undersamples class 3
+
+
 def test_family_pairs_reach_across_the_runs_of_a_family(qzoo, zoo_meta, tmp_path):
     """family=K pairs θ with θ* of any run r // K == θ's, at its step or later (a brute-force check),
     and splits train/test by family; only on a zoo collected in families of K."""
