@@ -316,6 +316,7 @@ def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: 
     from hyperforget.queries.views import VARIANT_KINDS
 
     train_view, test_view = ensure_training_views(zoo, variant, seed=seed, **(view or {}).get(VARIANT_KINDS[variant], {}))
+    _check_view_fills_a_batch(zoo, train_view, batch_size)
     per_rank = batch_size // world_size
     # Full, equal batches on every rank: a short or missing batch on one rank would hang DDP.
     even = "pad" if world_size > 1 else False
@@ -328,6 +329,21 @@ def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: 
     return HyperData(spec=cfg.spec, classes=list(cfg.classes), normalization=dict(norm),
                      loss_stats=zoo_loss_statistics(reader), train_stream=train_stream, test_stream=test_stream,
                      dataset=dataset, zoo=str(zoo), pivots=list(getattr(cfg, "pivots", []) or []))
+
+
+def _check_view_fills_a_batch(zoo: str, name: str, batch_size: int) -> None:
+    """A one-line error naming the view's filters when its rows cannot fill one training batch."""
+    from hyperforget.queries.views import view_record
+
+    rec = view_record(zoo, name)
+    if rec["rows"] >= batch_size:
+        return
+    filters = {k: v for k, v in rec["params"].items()
+               if k in ("start_max_loss", "start_loss_factor", "target_min_retain_acc", "max_gap") and v != -1}
+    filters.update({f"resolved {k}": v for k, v in rec.get("resolved", {}).items()})
+    said = ", ".join(f"{k} {v}" for k, v in filters.items()) or "no filters"
+    raise HyperForgetError(f"training view {name} of {zoo} has {rec['rows']} rows, fewer than one batch of "
+                           f"{batch_size} ({said}): loosen its filters, lower --batch-size or grow the zoo")
 
 
 def coordinate_statistics(data: HyperData, variant: str, canonical: bool, max_rows: int = 20_000,

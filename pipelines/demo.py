@@ -16,6 +16,7 @@ Each stage skips work whose artifacts exist, so an interrupted demo resumes wher
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -202,7 +203,11 @@ def _train_child(kwargs: dict, done, total, threads) -> None:
         if threads.value != torch.get_num_threads():
             torch.set_num_threads(threads.value)
 
-    train(**kwargs, progress=False, on_step=report)
+    try:
+        train(**kwargs, progress=False, on_step=report)
+    except HyperForgetError as exc:  # one line, as the CLI prints it; the parent names the failed variant
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def train_variants_in_parallel(cfg: DemoConfig, jobs: list[tuple[str, Path]], zoos: dict[str, Path]) -> None:

@@ -257,3 +257,10 @@ def test_saved_configs_refuse_unknown_keys(cls, what):
     assert config.from_dict({}) == config()
     with pytest.raises(HyperForgetError, match=f"unknown {what} settings \\['stepz'\\]"):
         config.from_dict({"stepz": 3})
+
+
+def test_a_training_view_too_small_for_one_batch_names_its_filters(normalized_zoo):
+    from hyperforget.hyper.data import data_from_zoo
+
+    with pytest.raises(HyperForgetError, match="fewer than one batch of 8 .*start_max_loss 0.0001"):
+        data_from_zoo(normalized_zoo, "dihyfo1", batch_size=8, view={"pairs": {"start_max_loss": 0.0001}})
