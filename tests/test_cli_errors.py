@@ -349,3 +349,21 @@ def test_ctrl_c_prints_the_resume_line(tmp_path, mode):
     assert "error: interrupted; re-run the same command to resume" in err
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["zoo"]  # nothing beside the zoo
+
+
+# ----------------------------------------------------------------------------------------------
+# View filters that leave nothing to train on
+
+
+def test_train_names_the_filters_that_leave_its_view_short_of_a_batch(normalized_zoo, tmp_path, monkeypatch, capsys):
+    refused(monkeypatch, capsys, "train", "--variant", "dihyfo1", "--zoo", normalized_zoo, "--out", tmp_path / "m",
+            "--preset", "tiny", "--set", 'view={"pairs": {"start_max_loss": 0.0001}}',
+            naming=("fewer than one batch", "start_max_loss 0.0001"))
+    assert not (tmp_path / "m").exists()
+
+
+def test_view_build_start_loss_factor_needs_plainly_trained_runs(zoo, monkeypatch, capsys):
+    before = digest(zoo)
+    refused(monkeypatch, capsys, "view", "build", zoo, "pairs", "-p", "start_loss_factor=1.5",
+            naming=("start_loss_factor", "start_max_loss instead"))
+    assert digest(zoo) == before
