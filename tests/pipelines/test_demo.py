@@ -147,9 +147,13 @@ def test_each_variant_trains_with_its_own_preset(tmp_path):
     # DiHyFo-2 matches hidden units to a template network; DiHyFo-1 keeps the fc1.bias order.
     assert _train_kwargs(cfg, "dihyfo2", tmp_path, tmp_path / "m2")["preset"] == "cpu-mlp3-fn"
     assert _train_kwargs(cfg, "dihyfo1", tmp_path, tmp_path / "m1")["preset"] == "cpu-mlp2-fn"
-    # DiHyFo-1's pairs start from checkpoints no worse than 1.5 times a plainly trained model of the task.
+    # DiHyFo-1's pair starts: MNIST-4 bounds their class losses at 0.5, MNIST-10 at 1.5 times a plainly
+    # trained network's largest class loss.
     pairs = _train_kwargs(cfg, "dihyfo1", tmp_path, tmp_path / "m1")["overrides"]["view"]["pairs"]
-    assert pairs["start_loss_factor"] == 1.5 and pairs.get("start_max_loss", -1) == -1
+    assert pairs["start_max_loss"] == 0.5 and pairs["start_loss_factor"] == -1
+    cfg10 = DemoConfig.for_mode(out="x", preset="mnist10")
+    pairs = _train_kwargs(cfg10, "dihyfo1", tmp_path, tmp_path / "m1")["overrides"]["view"]["pairs"]
+    assert pairs["start_max_loss"] == -1 and pairs["start_loss_factor"] == 1.5
     # Per-variant options: MNIST-10's DiHyFo-1 trains fewer steps; --train-steps overrides both.
     cfg10 = DemoConfig.for_mode(out="x", preset="mnist10")
     assert _train_kwargs(cfg10, "dihyfo1", tmp_path, tmp_path / "m1")["overrides"]["steps"] == 1500
