@@ -37,20 +37,19 @@ SPEC = MLPSpec(784, 2, 4)
 
 
 def _setup(preset: str, variant: str, device: str):
-    model_cfg, tok_cfg, diff_cfg, _ = resolve_configs(preset, variant)
+    model_cfg, tok_cfg, diff_cfg, train_cfg = resolve_configs(preset, variant)
     starts = init_params(SPEC, range(64))
     stats = compute_normalization(SPEC, starts)
     if tok_cfg.normalization == "coordinate":
         stats["coordinate"] = compute_coordinate_normalization(SPEC, starts, tok_cfg.canonical)
     model, tok = build(variant, SPEC, stats, model_cfg, tok_cfg)
-    return model.to(device), tok, GaussianDiffusion(diff_cfg)
+    return model.to(device), tok, GaussianDiffusion(diff_cfg), train_cfg
 
 
 def train_throughput(preset: str, variant: str, steps: int, batch: int, device: str, amp: bool) -> dict:
-    model, tok, diffusion = _setup(preset, variant, device)
+    model, tok, diffusion, train_cfg = _setup(preset, variant, device)
     opt = make_optimizer(model, TrainConfig(steps=steps))
     g = torch.Generator().manual_seed(0)
-    train_cfg = resolve_configs(preset, variant)[3]
     # The function-matching term of the -fn presets, on random images (its cost does not depend on them).
     matcher = FunctionMatch(SPEC, torch.rand(1000, SPEC.input_size, generator=g), torch.arange(1000) % SPEC.num_classes,
                             train_cfg.function_probes) if train_cfg.function_loss > 0 else None
@@ -97,7 +96,7 @@ def sampling_vs_retraining(ddim_steps: int, device: str) -> dict:
     t0 = time.perf_counter()
     original = train_models(SPEC, ds.x_train, ds.y_train, [0], epochs=25, lr=0.1)
     retrain_s = time.perf_counter() - t0
-    model, tok, diffusion = _setup("cpu-mlp", "dihyfo1", device)
+    model, tok, diffusion, _ = _setup("cpu-mlp", "dihyfo1", device)
     targets = torch.tensor([[0.05, 0.05, 5.0, 0.05]])
     losses = torch.tensor([[0.05, 0.05, 0.1, 0.05]])
     out = {"retrain_s": retrain_s}

@@ -333,17 +333,14 @@ def data_from_zoo(zoo: str, variant: str, batch_size: int, seed: int = 0, rank: 
 
 def _check_view_fills_a_batch(zoo: str, name: str, batch_size: int) -> None:
     """A one-line error naming the view's filters when its rows cannot fill one training batch."""
-    from hyperforget.queries.views import view_record
+    from hyperforget.queries.views import describe_filters, view_record
 
     rec = view_record(zoo, name)
     if rec["rows"] >= batch_size:
         return
-    filters = {k: v for k, v in rec["params"].items()
-               if k in ("start_max_loss", "start_loss_factor", "target_min_retain_acc", "max_gap") and v != -1}
-    filters.update({f"resolved {k}": v for k, v in rec.get("resolved", {}).items()})
-    said = ", ".join(f"{k} {v}" for k, v in filters.items()) or "no filters"
     raise HyperForgetError(f"training view {name} of {zoo} has {rec['rows']} rows, fewer than one batch of "
-                           f"{batch_size} ({said}): loosen its filters, lower --batch-size or grow the zoo")
+                           f"{batch_size} ({describe_filters(rec)}): loosen its filters, lower --batch-size or "
+                           "grow the zoo")
 
 
 def coordinate_statistics(data: HyperData, variant: str, canonical: bool, max_rows: int = 20_000,

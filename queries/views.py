@@ -105,6 +105,17 @@ VIEW_KINDS: dict[str, ViewKind] = {
 }
 
 
+# Pairs parameters that drop rows (each -1 when off): what describe_filters names.
+PAIR_FILTERS = ("max_gap", "start_max_loss", "start_loss_factor", "target_min_retain_acc")
+
+
+def describe_filters(record: Mapping[str, Any]) -> str:
+    """The row filters a view record has on, and the bounds they resolved to, in words."""
+    said = [f"{k} {v}" for k, v in record["params"].items() if k in PAIR_FILTERS and v != -1]
+    said += [f"resolved {k} {v}" for k, v in record.get("resolved", {}).items()]
+    return ", ".join(said) or "no filters"
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 

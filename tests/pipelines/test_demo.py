@@ -155,7 +155,6 @@ def test_each_variant_trains_with_its_own_preset(tmp_path):
     pairs = _train_kwargs(cfg10, "dihyfo1", tmp_path, tmp_path / "m1")["overrides"]["view"]["pairs"]
     assert pairs["start_max_loss"] == -1 and pairs["start_loss_factor"] == 1.5
     # Per-variant options: MNIST-10's DiHyFo-1 trains fewer steps; --train-steps overrides both.
-    cfg10 = DemoConfig.for_mode(out="x", preset="mnist10")
     assert _train_kwargs(cfg10, "dihyfo1", tmp_path, tmp_path / "m1")["overrides"]["steps"] == 1500
     assert "steps" not in _train_kwargs(cfg10, "dihyfo2", tmp_path, tmp_path / "m2")["overrides"]
     cfg10 = DemoConfig.for_mode(out="x", preset="mnist10", train_steps=7)
