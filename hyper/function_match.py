@@ -13,7 +13,14 @@ parameters. ᾱ_t weights it towards low noise, where x̂0 is a network the samp
 high noise x̂0 is a posterior mean over many networks and has no function worth matching.
 
 The trainer adds ``function_loss · L_fn`` to the diffusion loss (TrainConfig.function_loss).
-The KL is permutation invariant, so canonical orders do not matter here.
+
+``metric="logits"`` replaces the KL with the mean squared difference of the centred logits
+(z − mean_k z_k; Ba & Caruana's logit matching, the high-temperature limit of the KL). The KL
+weighs each probe by θ*'s own probabilities, so once θ* puts e^-8 on a class it can no longer
+tell e^-8 from e^-15: a class loss of 8 and one of 15 look alike to it. Centred logits keep that
+difference, which is what a loss prompt asks for.
+
+Both are permutation invariant, so canonical orders do not matter here.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLPSpec, batched_logits
 
 
@@ -31,10 +39,15 @@ class FunctionMatch:
         spec: the MLP family.
         x: (N, D) training images; y: (N,) their labels.
         probes: images per step (shared by every network of the batch).
+        metric: "kl" (KL(θ* ‖ θ̂*) of the class predictions) or "logits" (MSE of centred logits).
     """
 
-    def __init__(self, spec: MLPSpec, x: torch.Tensor, y: torch.Tensor, probes: int = 128):
-        self.spec, self.probes = spec, int(probes)
+    METRICS = ("kl", "logits")
+
+    def __init__(self, spec: MLPSpec, x: torch.Tensor, y: torch.Tensor, probes: int = 128, metric: str = "kl"):
+        if metric not in self.METRICS:
+            raise HyperForgetError(f"unknown function-matching metric {metric!r}: choose {' or '.join(self.METRICS)}")
+        self.spec, self.probes, self.metric = spec, int(probes), metric
         self.x = torch.as_tensor(x, dtype=torch.float32)
         y = torch.as_tensor(y).long()
         self.by_class = [torch.nonzero(y == c).flatten() for c in range(spec.num_classes)]
@@ -54,10 +67,15 @@ class FunctionMatch:
 
     def __call__(self, predicted: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
                  gen: torch.Generator) -> torch.Tensor:
-        """Mean over the batch of weights · KL(target ‖ predicted), both (B, P) raw parameters."""
+        """Mean over the batch of weights · d(target, predicted), both (B, P) raw parameters."""
         x = self.draw(gen).to(predicted.device)
         with torch.no_grad():
-            log_p = F.log_softmax(batched_logits(self.spec, target.float(), x), dim=-1)  # (B, N, C)
-        log_q = F.log_softmax(batched_logits(self.spec, predicted.float(), x), dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean(-1)  # (B,)
-        return (weights.to(kl) * kl).mean()
+            z_p = batched_logits(self.spec, target.float(), x)  # (B, N, C)
+        z_q = batched_logits(self.spec, predicted.float(), x)
+        if self.metric == "logits":
+            diff = (z_p - z_p.mean(-1, keepdim=True)) - (z_q - z_q.mean(-1, keepdim=True))
+            per_net = diff.pow(2).mean((-1, -2))  # (B,)
+        else:
+            log_p, log_q = F.log_softmax(z_p, dim=-1), F.log_softmax(z_q, dim=-1)
+            per_net = (log_p.exp() * (log_p - log_q)).sum(-1).mean(-1)  # (B,)
+        return (weights.to(per_net) * per_net).mean()

@@ -89,6 +89,7 @@ class TrainConfig:
     # class predictions on training images, weighted by ᾱ_t, added to the diffusion MSE. 0 turns it off.
     function_loss: float = 0.0
     function_probes: int = 128  # class-balanced training images per step for that term
+    function_metric: str = "kl"  # "kl" of class predictions or "logits" (MSE of centred logits)
     # Training-view parameters by view kind (queries.views), e.g. {"balanced": {"mode": "weights"}}.
     view: dict = field(default_factory=dict)
 
@@ -105,6 +106,9 @@ class TrainConfig:
         if self.function_loss < 0 or self.function_probes < 1:
             raise HyperForgetError(f"function_loss must be ≥ 0 and function_probes ≥ 1, got {self.function_loss}, "
                                    f"{self.function_probes}")
+        if self.function_metric not in FunctionMatch.METRICS:
+            raise HyperForgetError(f"unknown function_metric {self.function_metric!r}: choose "
+                                   f"{' or '.join(FunctionMatch.METRICS)}")
         if not 0 <= self.noise_start_share <= 1:
             raise HyperForgetError(f"noise_start_share must be in [0, 1], got {self.noise_start_share}")
 
@@ -311,7 +315,8 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
     gen = torch.Generator().manual_seed(cfg.seed * TRAIN_RANK_STRIDE + rank)
     power = LOSS_WEIGHTINGS[cfg.loss_weighting]
     weights = tokenizer.layer_weights(power).to(dev) if power else None
-    matcher = FunctionMatch(data.spec, *data.train_split(), cfg.function_probes) if cfg.function_loss > 0 else None
+    matcher = FunctionMatch(data.spec, *data.train_split(), cfg.function_probes, cfg.function_metric) \
+        if cfg.function_loss > 0 else None
     step, epoch, curves = 0, 0, {"train": [], "test": [], "eval": []}
     config = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "variant": variant, "preset": preset,
               "model": model_cfg.to_dict(), "tokenizer": tok_cfg.to_dict(), "diffusion": diff_cfg.to_dict(),
@@ -396,11 +401,11 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
             step += 1
             if on_step is not None:
                 on_step(step, cfg.steps)
-            window.append((float(terms["mse"]), float(terms.get("function_kl", float("nan")))))
+            window.append((float(terms["mse"]), float(terms.get("function", float("nan")))))
             if step % cfg.log_every == 0 or step == cfg.steps:
                 point = {"step": step, "mse": float(np.mean([w[0] for w in window])), "lr": lr}
                 if matcher is not None:
-                    point["function_kl"] = float(np.mean([w[1] for w in window]))
+                    point[f"function_{cfg.function_metric}"] = float(np.mean([w[1] for w in window]))
                 curves["train"].append(point)
                 window = []
             if cfg.test_every > 0 and step % cfg.test_every == 0 or step == cfg.steps:
@@ -490,9 +495,9 @@ def _loss_terms(net, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, ba
     fn = make_model_fn(net, tokenizer, target_losses, current, current_losses, drop)
     terms = diffusion.training_losses(fn, x0, t, noise, weights, batch.get("weights"))
     if matcher is not None:
-        kl = matcher.diffusion_term(tokenizer, diffusion, t, terms["x0_hat"], x0, gen)
-        terms["loss"] = terms["loss"] + function_loss * kl
-        terms["function_kl"] = kl.detach()
+        fn_term = matcher.diffusion_term(tokenizer, diffusion, t, terms["x0_hat"], x0, gen)
+        terms["loss"] = terms["loss"] + function_loss * fn_term
+        terms["function"] = fn_term.detach()
     return terms
 
 

@@ -40,6 +40,39 @@ def test_kl_equals_an_explicit_forward_of_each_network():
     assert torch.allclose(got, (w * torch.stack(expected)).mean(), rtol=1e-4, atol=1e-6)
 
 
+def test_logit_metric_equals_an_explicit_forward_and_ignores_a_shift_of_every_logit():
+    x, y = _images()
+    matcher = FunctionMatch(SPEC, x, y, probes=17, metric="logits")
+    target, predicted = init_params(SPEC, range(5)), init_params(SPEC, range(200, 205))
+    w = torch.linspace(0.2, 1.0, 5)
+    got = matcher(predicted, target, w, torch.Generator().manual_seed(4))
+    probes = matcher.draw(torch.Generator().manual_seed(4))
+    expected = []
+    for p, q in zip(target, predicted):
+        zp, zq = MLP.from_flat(SPEC, p)(probes), MLP.from_flat(SPEC, q)(probes)
+        expected.append(((zp - zp.mean(1, keepdim=True)) - (zq - zq.mean(1, keepdim=True))).pow(2).mean())
+    assert torch.allclose(got, (w * torch.stack(expected)).mean(), rtol=1e-4, atol=1e-6)
+    shifted = target.clone()
+    bias = SPEC.layout.slot("fc2.bias")
+    shifted[:, bias.offset:bias.stop] += 7.0  # softmax and centred logits ignore a common shift
+    assert float(matcher(shifted, target, w, torch.Generator().manual_seed(4))) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_logit_metric_tells_apart_class_losses_the_kl_hardly_sees():
+    """Two networks that differ only in how wrong they are on one class: loss ≈ 8 against ≈ 15."""
+    x, y = _images()
+    kl, logits = FunctionMatch(SPEC, x, y, probes=30), FunctionMatch(SPEC, x, y, probes=30, metric="logits")
+    a = init_params(SPEC, [0])
+    b = a.clone()
+    bias = SPEC.layout.slot("fc2.bias")
+    a[:, bias.offset:bias.stop], b[:, bias.offset:bias.stop] = torch.tensor([0.0, 0.0, -8.0]), torch.tensor([0.0, 0.0, -15.0])
+    w, g = torch.ones(1), lambda: torch.Generator().manual_seed(0)
+    assert float(kl(b, a, w, g())) < 5e-3
+    assert float(logits(b, a, w, g())) > 5.0
+    with pytest.raises(HyperForgetError, match="unknown function-matching metric"):
+        FunctionMatch(SPEC, x, y, metric="l2")
+
+
 def test_identical_networks_match_and_probes_are_class_balanced():
     x, y = _images()
     matcher = FunctionMatch(SPEC, x, y, probes=30)
@@ -62,6 +95,22 @@ def test_the_trainer_adds_the_term_and_records_it(ckpt_zoo, tmp_path):
     kl = [point["function_kl"] for point in curves]
     assert all(k >= 0 and k == k for k in kl)
     assert json.loads((tmp_path / "m" / "config.json").read_text())["train"]["function_loss"] == 1.0
+
+
+def test_the_trainer_records_the_logit_metric_under_its_name(ckpt_zoo, tmp_path):
+    ds = load_dataset("digits", classes=(0, 1, 2, 3))
+    z = ckpt_zoo
+    data = data_from_tensors(z["spec"], z["params"], z["losses"], variant="dihyfo2", run_ids=z["run_ids"],
+                             steps=z["steps"], x_test=z["x_test"], y_test=z["y_test"], batch_size=32,
+                             x_train=ds.x_train, y_train=ds.y_train)
+    train(variant="dihyfo2", out=tmp_path / "m", preset="tiny", data=data, progress=False,
+          overrides={"steps": 10, "eval_every": -1, "test_every": 0, "function_loss": 0.1,
+                     "function_metric": "logits", "function_probes": 40})
+    curves = json.loads((tmp_path / "m" / "curves.json").read_text())["train"]
+    assert all(point["function_logits"] >= 0 and "function_kl" not in point for point in curves)
+    with pytest.raises(HyperForgetError, match="unknown function_metric"):
+        train(variant="dihyfo2", out=tmp_path / "n", preset="tiny", data=data, progress=False,
+              overrides={"steps": 2, "function_loss": 1.0, "function_metric": "l1"})
 
 
 def test_the_term_without_training_images_is_a_one_line_error(ckpt_zoo, tmp_path):
