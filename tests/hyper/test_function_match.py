@@ -1,4 +1,4 @@
-"""The function-matching term: each metric (KL, centred logits) against an explicit per-network forward, its probes, the trainer's use."""
+"""The function-matching term: each metric against an explicit forward, its probes, the trainer's use."""
 
 from __future__ import annotations
 
