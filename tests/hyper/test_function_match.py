@@ -57,7 +57,8 @@ def test_logit_metric_tells_apart_class_losses_the_kl_hardly_sees():
     a = init_params(SPEC, [0])
     b = a.clone()
     bias = SPEC.layout.slot("fc2.bias")
-    a[:, bias.offset:bias.stop], b[:, bias.offset:bias.stop] = torch.tensor([0.0, 0.0, -8.0]), torch.tensor([0.0, 0.0, -15.0])
+    a[:, bias.offset:bias.stop] = torch.tensor([0.0, 0.0, -8.0])
+    b[:, bias.offset:bias.stop] = torch.tensor([0.0, 0.0, -15.0])
     w, g = torch.ones(1), lambda: torch.Generator().manual_seed(0)
     assert float(kl(b, a, w, g())) < 5e-3
     assert float(logits(b, a, w, g())) > 5.0
