@@ -114,8 +114,8 @@ class DemoConfig:
                         candidates=8, repeats=2, sample_steps=10, retrain_seeds=2, epochs=40, quality_targets=3,
                         quality_samples=2)
         elif preset == "mnist10":
-            # Retrained counterparts help MNIST-4's DiHyFo-1, not MNIST-10's: φ 0.702 / 0.356 / 0.401
-            # on {2} / {2,3,4} / {0..4} against 0.871 / 0.253 / 0.442 with late, graded deletions
+            # Retrained counterparts help MNIST-4's DiHyFo-1, not MNIST-10's: φ 0.914 / 0.807 / 0.785
+            # on {2} / {2,3,4} / {0..4} against 0.919 / 0.848 / 0.851 with late, graded deletions
             # (docs/results.md, MNIST-10).
             # DiHyFo-1 trains 1,500 steps so that the demo fits 25 minutes on two cores; with the
             # function-matching term it follows its prompts at 1,500 steps (docs/experiments.md, rows F3-F4).
