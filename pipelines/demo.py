@@ -42,6 +42,10 @@ class DemoConfig:
     quick: bool = False  # tiny sizes for tests and smoke runs
     runs: int = 1024  # zoo training runs (~94k checkpoints for mnist4, collected in ~20 s)
     runs_per_group: int = 128  # runs trained in lockstep per zoo commit
+    # Share of the main zoo's runs that delete classes mid-training. MNIST-10 takes 0.8: its
+    # DiHyFo-2 then sees more checkpoints that forgot one class and know the other nine, the
+    # prompts its class-1 sweep asks for (docs/experiments.md, "Longer training on MNIST-10").
+    zoo_deletion_share: float = 0.4
     holdout: list = field(default_factory=list)  # forget sets kept out of the zoo (zoo/holdout.py), e.g. [[2, 3]]
     zoo_epochs: int | None = None  # epochs per zoo run (None: the preset's)
     workers: int | None = 2  # dask workers for collection (None: CPU count; 0: no dask)
@@ -119,7 +123,7 @@ class DemoConfig:
             # (docs/results.md, MNIST-10).
             # DiHyFo-1 trains 1,500 steps so that the demo fits 25 minutes on two cores; with the
             # function-matching term it follows its prompts at 1,500 steps (docs/experiments.md, rows F3-F4).
-            base = dict(family_branches=10, family_branch_steps=3, family_from_start=False,
+            base = dict(zoo_deletion_share=0.8, family_branches=10, family_branch_steps=3, family_from_start=False,
                         family_start_max_loss=-1.0, family_start_loss_factor=1.5,
                         variant_overrides={"dihyfo1": {"steps": 1500}})
         else:
@@ -148,7 +152,8 @@ def collect_config(cfg: DemoConfig, families: bool = False):
     common = dict(preset=cfg.preset, dataset=cfg.dataset, epochs=cfg.zoo_epochs, seed=cfg.seed,
                   holdout=list(cfg.holdout))
     if not families:
-        return CollectConfig(runs=cfg.runs, runs_per_group=cfg.runs_per_group, **common)
+        return CollectConfig(runs=cfg.runs, runs_per_group=cfg.runs_per_group, deletion_share=cfg.zoo_deletion_share,
+                             **common)
     per_group = cfg.family_branches * max(1, cfg.runs_per_group // cfg.family_branches)  # whole families per group
     return CollectConfig(runs=cfg.family_runs, runs_per_group=min(per_group, cfg.family_runs), branches=cfg.family_branches,
                          branch_steps=cfg.family_branch_steps, branch_from_start=cfg.family_from_start,

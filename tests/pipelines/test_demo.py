@@ -139,6 +139,14 @@ def test_demo_families_retrain_from_the_start_for_mnist4_and_delete_late_for_mni
     assert collect_config(mine, families=True).branch_from_start
 
 
+def test_the_mnist10_main_zoo_deletes_in_more_runs():
+    from hyperforget.pipelines.demo import DemoConfig, collect_config
+
+    assert collect_config(DemoConfig.for_mode(out="x")).deletion_share == 0.4
+    assert collect_config(DemoConfig.for_mode(out="x", preset="mnist10")).deletion_share == 0.8
+    assert collect_config(DemoConfig.for_mode(out="x", preset="mnist10"), families=True).deletion_share == 0.4
+
+
 def test_each_variant_trains_with_its_own_preset(tmp_path):
     from hyperforget.pipelines.demo import DemoConfig, _train_kwargs, run_demo
     from hyperforget.zoo.errors import HyperForgetError
