@@ -44,7 +44,7 @@ class DemoConfig:
     runs_per_group: int = 128  # runs trained in lockstep per zoo commit
     # Share of the main zoo's runs that delete classes mid-training. MNIST-10 takes 0.8: its
     # DiHyFo-2 then sees more checkpoints that forgot one class and know the other nine, the
-    # prompts its class-1 sweep asks for (docs/experiments.md, "Longer training on MNIST-10").
+    # prompts its class-1 sweep asks for (docs/experiments.md, "MNIST-10's last alignment misses").
     zoo_deletion_share: float = 0.4
     holdout: list = field(default_factory=list)  # forget sets kept out of the zoo (zoo/holdout.py), e.g. [[2, 3]]
     zoo_epochs: int | None = None  # epochs per zoo run (None: the preset's)
