@@ -50,9 +50,11 @@ def train_throughput(preset: str, variant: str, steps: int, batch: int, device: 
     model, tok, diffusion, train_cfg = _setup(preset, variant, device)
     opt = make_optimizer(model, TrainConfig(steps=steps))
     g = torch.Generator().manual_seed(0)
-    # The function-matching term of the -fn presets, on random images (its cost does not depend on them).
+    # The function- and class-loss-matching terms of the -fn presets, on random images (their cost does
+    # not depend on them).
+    matching = train_cfg.function_loss > 0 or train_cfg.class_loss_match > 0
     matcher = FunctionMatch(SPEC, torch.rand(1000, SPEC.input_size, generator=g), torch.arange(1000) % SPEC.num_classes,
-                            train_cfg.function_probes) if train_cfg.function_loss > 0 else None
+                            train_cfg.function_probes) if matching else None
     theta = torch.randn(batch, SPEC.num_params, generator=g).to(device) * 0.3
     theta_star = theta + 0.05 * torch.randn(batch, SPEC.num_params, generator=g).to(device)
     losses = torch.rand(batch, SPEC.num_classes, generator=g).to(device) * 3
@@ -67,7 +69,9 @@ def train_throughput(preset: str, variant: str, steps: int, batch: int, device: 
             terms = diffusion.training_losses(fn, x0, t)
         loss = terms["loss"]
         if matcher is not None:
-            loss = loss + train_cfg.function_loss * matcher.diffusion_term(tok, diffusion, t, terms["x0_hat"], x0, g)
+            match = matcher.diffusion_terms(tok, diffusion, t, terms["x0_hat"], x0, g, train_cfg.class_loss_match > 0)
+            loss = loss + train_cfg.function_loss * match["function"] + train_cfg.class_loss_match * match.get(
+                "class_loss", 0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.75)
@@ -183,7 +187,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
 
     # Training throughput on the CPU presets, then the paper preset on a GPU.
-    presets = ["tiny", "cpu-small", "cpu-mlp", "cpu-mlp2", "cpu-mlp2-fn"] + (["cpu-base"] if args.full else [])
+    presets = ["tiny", "cpu-small", "cpu-mlp", "cpu-mlp2", "cpu-mlp2-fn", "cpu-mlp2-fn-cl"] + \
+        (["cpu-base"] if args.full else [])
     rows = []
     for preset in presets:
         batch = get_preset(preset)["train"]["batch_size"]
@@ -218,6 +223,9 @@ def main() -> None:
         if ("cpu-mlp2-fn", variant) in step_s:
             print(f"function-matching term, {variant}: cpu-mlp2-fn step / cpu-mlp2 step = "
                   f"{step_s[('cpu-mlp2-fn', variant)] / step_s[('cpu-mlp2', variant)]:.2f}")
+        if ("cpu-mlp2-fn-cl", variant) in step_s:
+            print(f"class-loss matching, {variant}: cpu-mlp2-fn-cl step / cpu-mlp2-fn step = "
+                  f"{step_s[('cpu-mlp2-fn-cl', variant)] / step_s[('cpu-mlp2-fn', variant)]:.2f}")
 
     # One unlearned model by sampling, against retraining from scratch in this run.
     s = sampling_vs_retraining(args.ddim_steps, "cpu")

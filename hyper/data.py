@@ -124,8 +124,8 @@ class HyperData:
         """(x_train (N, D), y_train (N,)) of the task: the images the zoo's networks learned from."""
         if self.probe_data is None:
             if self.dataset is None:
-                raise HyperForgetError("no training images for the function-matching term; give the zoo's "
-                                       "dataset or set function_loss=0")
+                raise HyperForgetError("no training images for the function- or class-loss-matching term; give "
+                                       "the zoo's dataset or set function_loss=0 and class_loss_match=0")
             self.probe_data = load_task_split(self.dataset, "train")
         return self.probe_data
 

@@ -20,13 +20,25 @@ weighs each probe by θ*'s own probabilities, so once θ* puts e^-8 on a class i
 tell e^-8 from e^-15: a class loss of 8 and one of 15 look alike to it. Centred logits keep that
 difference, which is what a loss prompt asks for.
 
-Both are permutation invariant, so canonical orders do not matter here.
+Class-loss matching (TrainConfig.class_loss_match) adds a second term on the same probes, the
+squared difference of the per-class log cross-entropies:
+
+    L_cls = E_t [ mean_c ( log(CE_c(θ̂*) + ε) − log(CE_c(θ*) + ε) )² ]
+
+CE_c is the mean cross-entropy over the probes of class c, so L_cls compares the very numbers the
+loss prompts name (on training images), in log space so that 8 against 15 weighs as much as 0.1
+against 0.2. It is not weighted by ᾱ_t: at high noise DiHyFo-1's x̂0 is the posterior mean of
+networks near its θ, still a network, and that is where the sampler fixes how far a class moves.
+
+Both terms are permutation invariant, so canonical orders do not matter here.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+LOG_LOSS_OFFSET = 0.01  # keeps log CE finite where a class is perfectly fit (DiTConfig.loss_offset's value)
 
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLPSpec, batched_logits
@@ -50,25 +62,36 @@ class FunctionMatch:
         self.spec, self.probes, self.metric = spec, int(probes), metric
         self.x = torch.as_tensor(x, dtype=torch.float32)
         y = torch.as_tensor(y).long()
+        self.labels = y
         self.by_class = [torch.nonzero(y == c).flatten() for c in range(spec.num_classes)]
         self.by_class = [rows for rows in self.by_class if len(rows)]
 
     def draw(self, gen: torch.Generator) -> torch.Tensor:
         """(probes, D) images, the same number from every class present (rounded up)."""
+        return self.x[self.draw_rows(gen)]
+
+    def draw_rows(self, gen: torch.Generator) -> torch.Tensor:
+        """Row indices of one class-balanced probe draw (what ``draw`` returns the images of)."""
         per = -(-self.probes // len(self.by_class))
         rows = torch.cat([r[torch.randint(0, len(r), (per,), generator=gen)] for r in self.by_class])
-        return self.x[rows[: self.probes]]
+        return rows[: self.probes]
 
-    def diffusion_term(self, tokenizer, diffusion, t: torch.Tensor, x0_hat: torch.Tensor, x0: torch.Tensor,
-                       gen: torch.Generator) -> torch.Tensor:
-        """L_fn for one training batch: normalized x̂0 and θ* (B, P) decoded by ``tokenizer``, weighted by ᾱ_t."""
+    def diffusion_terms(self, tokenizer, diffusion, t: torch.Tensor, x0_hat: torch.Tensor, x0: torch.Tensor,
+                        gen: torch.Generator, class_loss: bool = False) -> dict:
+        """L_fn (weighted by ᾱ_t) [and L_cls] for one training batch of normalized x̂0 and θ* (B, P)."""
         weights = diffusion.alpha_bar.to(x0.device)[t]
-        return self(tokenizer.denormalize(x0_hat.float()), tokenizer.denormalize(x0), weights, gen)
+        return self.terms(tokenizer.denormalize(x0_hat.float()), tokenizer.denormalize(x0), weights, gen, class_loss)
 
     def __call__(self, predicted: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
                  gen: torch.Generator) -> torch.Tensor:
         """Mean over the batch of weights · d(target, predicted), both (B, P) raw parameters."""
-        x = self.draw(gen).to(predicted.device)
+        return self.terms(predicted, target, weights, gen)["function"]
+
+    def terms(self, predicted: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, gen: torch.Generator,
+              class_loss: bool = False) -> dict:
+        """{"function": L_fn, "class_loss": L_cls (with ``class_loss``)} for (B, P) raw parameters."""
+        rows = self.draw_rows(gen)
+        x = self.x[rows].to(predicted.device)
         with torch.no_grad():
             z_p = batched_logits(self.spec, target.float(), x)  # (B, N, C)
         z_q = batched_logits(self.spec, predicted.float(), x)
@@ -78,4 +101,17 @@ class FunctionMatch:
         else:
             log_p, log_q = F.log_softmax(z_p, dim=-1), F.log_softmax(z_q, dim=-1)
             per_net = (log_p.exp() * (log_p - log_q)).sum(-1).mean(-1)  # (B,)
-        return (weights.to(per_net) * per_net).mean()
+        out = {"function": (weights.to(per_net) * per_net).mean()}
+        if class_loss:
+            y = self.labels[rows].to(predicted.device)
+            gap = self.log_class_losses(z_q, y) - self.log_class_losses(z_p, y)
+            out["class_loss"] = gap.pow(2).mean()
+        return out
+
+    def log_class_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """log(CE_c + ε) per network and class present among the probes: (B, N, C), (N,) -> (B, C')."""
+        ce = F.cross_entropy(logits.transpose(1, 2), y.expand(logits.shape[0], -1), reduction="none")  # (B, N)
+        onehot = F.one_hot(y, self.spec.num_classes).to(ce)  # (N, C)
+        present = onehot.sum(0) > 0
+        per_class = (ce @ onehot)[:, present] / onehot.sum(0)[present]
+        return torch.log(per_class + LOG_LOSS_OFFSET)

@@ -90,6 +90,9 @@ class TrainConfig:
     function_loss: float = 0.0
     function_probes: int = 128  # class-balanced training images per step for that term
     function_metric: str = "kl"  # "kl" of class predictions or "logits" (MSE of centred logits)
+    # Weight of the class-loss matching term (hyper/function_match.py): the squared gap between x̂0's and
+    # θ*'s per-class log cross-entropies on the same probes, at every noise level. 0 turns it off.
+    class_loss_match: float = 0.0
     # Training-view parameters by view kind (queries.views), e.g. {"balanced": {"mode": "weights"}}.
     view: dict = field(default_factory=dict)
 
@@ -103,9 +106,9 @@ class TrainConfig:
             raise HyperForgetError(f"steps and batch_size must be ≥ 1, got {self.steps}, {self.batch_size}")
         if not 0 <= self.cond_dropout < 1:
             raise HyperForgetError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
-        if self.function_loss < 0 or self.function_probes < 1:
-            raise HyperForgetError(f"function_loss must be ≥ 0 and function_probes ≥ 1, got {self.function_loss}, "
-                                   f"{self.function_probes}")
+        if self.function_loss < 0 or self.class_loss_match < 0 or self.function_probes < 1:
+            raise HyperForgetError(f"function_loss and class_loss_match must be ≥ 0 and function_probes ≥ 1, got "
+                                   f"{self.function_loss}, {self.class_loss_match}, {self.function_probes}")
         if self.function_metric not in FunctionMatch.METRICS:
             raise HyperForgetError(f"unknown function_metric {self.function_metric!r}: choose "
                                    f"{' or '.join(FunctionMatch.METRICS)}")
@@ -316,7 +319,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
     power = LOSS_WEIGHTINGS[cfg.loss_weighting]
     weights = tokenizer.layer_weights(power).to(dev) if power else None
     matcher = FunctionMatch(data.spec, *data.train_split(), cfg.function_probes, cfg.function_metric) \
-        if cfg.function_loss > 0 else None
+        if cfg.function_loss > 0 or cfg.class_loss_match > 0 else None
     step, epoch, curves = 0, 0, {"train": [], "test": [], "eval": []}
     config = {"format": CONFIG_FORMAT, "version": CONFIG_VERSION, "variant": variant, "preset": preset,
               "model": model_cfg.to_dict(), "tokenizer": tok_cfg.to_dict(), "diffusion": diff_cfg.to_dict(),
@@ -391,7 +394,7 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
             net.train()
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 terms = _loss_terms(net, tokenizer, diffusion, batch, variant, gen, dev, weights, cfg.cond_dropout,
-                                    matcher, cfg.function_loss)
+                                    matcher, cfg.function_loss, cfg.class_loss_match)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
             if cfg.grad_clip > 0:
@@ -401,11 +404,14 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
             step += 1
             if on_step is not None:
                 on_step(step, cfg.steps)
-            window.append((float(terms["mse"]), float(terms.get("function", float("nan")))))
+            window.append((float(terms["mse"]), float(terms.get("function", float("nan"))),
+                           float(terms.get("class_loss", float("nan")))))
             if step % cfg.log_every == 0 or step == cfg.steps:
                 point = {"step": step, "mse": float(np.mean([w[0] for w in window])), "lr": lr}
                 if matcher is not None:
                     point[f"function_{cfg.function_metric}"] = float(np.mean([w[1] for w in window]))
+                if cfg.class_loss_match > 0:
+                    point["class_loss"] = float(np.mean([w[2] for w in window]))
                 curves["train"].append(point)
                 window = []
             if cfg.test_every > 0 and step % cfg.test_every == 0 or step == cfg.steps:
@@ -462,8 +468,9 @@ def _to_device(batch: dict, dev: torch.device) -> dict:
 
 def _loss_terms(net, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, batch: dict, variant: str,
                 gen: torch.Generator, dev: torch.device, weights, cond_dropout: float,
-                matcher: FunctionMatch | None = None, function_loss: float = 0.0) -> dict:
-    """One batch -> Equation 5 terms (+ the function-matching term with a ``matcher``).
+                matcher: FunctionMatch | None = None, function_loss: float = 0.0,
+                class_loss_match: float = 0.0) -> dict:
+    """One batch -> Equation 5 terms (+ the function- and class-loss-matching terms with a ``matcher``).
 
     DiHyFo-2 learns θ* from single checkpoints, DiHyFo-1 from pairs.
 
@@ -495,9 +502,12 @@ def _loss_terms(net, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, ba
     fn = make_model_fn(net, tokenizer, target_losses, current, current_losses, drop)
     terms = diffusion.training_losses(fn, x0, t, noise, weights, batch.get("weights"))
     if matcher is not None:
-        fn_term = matcher.diffusion_term(tokenizer, diffusion, t, terms["x0_hat"], x0, gen)
-        terms["loss"] = terms["loss"] + function_loss * fn_term
-        terms["function"] = fn_term.detach()
+        fn = matcher.diffusion_terms(tokenizer, diffusion, t, terms["x0_hat"], x0, gen, class_loss_match > 0)
+        terms["loss"] = terms["loss"] + function_loss * fn["function"]
+        terms["function"] = fn["function"].detach()
+        if "class_loss" in fn:
+            terms["loss"] = terms["loss"] + class_loss_match * fn["class_loss"]
+            terms["class_loss"] = fn["class_loss"].detach()
     return terms
 
 

@@ -51,8 +51,9 @@ class DemoConfig:
     workers: int | None = 2  # dask workers for collection (None: CPU count; 0: no dask)
     # Hypernetwork preset per variant (hyper.model.PRESETS): both train with the function-matching term;
     # DiHyFo-2 matches hidden units to a template network (cpu-mlp3-fn), DiHyFo-1 keeps them sorted by
-    # fc1.bias (docs/experiments.md, "Canonical order by matching" and "Function matching").
-    hyper_presets: dict = field(default_factory=lambda: {"dihyfo1": "cpu-mlp2-fn", "dihyfo2": "cpu-mlp3-fn"})
+    # fc1.bias and adds class-loss matching (cpu-mlp2-fn-cl; docs/experiments.md, "Canonical order by
+    # matching", "Function matching" and "Class-loss matching").
+    hyper_presets: dict = field(default_factory=lambda: {"dihyfo1": "cpu-mlp2-fn-cl", "dihyfo2": "cpu-mlp3-fn"})
     train_steps: int | None = None  # hypernetwork steps per variant (None: the preset's)
     train_overrides: dict = field(default_factory=dict)  # more hypernetwork options by name
     variant_overrides: dict = field(default_factory=dict)  # options for one variant, e.g. {"dihyfo1": {"steps": 1500}}

@@ -76,6 +76,25 @@ def test_identical_networks_match_and_probes_are_class_balanced():
     assert torch.bincount(labels, minlength=3).tolist() == [10, 10, 10]
 
 
+def test_class_losses_equal_an_explicit_forward_and_tell_8_from_15():
+    x, y = _images()
+    matcher = FunctionMatch(SPEC, x, y, probes=30)
+    a = init_params(SPEC, [0, 1])
+    rows = matcher.draw_rows(torch.Generator().manual_seed(2))
+    got = matcher.log_class_losses(MLP.from_flat(SPEC, a[0])(x[rows])[None], y[rows])[0]
+    net = MLP.from_flat(SPEC, a[0])
+    expected = [F.cross_entropy(net(x[rows][y[rows] == c]), y[rows][y[rows] == c]) for c in range(3)]
+    assert torch.allclose(got, torch.log(torch.stack(expected) + 0.01), rtol=1e-4, atol=1e-5)
+    b = a.clone()
+    bias = SPEC.layout.slot("fc2.bias")
+    a[:, bias.offset:bias.stop] = torch.tensor([0.0, 0.0, -8.0])
+    b[:, bias.offset:bias.stop] = torch.tensor([0.0, 0.0, -15.0])
+    w, g = torch.ones(2), lambda: torch.Generator().manual_seed(0)
+    terms = matcher.terms(b, a, w, g(), class_loss=True)
+    assert float(terms["function"]) < 5e-3 < 0.1 < float(terms["class_loss"])  # the KL hardly sees it
+    assert float(matcher.terms(a, a, w, g(), class_loss=True)["class_loss"]) == pytest.approx(0.0, abs=1e-8)
+
+
 def _zoo_data(z: dict, with_images: bool = True):
     """The tiny checkpoint zoo as DiHyFo-2 training data, with or without the training images."""
     images = {}
@@ -107,11 +126,17 @@ def test_the_trainer_records_the_logit_metric_under_its_name(ckpt_zoo, tmp_path)
         _train_curves(data, tmp_path / "n", steps=2, function_loss=1.0, function_metric="l1")
 
 
+def test_the_trainer_adds_class_loss_matching_alone_and_records_it(ckpt_zoo, tmp_path):
+    curves = _train_curves(_zoo_data(ckpt_zoo), tmp_path / "m", class_loss_match=0.5)
+    assert all(point["class_loss"] >= 0 and point["class_loss"] == point["class_loss"] for point in curves)
+
+
 def test_the_term_without_training_images_is_a_one_line_error(ckpt_zoo, tmp_path):
     data = _zoo_data(ckpt_zoo, with_images=False)
     with pytest.raises(HyperForgetError, match="function_loss=0"):
         train(variant="dihyfo2", out=tmp_path / "m", preset="tiny", data=data, progress=False,
               overrides={"steps": 2, "function_loss": 1.0})
-    with pytest.raises(HyperForgetError, match="function_loss must be"):
-        train(variant="dihyfo2", out=tmp_path / "n", preset="tiny", data=data, progress=False,
-              overrides={"steps": 2, "function_loss": -1.0})
+    for name in ("function_loss", "class_loss_match"):
+        with pytest.raises(HyperForgetError, match="must be ≥ 0"):
+            train(variant="dihyfo2", out=tmp_path / name, preset="tiny", data=data, progress=False,
+                  overrides={"steps": 2, name: -1.0})

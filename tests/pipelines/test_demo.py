@@ -154,7 +154,7 @@ def test_each_variant_trains_with_its_own_preset(tmp_path):
     cfg = DemoConfig.for_mode(out="x")
     # DiHyFo-2 matches hidden units to a template network; DiHyFo-1 keeps the fc1.bias order.
     assert _train_kwargs(cfg, "dihyfo2", tmp_path, tmp_path / "m2")["preset"] == "cpu-mlp3-fn"
-    assert _train_kwargs(cfg, "dihyfo1", tmp_path, tmp_path / "m1")["preset"] == "cpu-mlp2-fn"
+    assert _train_kwargs(cfg, "dihyfo1", tmp_path, tmp_path / "m1")["preset"] == "cpu-mlp2-fn-cl"
     # DiHyFo-1's pair starts: MNIST-4 bounds their class losses at 0.5, MNIST-10 at 1.5 times a plainly
     # trained network's largest class loss.
     pairs = _train_kwargs(cfg, "dihyfo1", tmp_path, tmp_path / "m1")["overrides"]["view"]["pairs"]
