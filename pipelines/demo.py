@@ -124,7 +124,11 @@ class DemoConfig:
             # (docs/results.md, MNIST-10).
             # DiHyFo-1 trains 1,500 steps so that the demo fits 25 minutes on two cores; with the
             # function-matching term it follows its prompts at 1,500 steps (docs/experiments.md, rows F3-F4).
-            base = dict(zoo_deletion_share=0.8, family_branches=10, family_branch_steps=3, family_from_start=False,
+            # DiHyFo-1 keeps cpu-mlp2-fn: class-loss matching lifts two of MNIST-10's classes and lowers
+            # class 4, and the selected {2} models then keep forget accuracy 0.039 (docs/experiments.md,
+            # "Class-loss matching").
+            base = dict(hyper_presets={"dihyfo1": "cpu-mlp2-fn", "dihyfo2": "cpu-mlp3-fn"},
+                        zoo_deletion_share=0.8, family_branches=10, family_branch_steps=3, family_from_start=False,
                         family_start_max_loss=-1.0, family_start_loss_factor=1.5,
                         variant_overrides={"dihyfo1": {"steps": 1500}})
         else:

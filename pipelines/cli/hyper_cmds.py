@@ -33,7 +33,7 @@ def train_cmd(
     variant: Annotated[str, typer.Option(help="dihyfo1 (θ, losses, targets -> θ*) or dihyfo2 (targets -> θ*)")],
     zoo: Annotated[Optional[str], typer.Option(help="zoo directory or URL to train on")] = None,
     out: Annotated[Path, typer.Option(help="model directory to write")] = Path("model"),
-    preset: Annotated[str, typer.Option(help="hypernetwork preset (hyper/model.py), e.g. tiny, cpu-mlp2-fn, "
+    preset: Annotated[str, typer.Option(help="hypernetwork preset (hyper/model.py), e.g. tiny, cpu-mlp2-fn-cl, "
                                             "cpu-mlp3-fn, cpu-small, paper, paper-adaln")] = "cpu-small",
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps (preset default if omitted)")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="global batch size")] = None,

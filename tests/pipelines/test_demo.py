@@ -155,6 +155,9 @@ def test_each_variant_trains_with_its_own_preset(tmp_path):
     # DiHyFo-2 matches hidden units to a template network; DiHyFo-1 keeps the fc1.bias order.
     assert _train_kwargs(cfg, "dihyfo2", tmp_path, tmp_path / "m2")["preset"] == "cpu-mlp3-fn"
     assert _train_kwargs(cfg, "dihyfo1", tmp_path, tmp_path / "m1")["preset"] == "cpu-mlp2-fn-cl"
+    # Class-loss matching helps MNIST-4's DiHyFo-1, not MNIST-10's.
+    mnist10 = DemoConfig.for_mode(out="x", preset="mnist10")
+    assert _train_kwargs(mnist10, "dihyfo1", tmp_path, tmp_path / "m1")["preset"] == "cpu-mlp2-fn"
     # DiHyFo-1's pair starts: MNIST-4 bounds their class losses at 0.5, MNIST-10 at 1.5 times a plainly
     # trained network's largest class loss.
     pairs = _train_kwargs(cfg, "dihyfo1", tmp_path, tmp_path / "m1")["overrides"]["view"]["pairs"]
