@@ -211,10 +211,10 @@ def main() -> None:
             r["mfu"] = r["tflops_achieved"] * 1e3 / cpu_peak
     print(f"CPU baseline: torch.mm float32 at {cpu_peak:.1f} GFLOP/s on {args.threads} thread(s) (measured now); "
           f"GPU MFU against --peak-tflops {args.peak_tflops:g}")
-    print(f"{'preset':12} {'variant':8} {'device':6} {'batch':>5} {'params(M)':>9} {'samples/s':>10} "
+    print(f"{'preset':14} {'variant':8} {'device':6} {'batch':>5} {'params(M)':>9} {'samples/s':>10} "
           f"{'s/step':>7} {'TFLOP/s':>8} {'MFU':>6}")
     for r in rows:
-        print(f"{r['preset']:12} {r['variant']:8} {r.get('device', 'cpu'):6} {r['batch']:5d} {r['params_M']:9.2f} "
+        print(f"{r['preset']:14} {r['variant']:8} {r.get('device', 'cpu'):6} {r['batch']:5d} {r['params_M']:9.2f} "
               f"{r['samples_per_s']:10.0f} {r['s_per_step']:7.3f} {r['tflops_achieved']:8.3f} "
               f"{r.get('mfu', float('nan')):6.3f}")
 
