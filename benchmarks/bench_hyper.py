@@ -69,9 +69,8 @@ def train_throughput(preset: str, variant: str, steps: int, batch: int, device: 
             terms = diffusion.training_losses(fn, x0, t)
         loss = terms["loss"]
         if matcher is not None:
-            match = matcher.diffusion_terms(tok, diffusion, t, terms["x0_hat"], x0, g, train_cfg.class_loss_match > 0)
-            loss = loss + train_cfg.function_loss * match["function"] + train_cfg.class_loss_match * match.get(
-                "class_loss", 0.0)
+            loss = loss + matcher.diffusion_terms(tok, diffusion, t, terms["x0_hat"], x0, g, train_cfg.function_loss,
+                                                  train_cfg.class_loss_match)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.75)

@@ -38,8 +38,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOG_LOSS_OFFSET = 0.01  # keeps log CE finite where a class is perfectly fit (DiTConfig.loss_offset's value)
-
+from hyperforget.hyper.tokenizer import loss_transform
 from hyperforget.zoo.errors import HyperForgetError
 from hyperforget.zoo.mlp import MLPSpec, batched_logits
 
@@ -77,10 +76,16 @@ class FunctionMatch:
         return rows[: self.probes]
 
     def diffusion_terms(self, tokenizer, diffusion, t: torch.Tensor, x0_hat: torch.Tensor, x0: torch.Tensor,
-                        gen: torch.Generator, class_loss: bool = False) -> dict:
-        """L_fn (weighted by ᾱ_t) [and L_cls] for one training batch of normalized x̂0 and θ* (B, P)."""
+                        gen: torch.Generator, function_loss: float, class_loss_match: float = 0.0) -> dict:
+        """One training batch of normalized x̂0 and θ* (B, P) -> {"loss": the weighted sum to add to the
+        diffusion loss, "function": L_fn (ᾱ_t-weighted), ["class_loss": L_cls]}, the last two detached."""
         weights = diffusion.alpha_bar.to(x0.device)[t]
-        return self.terms(tokenizer.denormalize(x0_hat.float()), tokenizer.denormalize(x0), weights, gen, class_loss)
+        terms = self.terms(tokenizer.denormalize(x0_hat.float()), tokenizer.denormalize(x0), weights, gen,
+                           class_loss_match > 0)
+        loss = function_loss * terms["function"]
+        if "class_loss" in terms:
+            loss = loss + class_loss_match * terms["class_loss"]
+        return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
 
     def __call__(self, predicted: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
                  gen: torch.Generator) -> torch.Tensor:
@@ -114,4 +119,4 @@ class FunctionMatch:
         onehot = F.one_hot(y, self.spec.num_classes).to(ce)  # (N, C)
         present = onehot.sum(0) > 0
         per_class = (ce @ onehot)[:, present] / onehot.sum(0)[present]
-        return torch.log(per_class + LOG_LOSS_OFFSET)
+        return loss_transform(per_class, "log")  # the offset the loss conditions use

@@ -502,12 +502,10 @@ def _loss_terms(net, tokenizer: ParamTokenizer, diffusion: GaussianDiffusion, ba
     fn = make_model_fn(net, tokenizer, target_losses, current, current_losses, drop)
     terms = diffusion.training_losses(fn, x0, t, noise, weights, batch.get("weights"))
     if matcher is not None:
-        fn = matcher.diffusion_terms(tokenizer, diffusion, t, terms["x0_hat"], x0, gen, class_loss_match > 0)
-        terms["loss"] = terms["loss"] + function_loss * fn["function"]
-        terms["function"] = fn["function"].detach()
-        if "class_loss" in fn:
-            terms["loss"] = terms["loss"] + class_loss_match * fn["class_loss"]
-            terms["class_loss"] = fn["class_loss"].detach()
+        match = matcher.diffusion_terms(tokenizer, diffusion, t, terms["x0_hat"], x0, gen, function_loss,
+                                        class_loss_match)
+        terms["loss"] = terms["loss"] + match.pop("loss")
+        terms.update(match)  # the detached terms, for the curves
     return terms
 
 

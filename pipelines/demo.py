@@ -31,6 +31,9 @@ from hyperforget.zoo.files import read_json, write_json
 from hyperforget.zoo.mlp import get_preset
 from hyperforget.zoo.seeds import retraining_seeds
 
+# The hypernetwork preset each variant trains with by default (hyper.model.PRESETS).
+HYPER_PRESETS = {"dihyfo1": "cpu-mlp2-fn-cl", "dihyfo2": "cpu-mlp3-fn"}
+
 
 @dataclass
 class DemoConfig:
@@ -53,7 +56,7 @@ class DemoConfig:
     # DiHyFo-2 matches hidden units to a template network (cpu-mlp3-fn), DiHyFo-1 keeps them sorted by
     # fc1.bias and adds class-loss matching (cpu-mlp2-fn-cl; docs/experiments.md, "Canonical order by
     # matching", "Function matching" and "Class-loss matching").
-    hyper_presets: dict = field(default_factory=lambda: {"dihyfo1": "cpu-mlp2-fn-cl", "dihyfo2": "cpu-mlp3-fn"})
+    hyper_presets: dict = field(default_factory=lambda: dict(HYPER_PRESETS))
     train_steps: int | None = None  # hypernetwork steps per variant (None: the preset's)
     train_overrides: dict = field(default_factory=dict)  # more hypernetwork options by name
     variant_overrides: dict = field(default_factory=dict)  # options for one variant, e.g. {"dihyfo1": {"steps": 1500}}
@@ -127,7 +130,7 @@ class DemoConfig:
             # DiHyFo-1 keeps cpu-mlp2-fn: class-loss matching lifts two of MNIST-10's classes and lowers
             # class 4, and the selected {2} models then keep forget accuracy 0.039 (docs/experiments.md,
             # "Class-loss matching").
-            base = dict(hyper_presets={"dihyfo1": "cpu-mlp2-fn", "dihyfo2": "cpu-mlp3-fn"},
+            base = dict(hyper_presets={**HYPER_PRESETS, "dihyfo1": "cpu-mlp2-fn"},
                         zoo_deletion_share=0.8, family_branches=10, family_branch_steps=3, family_from_start=False,
                         family_start_max_loss=-1.0, family_start_loss_factor=1.5,
                         variant_overrides={"dihyfo1": {"steps": 1500}})
