@@ -65,12 +65,8 @@ class FunctionMatch:
         self.by_class = [torch.nonzero(y == c).flatten() for c in range(spec.num_classes)]
         self.by_class = [rows for rows in self.by_class if len(rows)]
 
-    def draw(self, gen: torch.Generator) -> torch.Tensor:
-        """(probes, D) images, the same number from every class present (rounded up)."""
-        return self.x[self.draw_rows(gen)]
-
     def draw_rows(self, gen: torch.Generator) -> torch.Tensor:
-        """Row indices of one class-balanced probe draw (what ``draw`` returns the images of)."""
+        """Row indices of (probes,) images, the same number from every class present (rounded up)."""
         per = -(-self.probes // len(self.by_class))
         rows = torch.cat([r[torch.randint(0, len(r), (per,), generator=gen)] for r in self.by_class])
         return rows[: self.probes]
@@ -87,14 +83,10 @@ class FunctionMatch:
             loss = loss + class_loss_match * terms["class_loss"]
         return {"loss": loss, **{name: value.detach() for name, value in terms.items()}}
 
-    def __call__(self, predicted: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
-                 gen: torch.Generator) -> torch.Tensor:
-        """Mean over the batch of weights · d(target, predicted), both (B, P) raw parameters."""
-        return self.terms(predicted, target, weights, gen)["function"]
-
     def terms(self, predicted: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, gen: torch.Generator,
               class_loss: bool = False) -> dict:
-        """{"function": L_fn, "class_loss": L_cls (with ``class_loss``)} for (B, P) raw parameters."""
+        """{"function": mean over the batch of weights · d(target, predicted), "class_loss": L_cls (with
+        ``class_loss``)} for (B, P) raw parameters."""
         rows = self.draw_rows(gen)
         x = self.x[rows].to(predicted.device)
         with torch.no_grad():

@@ -39,15 +39,16 @@ def test_each_metric_equals_an_explicit_forward_and_ignores_a_shift_of_every_log
     matcher = FunctionMatch(SPEC, x, y, probes=17, metric=metric)
     target, predicted = init_params(SPEC, range(7)), init_params(SPEC, range(100, 107))
     w = torch.linspace(0.1, 1.0, 7)
-    got = matcher(predicted, target, w, torch.Generator().manual_seed(3))
-    probes = matcher.draw(torch.Generator().manual_seed(3))
+    got = matcher.terms(predicted, target, w, torch.Generator().manual_seed(3))["function"]
+    probes = x[matcher.draw_rows(torch.Generator().manual_seed(3))]
     expected = [explicit(MLP.from_flat(SPEC, p)(probes), MLP.from_flat(SPEC, q)(probes))
                 for p, q in zip(target, predicted)]
     assert torch.allclose(got, (w * torch.stack(expected)).mean(), rtol=1e-4, atol=1e-6)
     shifted = target.clone()
     bias = SPEC.layout.slot("fc2.bias")
     shifted[:, bias.offset:bias.stop] += 7.0  # softmax and centred logits ignore a common shift
-    assert float(matcher(shifted, target, w, torch.Generator().manual_seed(3))) == pytest.approx(0.0, abs=1e-4)
+    same = matcher.terms(shifted, target, w, torch.Generator().manual_seed(3))["function"]
+    assert float(same) == pytest.approx(0.0, abs=1e-4)
 
 
 def test_logit_metric_tells_apart_class_losses_the_kl_hardly_sees():
@@ -60,8 +61,8 @@ def test_logit_metric_tells_apart_class_losses_the_kl_hardly_sees():
     a[:, bias.offset:bias.stop] = torch.tensor([0.0, 0.0, -8.0])
     b[:, bias.offset:bias.stop] = torch.tensor([0.0, 0.0, -15.0])
     w, g = torch.ones(1), lambda: torch.Generator().manual_seed(0)
-    assert float(kl(b, a, w, g())) < 5e-3
-    assert float(logits(b, a, w, g())) > 5.0
+    assert float(kl.terms(b, a, w, g())["function"]) < 5e-3
+    assert float(logits.terms(b, a, w, g())["function"]) > 5.0
     with pytest.raises(HyperForgetError, match="unknown function-matching metric"):
         FunctionMatch(SPEC, x, y, metric="l2")
 
@@ -70,8 +71,9 @@ def test_identical_networks_match_and_probes_are_class_balanced():
     x, y = _images()
     matcher = FunctionMatch(SPEC, x, y, probes=30)
     p = init_params(SPEC, range(4))
-    assert float(matcher(p, p, torch.ones(4), torch.Generator().manual_seed(0))) == pytest.approx(0.0, abs=1e-6)
-    probes = matcher.draw(torch.Generator().manual_seed(1))
+    same = matcher.terms(p, p, torch.ones(4), torch.Generator().manual_seed(0))["function"]
+    assert float(same) == pytest.approx(0.0, abs=1e-6)
+    probes = x[matcher.draw_rows(torch.Generator().manual_seed(1))]
     labels = y[[int(torch.nonzero((x == row).all(1))[0]) for row in probes]]
     assert torch.bincount(labels, minlength=3).tolist() == [10, 10, 10]
 
