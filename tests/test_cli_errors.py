@@ -241,6 +241,8 @@ def test_info_does_not_count_phantom_rows_as_augmented(zoo, monkeypatch, capsys)
     (["unlearn", "--run", "{tmp}/run", "--forget", "2", "--method", "finetune", "--out", "{tmp}/afile"], "--out"),
     (["retrain", "--run", "{tmp}/afile", "--forget", "2"], "--run"),
     (["report", "{tmp}/afile"], "is a file"),
+    (["quality", "{tmp}/nomodel"], ("MODEL", "existing hypernetwork directory", "hyperforget train")),
+    (["quality", "{tmp}/afile"], ("MODEL", "is a file", "hyperforget train")),
     (["evaluate", "{tmp}/empty", "--baseline-seeds", "0"], "--baseline-seeds"),
     (["evaluate", "{tmp}/empty", "--max-zoo-rows", "-1"], "--max-zoo-rows"),
     (["evaluate", "{tmp}/afile"], "is a file"),

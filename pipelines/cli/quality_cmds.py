@@ -41,7 +41,7 @@ def quality_cmd(
     from hyperforget.pipelines.rundir import parse_classes
 
     # Check every argument before any work.
-    input_dir(model, option="MODEL", what="a trained hypernetwork (hyperforget train --out)")
+    input_dir(model, option="MODEL", what="hypernetwork")
     positive(targets, "--targets")
     positive(samples, "--samples")
     positive(steps, "--steps")
