@@ -4,6 +4,10 @@
 -- run's deletion step (θ learning, θ* forgetting): those are the examples of loss increments.
 -- At most $cap pairs per run, the ones with the smallest hash(θ id, θ* id, $seed): a uniform,
 -- deterministic sample kept by a bounded top-n aggregate (memory: runs x $cap, not pairs).
+-- $start_cap > 0 first keeps at most that many pairs per θ (its smallest hashes), so that the run's
+-- cap spreads over its starts: a start at step s has as many candidates as there are later
+-- checkpoints, so uniform pairs come almost all from early starts and hardly ever from the trained
+-- network unlearning hands DiHyFo-1. $start_cap < 0 keeps every candidate (queries.views.SPREAD_STARTS).
 -- $max_gap < 0 means any gap; otherwise target_step - step <= $max_gap.
 -- $start_max_loss < 0 means any θ; otherwise θ's largest class loss is at most $start_max_loss (θ
 -- knows every class, as the model handed to unlearning does). The view's start_loss_factor arrives
@@ -32,11 +36,12 @@ candidates AS (
       AND ($start_max_loss < 0 OR a.max_loss <= $start_max_loss)
       AND ($target_min_retain_acc < 0 OR b.min_retain_acc >= $target_min_retain_acc)
 ),
+{{spread_starts}}
 -- The pair travels packed in one BIGINT (θ id * 2^32 + θ* id; ids < 2^31, else DuckDB raises an
 -- overflow error): twice as fast as a struct through the top-n and the unnest.
 picked AS (
     SELECT unnest(min_by(CAST(checkpoint_id AS BIGINT) * 4294967296 + target_id, h, $cap)) AS code
-    FROM candidates
+    FROM spread
     GROUP BY run_id
 )
 SELECT a.run_id, a.perm_index, a.checkpoint_id, b.checkpoint_id AS target_id,

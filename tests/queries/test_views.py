@@ -106,6 +106,29 @@ def test_pairs_from_trained_starts(qzoo, zoo_meta):
         _build(qzoo, "pairs", "pbad", start_max_loss=-0.5)
 
 
+def test_pairs_spread_over_their_starts(qzoo, zoo_meta):
+    """start_cap k keeps at most k pairs per θ, all valid; with the run cap out of reach every θ keeps
+    min(k, its candidates), so late starts are no rarer than early ones (brute force)."""
+    brute = _all_pairs(zoo_meta[zoo_meta.perm_index == 0])
+    candidates = brute.groupby("checkpoint_id").size()
+    for k in (1, 3):
+        view = _build(qzoo, "pairs", f"pspread{k}", cap=10_000, start_cap=k)
+        kept = view.groupby("checkpoint_id").size()
+        assert kept.index.equals(candidates.index)
+        assert (kept == np.minimum(candidates, k)).all()
+        assert set(zip(view.checkpoint_id, view.target_id)) <= set(zip(brute.checkpoint_id, brute.checkpoint_id_t))
+        assert not view.duplicated(["checkpoint_id", "target_id"]).any()
+    # the run cap still binds, over the spread pairs
+    capped = _build(qzoo, "pairs", "pspread_cap", cap=4, start_cap=2)
+    assert (capped.groupby("checkpoint_id").size() <= 2).all() and (capped.groupby("run_id").size() <= 4).all()
+    assert _build(qzoo, "pairs", "pspread_again", cap=4, start_cap=2).equals(capped)
+    # uniform pairs favour early starts (more later checkpoints to pair with); spread pairs do not
+    uniform = _build(qzoo, "pairs", "puniform", cap=4)
+    assert capped.step.mean() > uniform.step.mean()
+    with pytest.raises(HyperForgetError, match="start_cap"):
+        _build(qzoo, "pairs", "pbadcap", start_cap=0)
+
+
 def test_pairs_to_targets_that_kept_their_retained_classes(tmp_path, tiny_dataset):
     """target_min_retain_acc drops every θ* with a class its run kept below the accuracy (brute force)."""
     from tests.conftest import TINY_CLASSES, TINY_SPEC, make_tiny_batches
