@@ -85,6 +85,10 @@ class TrainConfig:
     # losses. G.pt starts from "potentially random noise"; a zoo saves few step-0 checkpoints, so
     # without this the noise start is off the training distribution.
     noise_start_share: float = 0.0
+    # DiHyFo-1: standard deviation of a log-normal factor on the current losses the model sees in
+    # training (conditioning augmentation, as in Ho et al. 2021's cascaded diffusion models), so that
+    # it reads θ's state from θ rather than lean on one measurement of its losses. 0 turns it off.
+    current_loss_jitter: float = 0.0
     # Weight of the function-matching term (hyper/function_match.py): the KL between θ*'s and x̂0's
     # class predictions on training images, weighted by ᾱ_t, added to the diffusion MSE. 0 turns it off.
     function_loss: float = 0.0
@@ -114,6 +118,8 @@ class TrainConfig:
                                    f"{' or '.join(FunctionMatch.METRICS)}")
         if not 0 <= self.noise_start_share <= 1:
             raise HyperForgetError(f"noise_start_share must be in [0, 1], got {self.noise_start_share}")
+        if self.current_loss_jitter < 0:
+            raise HyperForgetError(f"current_loss_jitter must be ≥ 0, got {self.current_loss_jitter}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -129,6 +135,13 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks shared with hyper.sample.
+
+
+def jitter_current_losses(batch: dict, sigma: float, gen: torch.Generator) -> dict:
+    """DiHyFo-1's batch with its current losses ("losses") times exp(σ·N(0, 1)), one factor per value."""
+    losses = batch["losses"].float()
+    factor = torch.exp(sigma * torch.randn(losses.shape, generator=gen)).to(losses.device)
+    return {**batch, "losses": losses * factor}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -387,6 +400,8 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
             batch = next(it)
             if noise_starts is not None:
                 batch = noise_starts(batch, gen)
+            if variant == "dihyfo1" and cfg.current_loss_jitter > 0:
+                batch = jitter_current_losses(batch, cfg.current_loss_jitter, gen)
             batch = _to_device(batch, dev)
             lr = lr_at(step, cfg)
             for g in opt.param_groups:

@@ -231,6 +231,21 @@ def test_noise_starts_replace_theta_by_inits_with_their_measured_losses(ckpt_zoo
     assert 0.2 < float(replaced) < 0.8
 
 
+def test_current_loss_jitter_scales_only_the_current_losses_log_normally():
+    from hyperforget.hyper.train import jitter_current_losses
+
+    batch = {"losses": torch.full((4000, 5), 0.5), "target_losses": torch.full((4000, 5), 3.0),
+             "params": torch.zeros(4000, 7)}
+    out = jitter_current_losses(batch, 0.3, torch.Generator().manual_seed(0))
+    log_factor = torch.log(out["losses"] / 0.5)
+    assert abs(float(log_factor.mean())) < 0.02 and abs(float(log_factor.std()) - 0.3) < 0.02
+    assert (out["losses"] > 0).all()
+    assert out["target_losses"] is batch["target_losses"] and out["params"] is batch["params"]
+    assert torch.equal(batch["losses"], torch.full((4000, 5), 0.5))  # the input batch is not modified
+    with pytest.raises(HyperForgetError, match="current_loss_jitter"):
+        TrainConfig(current_loss_jitter=-0.1)
+
+
 def test_the_zoo_path_is_recorded_relative_to_the_model_directory(tmp_path, monkeypatch):
     from hyperforget.hyper.denoise import resolve_zoo_path, stored_zoo_path
 
