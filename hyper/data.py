@@ -410,3 +410,9 @@ class NoiseStarts:
         batch["noise_start"][rows] = True
         return batch
 
+
+def jitter_current_losses(batch: dict, sigma: float, gen: torch.Generator) -> dict:
+    """DiHyFo-1's batch with its current losses ("losses") times exp(σ·N(0, 1)), one factor per value."""
+    losses = batch["losses"].float()
+    factor = torch.exp(sigma * torch.randn(losses.shape, generator=gen)).to(losses.device)
+    return {**batch, "losses": losses * factor}

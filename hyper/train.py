@@ -35,7 +35,8 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from hyperforget.hyper.checkpoint import EMA, load_optimizer_state, load_checkpoint, save_checkpoint
-from hyperforget.hyper.data import HyperData, NoiseStarts, coordinate_statistics, data_from_zoo
+from hyperforget.hyper.data import (HyperData, NoiseStarts, coordinate_statistics, data_from_zoo,
+                                    jitter_current_losses)
 from hyperforget.hyper.denoise import (CONFIG_FORMAT, CONFIG_VERSION, build, check_config_version, make_model_fn,
                                        resolve_zoo_path, sample_params, stored_zoo_path)
 from hyperforget.hyper.diffusion import DiffusionConfig, GaussianDiffusion
@@ -135,13 +136,6 @@ class TrainConfig:
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks shared with hyper.sample.
-
-
-def jitter_current_losses(batch: dict, sigma: float, gen: torch.Generator) -> dict:
-    """DiHyFo-1's batch with its current losses ("losses") times exp(σ·N(0, 1)), one factor per value."""
-    losses = batch["losses"].float()
-    factor = torch.exp(sigma * torch.randn(losses.shape, generator=gen)).to(losses.device)
-    return {**batch, "losses": losses * factor}
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -92,8 +92,8 @@ VIEW_KINDS: dict[str, ViewKind] = {
         # (zoo/augment.py), so copy j of θ and copy j of θ* are in general permuted differently
         # when H > 2. Augment pairs with the loader's permute=True (one permutation for both).
         "include_augmented": False,
-        # Pairs kept per start θ before the run's cap (-1 = any; SPREAD_STARTS): spreads the cap over a
-        # run's starts instead of over its pairs, which come almost all from early starts
+        # Pairs kept per start θ before the run's cap (-1 = any; sql/pairs_spread_starts.sql): spreads the
+        # cap over a run's starts instead of over its pairs, which come almost all from early starts
         "start_cap": -1,
         # "none": the pairs as drawn; "delta": re-drawn with replacement so that each non-pivot class's
         # loss change (θ* − θ) covers its range evenly (n_bins bins): the rare pairs that move from
@@ -106,17 +106,6 @@ VIEW_KINDS: dict[str, ViewKind] = {
         "family": 1,
     }, "run-grouped (θ, θ*) pairs, θ from an earlier step of the same run (or family)"),
 }
-
-
-# pairs.sql's per-start stage (start_cap > 0): each θ keeps its start_cap candidates of smallest hash,
-# and a second, independent hash orders them for the run's cap (the first would favour the starts with
-# the most candidates, whose smallest hashes are smallest).
-SPREAD_STARTS = """spread AS (
-    SELECT run_id, checkpoint_id, target_id,
-           hash(CAST(checkpoint_id AS BIGINT), CAST(target_id AS BIGINT), CAST($seed AS BIGINT) + 1) AS h
-    FROM (SELECT run_id, checkpoint_id, unnest(min_by(target_id, h, $start_cap)) AS target_id
-          FROM candidates GROUP BY run_id, checkpoint_id)
-),"""
 
 
 # Pairs parameters that drop rows (each -1 when off): what describe_filters names.
@@ -208,7 +197,8 @@ def view_sql(kind: str, num_classes: int, pivots: tuple[int, ...], params: Mappi
         raise HyperForgetError(f"every class is a pivot ({sorted(pivots)}); a balanced view needs a non-pivot class")
     fragments = engine.column_fragments(num_classes, pivots)
     if kind == "pairs":
-        fragments["spread_starts"] = SPREAD_STARTS if p["start_cap"] > 0 else "spread AS (SELECT * FROM candidates),"
+        fragments["spread_starts"] = (engine.sql_template("pairs_spread_starts") if p["start_cap"] > 0
+                                      else "spread AS (SELECT * FROM candidates),")
     sql = engine.render(engine.sql_template(VIEW_KINDS[kind].name), fragments)
     values = dict(p)
     if kind == "balanced":

@@ -7,7 +7,8 @@
 -- $start_cap > 0 first keeps at most that many pairs per θ (its smallest hashes), so that the run's
 -- cap spreads over its starts: a start at step s has as many candidates as there are later
 -- checkpoints, so uniform pairs come almost all from early starts and hardly ever from the trained
--- network unlearning hands DiHyFo-1. $start_cap < 0 keeps every candidate (queries.views.SPREAD_STARTS).
+-- network unlearning hands DiHyFo-1. $start_cap < 0 keeps every candidate (the per-start stage:
+-- pairs_spread_starts.sql).
 -- $max_gap < 0 means any gap; otherwise target_step - step <= $max_gap.
 -- $start_max_loss < 0 means any θ; otherwise θ's largest class loss is at most $start_max_loss (θ
 -- knows every class, as the model handed to unlearning does). The view's start_loss_factor arrives

@@ -232,7 +232,7 @@ def test_noise_starts_replace_theta_by_inits_with_their_measured_losses(ckpt_zoo
 
 
 def test_current_loss_jitter_scales_only_the_current_losses_log_normally():
-    from hyperforget.hyper.train import jitter_current_losses
+    from hyperforget.hyper.data import jitter_current_losses
 
     batch = {"losses": torch.full((4000, 5), 0.5), "target_losses": torch.full((4000, 5), 3.0),
              "params": torch.zeros(4000, 7)}
