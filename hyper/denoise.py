@@ -29,7 +29,9 @@ def build(variant: str, spec: MLPSpec, normalization: dict, model_cfg: DiTConfig
     """The denoiser and the tokenizer a saved (or resolved) config describes."""
     tokenizer = ParamTokenizer(spec, tok_cfg, normalization)
     model = build_denoiser(replace(model_cfg, variant=variant), tokenizer.num_tokens, tok_cfg.token_size,
-                           spec.num_params, spec.num_classes, loss_stats)
+                           spec.num_params, spec.num_classes, loss_stats, spec)
+    if getattr(model, "unit_roles", None) is not None:
+        model.unit_roles.set_normalization(tokenizer.scale, tokenizer.shift)
     return model, tokenizer
 
 

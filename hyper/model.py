@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hyperforget.hyper.tokenizer import frequency_encode, loss_transform
+from hyperforget.hyper.unit_roles import UnitRoles
 from hyperforget.zoo.errors import HyperForgetError, from_settings
 
 VARIANTS = ("dihyfo1", "dihyfo2")
@@ -65,6 +66,9 @@ class DiTConfig:
     backbone: str = "transformer"  # "transformer" (DiT over tokens) or "mlp" (adaLN-Zero residual MLP, one token)
     conditioning: str = "tokens"  # transformer only: "tokens" (G.pt) or "adaln" (DiT's adaLN-Zero); mlp: adaln
     cond_dim: int = 256  # width of the adaLN condition vector c (timestep + loss embeddings)
+    # DiHyFo-1, MLP backbone: > 0 adds what θ's hidden units do per class to c (hyper/unit_roles.py):
+    # the mean contribution of unit h to class k's logit over this many training images per class
+    unit_role_probes: int = 0
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -80,6 +84,8 @@ class DiTConfig:
             raise HyperForgetError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
         if self.loss_transform not in ("log", "raw"):
             raise HyperForgetError(f"unknown loss transform {self.loss_transform!r}: choose log or raw")
+        if self.unit_role_probes < 0:
+            raise HyperForgetError(f"unit_role_probes must be ≥ 0, got {self.unit_role_probes}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -395,12 +401,20 @@ class AdaLNMLP(nn.Module):
 
     flat = True  # takes flat (B, P) vectors, not tokens
 
-    def __init__(self, config: DiTConfig, num_params: int, num_classes: int, loss_stats: dict | None = None):
+    def __init__(self, config: DiTConfig, num_params: int, num_classes: int, loss_stats: dict | None = None,
+                 spec=None):
         super().__init__()
         self.config, self.num_params, self.num_classes = config, num_params, num_classes
         self.dihyfo1 = config.variant == "dihyfo1"
         d = config.hidden
         self.condition = ConditionEmbedder(config, num_classes, loss_stats)
+        self.unit_roles = None
+        if config.unit_role_probes > 0:
+            if not self.dihyfo1:
+                raise HyperForgetError("unit_role_probes describes DiHyFo-1's θ; DiHyFo-2 has none: drop it")
+            if spec is None:
+                raise HyperForgetError("unit_role_probes needs the MLP family (build the model with its spec)")
+            self.unit_roles = UnitRoles(spec, config.unit_role_probes, config.cond_dim)
         self.encoder = nn.Linear(num_params * (2 if self.dihyfo1 else 1), d)
         self.blocks = nn.ModuleList(MLPBlock(config) for _ in range(config.layers))
         self.ln_f = nn.LayerNorm(d, elementwise_affine=False)
@@ -418,6 +432,8 @@ class AdaLNMLP(nn.Module):
         if self.dihyfo1 and (current_params is None or current_losses is None):
             raise HyperForgetError("DiHyFo-1 needs current parameters and their class losses")
         c = self.condition(t, target_losses, current_losses if self.dihyfo1 else None, drop_condition)  # (B, E)
+        if self.unit_roles is not None:
+            c = c + self.unit_roles(current_params)
         h = self.encoder(torch.cat([x_t, current_params], dim=1) if self.dihyfo1 else x_t)  # (B, D)
         for block in self.blocks:
             h = block(h, c)
@@ -453,10 +469,12 @@ def no_decay_parameter_names(model: nn.Module) -> set[str]:
 
 
 def build_denoiser(config: DiTConfig, num_tokens: int, token_size: int, num_params: int, num_classes: int,
-                   loss_stats: dict | None = None) -> DiT | AdaLNMLP:
+                   loss_stats: dict | None = None, spec=None) -> DiT | AdaLNMLP:
     """The network a config names: the transformer over tokens or the MLP over whole vectors."""
     if config.backbone == "mlp":
-        return AdaLNMLP(config, num_params, num_classes, loss_stats)
+        return AdaLNMLP(config, num_params, num_classes, loss_stats, spec)
+    if config.unit_role_probes:
+        raise HyperForgetError("unit_role_probes is for the MLP backbone (backbone=\"mlp\")")
     return DiT(config, num_tokens, token_size, num_classes, loss_stats)
 
 

@@ -318,6 +318,8 @@ def train(*, variant: str, out: str | os.PathLike, preset: str = "cpu-small", zo
                               "coordinate": coordinate_statistics(data, variant, tok_cfg.canonical,
                                                                   order=tok_cfg.canonical_order)}
     model, tokenizer = build(variant, data.spec, data.normalization, model_cfg, tok_cfg, data.loss_stats)
+    if getattr(model, "unit_roles", None) is not None:
+        model.unit_roles.set_probes(*data.train_split())  # before the EMA copies the buffers
     model.to(dev)
     diffusion = GaussianDiffusion(diff_cfg)
     opt = make_optimizer(model, cfg)
