@@ -31,8 +31,10 @@ class UnitRoles(nn.Module):
         self.spec, self.per_class = spec, probes_per_class
         c, h = spec.num_classes, spec.hidden
         self.register_buffer("probes", torch.zeros(c * probes_per_class, spec.input_size))
-        self.register_buffer("scale", torch.ones(spec.num_params))  # tokenizer: normalized = (raw − shift) · scale
-        self.register_buffer("shift", torch.zeros(spec.num_params))
+        # The tokenizer's normalization (normalized = (raw − shift) · scale), which hyper.denoise.build
+        # sets on every build: derived state, so neither saved nor averaged by the EMA.
+        self.register_buffer("scale", torch.ones(spec.num_params), persistent=False)
+        self.register_buffer("shift", torch.zeros(spec.num_params), persistent=False)
         self.embed = nn.Sequential(nn.LayerNorm(c * h), nn.Linear(c * h, dim), nn.SiLU(), nn.Linear(dim, dim))
         nn.init.zeros_(self.embed[-1].weight), nn.init.zeros_(self.embed[-1].bias)  # starts as "no roles"
 
